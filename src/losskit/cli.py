@@ -1,0 +1,58 @@
+"""The ``losskit`` command line: ``losskit list`` and ``losskit bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from losskit import registry
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = registry.specs(family=args.family)
+    if args.json:
+        print(json.dumps([s.to_json() for s in rows], indent=2))
+        return 0
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows) -> str:
+    """The registry as a plain-text table (also used for the docs)."""
+    head = ("name", "family", "task", "paper", "hyperparameters (defaults)")
+    body = []
+    for s in rows:
+        paper = f"{s.paper.title[:48]} ({s.paper.year})" if s.paper else "-"
+        hp = ", ".join(f"{k}={v!r}" for k, v in s.hparams.items() if k != "reduction")
+        req = ", ".join(s.required)
+        body.append((s.name, s.family, s.task, paper, (req + "; " if req else "") + hp))
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [head, *body]]
+    lines.insert(1, "-" * min(140, len(lines[0])))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="losskit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    pl = sub.add_parser("list", help="print the registry of objectives")
+    pl.add_argument("--json", action="store_true", help="emit the registry as JSON")
+    pl.add_argument("--family", default=None, choices=sorted(registry.FAMILIES))
+    pl.set_defaults(func=_cmd_list)
+    try:
+        from losskit.bench.cli import add_bench_parser
+    except ImportError:  # bench not built yet
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
