@@ -254,7 +254,7 @@ def _icnn_parts(embeddings: Tensor, labels: Tensor, k: int, tau: float, omega: b
     d_k = top.values[:, k_eff - 1]  # k-th nearest distance
     hard = torch.zeros_like(not_self).scatter(1, top.indices[:, :k_eff], True)
     if tau > 0:
-        t = (0.5 * (top.values[:, k_eff - 1] + top.values[:, k_eff])).detach()
+        t = 0.5 * (top.values[:, k_eff - 1] + top.values[:, k_eff])
         w = torch.sigmoid((t.unsqueeze(1) - d) / (tau * t.clamp_min(_TINY)).unsqueeze(1))
         w = w * not_self
     else:

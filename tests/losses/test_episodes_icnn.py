@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+
+import losskit
+from losskit.functional.episodes import icnn_loss, icnn_score
+
+
+def naive_icnn(x, y, k=4, omega=True, anchors=None):
+    """The ICNN score, one anchor at a time, from the definitions in docs/episodes.md."""
+    B = x.shape[0]
+    y = [int(v) for v in y]
+    d = [[math.sqrt(sum((float(x[i, t]) - float(x[j, t])) ** 2 for t in range(x.shape[1])))
+          for j in range(B)] for i in range(B)]
+    anchors = range(B) if anchors is None else anchors
+    valid = [i for i in anchors
+             if any(y[j] == y[i] for j in range(B) if j != i) and any(y[j] != y[i] for j in range(B))]
+    if not valid:
+        return float("nan")
+    k = min(k, B - 2)
+    nbrs = {i: sorted((j for j in range(B) if j != i), key=lambda j: d[i][j])[:k] for i in valid}
+    same_nd, other_d = {}, {}
+    for i in valid:
+        nn_other = min(d[i][j] for j in range(B) if y[j] != y[i])
+        d_k = d[i][nbrs[i][-1]]
+        same_nd[i] = [d[i][j] / max(nn_other, d_k) for j in nbrs[i] if y[j] == y[i]]
+        other_d[i] = [d[i][j] for j in nbrs[i] if y[j] != y[i]]
+    with_same = [i for i in valid if same_nd[i]]
+    lam_s = 1.0 - (sum(sum(v) / len(v) for v in (same_nd[i] for i in with_same)) / len(with_same)
+                   if with_same else 0.0)
+    with_other = [i for i in valid if other_d[i]]
+    if with_other:
+        d_max = max(max(other_d[i]) for i in with_other)
+        other_nd = {i: [v / d_max for v in other_d[i]] for i in with_other}
+        lam_d = sum(sum(v) / len(v) for v in other_nd.values()) / len(with_other)
+    else:
+        other_nd, lam_d = {}, 1.0
+    gamma = sum(len(same_nd[i]) / k for i in valid) / len(valid)
+    lam = (lam_s + lam_d) / 2
+
+    def popvar(vals):
+        if not vals:
+            return 0.0
+        mu = sum(vals) / len(vals)
+        return sum((v - mu) ** 2 for v in vals) / len(vals)
+
+    if not omega:
+        return (lam + gamma) / 2
+    om = 1 - popvar([v for i in valid for v in same_nd[i]]) - popvar([v for vs in other_nd.values() for v in vs])
+    return (lam + gamma + om) / 3
+
+
+def batch(P=4, K=4, D=5, seed=0, dtype=torch.float64, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(P).repeat(K)[torch.randperm(P * K, generator=g)]
+    centers = torch.randn(P, D, generator=g, dtype=dtype) * spread
+    return centers[y] + torch.randn(P * K, D, generator=g, dtype=dtype), y
+
+
+@pytest.mark.parametrize("omega", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hard_score_matches_naive(omega, seed):
+    x, y = batch(seed=seed)
+    ref = naive_icnn(x, y, omega=omega)
+    assert 0.0 <= ref <= 1.0
+    torch.testing.assert_close(icnn_score(x, y, k=4, omega=omega).item(), ref)
+    m = losskit.get("icnn", omega=omega)
+    torch.testing.assert_close(m.score(x, y).item(), ref)
+
+
+def test_query_anchors_and_small_k_match_naive():
+    x, y = batch(P=3, K=4, seed=3)
+    from losskit.functional.episodes import split_support_query
+
+    q = (~split_support_query(y)).nonzero().squeeze(1).tolist()
+    torch.testing.assert_close(icnn_score(x, y, k=2, anchors="query").item(), naive_icnn(x, y, k=2, anchors=q))
+    # k larger than the batch allows: k_eff = B - 2 (as in the authors' code)
+    x3, y3 = x[:5], torch.tensor([0, 0, 1, 1, 2])
+    torch.testing.assert_close(icnn_score(x3, y3, k=10).item(), naive_icnn(x3, y3, k=10))
+
+
+def test_relaxation_converges_to_hard_score_and_mean_share_is_score():
+    x, y = batch(seed=4)
+    ref = naive_icnn(x, y)
+    loss = icnn_loss(x, y, tau=1e-4)
+    torch.testing.assert_close(loss.item(), 1.0 - ref, rtol=0, atol=1e-6)
+    per = icnn_loss(x, y, tau=0.1, reduction="none")
+    assert per.shape == (16,)
+    torch.testing.assert_close(per.mean(), 1.0 - icnn_score(x, y, tau=0.1))
+    # the relaxation differs from the hard score at finite tau (it is not the identity)
+    assert abs(per.mean().item() - (1.0 - ref)) > 1e-4
+
+
+def test_scale_invariant_and_better_separation_scores_higher():
+    x, y = batch(seed=5, spread=0.5)
+    torch.testing.assert_close(icnn_score(x * 1e4, y), icnn_score(x, y))
+    far, _ = batch(seed=5, spread=8.0)
+    assert icnn_score(far, y) > icnn_score(x, y)
+
+
+def test_gradcheck_float64():
+    x, y = batch(P=3, K=3, D=3, seed=6)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2), (x,))
+    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2, omega=False, reduction="none"), (x,))
+
+
+def test_optimising_the_loss_raises_the_score():
+    x, y = batch(P=4, K=4, D=4, seed=7, dtype=torch.float32, spread=0.3)
+    x = x.clone().requires_grad_(True)
+    before = icnn_score(x.detach(), y).item()
+    opt = torch.optim.SGD([x], lr=0.5)
+    for _ in range(40):
+        opt.zero_grad()
+        icnn_loss(x, y).backward()
+        opt.step()
+    assert icnn_score(x.detach(), y).item() > before + 0.05
+
+
+def test_sample_weight_and_reductions():
+    x, y = batch(seed=8)
+    per = icnn_loss(x, y, reduction="none")
+    w = torch.rand(16, dtype=torch.float64)
+    torch.testing.assert_close(icnn_loss(x, y, sample_weight=w), (per * w).mean())
+    torch.testing.assert_close(icnn_loss(x, y, reduction="sum", sample_weight=w), (per * w).sum())
+    # anchors='query': one loss per query row, weights of the query rows
+    from losskit.functional.episodes import split_support_query
+
+    q = ~split_support_query(y)
+    perq = icnn_loss(x, y, anchors="query", reduction="none")
+    assert perq.shape == (int(q.sum()),)
+    torch.testing.assert_close(icnn_loss(x, y, anchors="query", sample_weight=w), (perq * w[q]).mean())
+
+
+def test_no_valid_anchor_is_zero_with_graph():
+    cases = [
+        (torch.randn(6, 3, requires_grad=True), torch.zeros(6, dtype=torch.long)),  # one class
+        (torch.randn(4, 3, requires_grad=True), torch.arange(4)),  # one sample per class
+        (torch.randn(0, 3, requires_grad=True), torch.zeros(0, dtype=torch.long)),  # empty
+    ]
+    for x, y in cases:
+        out = losskit.get("icnn")(x, y)
+        assert out.item() == 0.0
+        out.backward()
+        assert x.grad is not None and torch.all(x.grad == 0)
+        assert math.isnan(icnn_score(x.detach(), y).item())
+
+
+def test_bf16_and_duplicate_points():
+    x, y = batch(seed=9, dtype=torch.float32)
+    xb = (x * 100).bfloat16().requires_grad_(True)
+    out = losskit.get("icnn")(xb, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float())
+    out.backward()
+    assert torch.isfinite(xb.grad.float()).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(losskit.get("icnn")(x, y).float())
+    dup = torch.zeros(6, 3, requires_grad=True)  # every distance zero
+    out = icnn_loss(dup, torch.tensor([0, 0, 0, 1, 1, 1]))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(dup.grad).all()
+
+
+def test_bad_input_errors():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"k: expected an integer >= 1.*got 0"):
+        losskit.get("icnn", k=0)
+    with pytest.raises(ValueError, match="tau: expected"):
+        icnn_loss(x, y, tau=-0.1)
+    with pytest.raises(ValueError, match="anchors: expected 'all' or 'query', got 'support'"):
+        icnn_loss(x, y, anchors="support")
+    with pytest.raises(ValueError, match=r"labels: expected class ids >= 0, got -1"):
+        icnn_loss(x, torch.tensor([0, 0, 1, -1]))
+    with pytest.raises(TypeError, match="labels: expected an integer dtype"):
+        icnn_loss(x, y.float())
+    with pytest.raises(ValueError, match=r"support_mask: expected shape \[4\]"):
+        icnn_loss(x, y, support_mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_registry_entry():
+    s = losskit.spec("icnn")
+    assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2305.09062")
+    assert s.hparams["k"] == 4
