@@ -110,12 +110,12 @@ def test_optimising_the_loss_raises_the_score():
     x, y = batch(P=4, K=4, D=4, seed=7, dtype=torch.float32, spread=0.3)
     x = x.clone().requires_grad_(True)
     before = icnn_score(x.detach(), y).item()
-    opt = torch.optim.SGD([x], lr=0.5)
-    for _ in range(40):
+    opt = torch.optim.SGD([x], lr=2.0)
+    for _ in range(20):
         opt.zero_grad()
         icnn_loss(x, y).backward()
         opt.step()
-    assert icnn_score(x.detach(), y).item() > before + 0.05
+    assert icnn_score(x.detach(), y).item() > before + 0.1
 
 
 def test_sample_weight_and_reductions():
