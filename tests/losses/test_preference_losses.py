@@ -320,3 +320,12 @@ def test_beta_dpo_filtering_prefers_typical_pairs():
     out, bb, keep = P.beta_dpo_loss(*rand_pairs(), gap_mean=0.0, gap_std=1.0, keep_ratio=1.0, return_details=True)
     assert keep.all()
     torch.testing.assert_close(out, losskit.get("dpo", beta=float(bb))(*rand_pairs()))
+
+
+def test_docs_plain_pytorch_example_runs(capsys):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "preference.md").read_text()
+    block = doc.split("<!-- example: plain-pytorch -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/preference.md", "exec"), {})
+    assert math.isfinite(float(capsys.readouterr().out.strip().splitlines()[-1]))

@@ -155,10 +155,12 @@ def per_pair_grad_norms(chosen_logps: Tensor, rejected_logps: Tensor,
     return nw.to(like.device, like.dtype), nl.to(like.device, like.dtype)
 
 
-def pairwise_normalized_loss(chosen_logps: Tensor, rejected_logps: Tensor, params: nn.Module | Iterable[Tensor],
+def pairwise_normalized_loss(chosen_logps: Tensor, rejected_logps: Tensor,
+                             params: nn.Module | Iterable[Tensor] | None,
                              ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
                              beta: float = 0.1, dpo_weight: bool = True, eps: float = 1e-12,
-                             sample_weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
+                             sample_weight: Tensor | None = None, reduction: str = "mean",
+                             grad_norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The pairwise-normalised surrogate (Yuan et al. 2025, Sec. 5):
 
     ``L_i = -c_i [ log pi(y_w) / sg(||g_w||) - log pi(y_l) / sg(||g_l||) ]``
@@ -169,10 +171,17 @@ def pairwise_normalized_loss(chosen_logps: Tensor, rejected_logps: Tensor, param
     (needs the reference log-probs) ``c_i = beta sigma(-beta h_i)`` (detached),
     DPO's own per-pair coefficient; otherwise ``c_i = 1``.  Its *value* is a
     surrogate, not a likelihood: use it for its gradient.  The norms cost one
-    backward per response.
+    backward per response; ``grad_norms=(||g_w||, ||g_l||)`` (``[N]`` each)
+    skips that when you have them in closed form (``params`` may then be None).
     """
     n = _check_logps(chosen_logps, rejected_logps)
-    nw, nl = per_pair_grad_norms(chosen_logps, rejected_logps, params)
+    if grad_norms is None:
+        nw, nl = per_pair_grad_norms(chosen_logps, rejected_logps, params)
+    else:
+        nw, nl = (t.detach().to(chosen_logps.dtype) for t in grad_norms)
+        if nw.shape != chosen_logps.shape or nl.shape != chosen_logps.shape:
+            raise ValueError(f"grad_norms: expected two tensors of shape [{n}], got "
+                             f"{list(nw.shape)} and {list(nl.shape)}")
     if dpo_weight:
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError("dpo_weight=True needs ref_chosen_logps and ref_rejected_logps "
