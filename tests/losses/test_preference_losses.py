@@ -329,3 +329,21 @@ def test_docs_plain_pytorch_example_runs(capsys):
     block = doc.split("<!-- example: plain-pytorch -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(block, "docs/preference.md", "exec"), {})
     assert math.isfinite(float(capsys.readouterr().out.strip().splitlines()[-1]))
+
+
+def test_beta_dpo_reductions_and_weights():
+    x = rand_pairs(b=10)
+    w = torch.rand(10, dtype=torch.float64)
+    kw = dict(gap_mean=0.1, gap_std=0.4)
+
+    def run(red, sw=None):
+        return P.beta_dpo_loss(*x, **kw, reduction=red, sample_weight=sw,
+                               generator=torch.Generator().manual_seed(4), return_details=True)
+
+    per, bb, keep = run("none", w)
+    h = (x[0] - x[2]) - (x[1] - x[3])
+    expected = -torch.nn.functional.logsigmoid(bb * h) * keep * w
+    torch.testing.assert_close(per, expected)
+    assert (per[~keep] == 0).all()
+    torch.testing.assert_close(run("sum", w)[0], expected.sum())
+    torch.testing.assert_close(run("mean", w)[0], expected.sum() / keep.sum())

@@ -97,12 +97,14 @@ def check_preference_inputs(policy_chosen_logps: Tensor, policy_rejected_logps: 
             raise ValueError(f"{name}: expected shape [{b}] (the batch of policy_chosen_logps), got {_shape(t)}")
         if t.device != dev:
             raise ValueError(f"{name}: expected device {dev} (policy_chosen_logps' device), got {t.device}")
-    for name, t in zip(_LOGP_NAMES, ts):
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).nonzero()[0, 0])
-            raise ValueError(f"{name}: expected finite log-probabilities, got {float(t[bad])} at index {bad} "
-                             "(a -inf usually means a completion token the model gives probability 0, "
-                             "or a fully masked completion)")
+    # one host sync for the common (all finite) case; details only on failure
+    if b and not bool(torch.stack([torch.isfinite(t.detach()).all() for t in ts]).all()):
+        for name, t in zip(_LOGP_NAMES, ts):
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).nonzero()[0, 0])
+                raise ValueError(f"{name}: expected finite log-probabilities, got {float(t[bad])} at index {bad} "
+                                 "(a -inf usually means a completion token the model gives probability 0, "
+                                 "or a fully masked completion)")
     return PreferenceInputs(*ts)
 
 
