@@ -104,3 +104,24 @@ def test_tiny_trainer_run_with_weights_and_madpo(tmp_path):
         w0 = dict(batch)
         w0["sample_weight"] = torch.zeros_like(batch["sample_weight"])
         assert tr.compute_loss(tr.model, w0).item() == 0.0
+
+
+def test_precomputed_reference_logps_match_our_logps(tmp_path):
+    # TRL precomputes reference log-probs with its fused LM head from the initial model; our
+    # sequence_logps of the same (untrained) policy must agree (to float32 summation differences,
+    # about 1e-4 nats), so DPO starts at ln 2; a wrong token shift or mask would be off by O(1)
+    import math
+
+    tok = tiny_tokenizer()
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to="none",
+                         save_strategy="no", beta=0.3, use_cpu=True, seed=0, precompute_ref_log_probs=True)
+    tr = LosskitDPOTrainer(model=tiny_model(len(tok)), args=args, train_dataset=tiny_dataset(),
+                           processing_class=tok, losskit_loss=losskit.get("dpo", beta=0.3))
+    batch = first_batch(tr)
+    assert "ref_chosen_logps" in batch and "reward_margin" in batch  # dpo simply does not receive reward_margin
+    with torch.no_grad():
+        unweighted = dict(batch)
+        unweighted["sample_weight"] = torch.ones_like(batch["sample_weight"])
+        assert tr.compute_loss(tr.model, unweighted).item() == pytest.approx(math.log(2), abs=2e-4)
+        w = batch["sample_weight"]
+        assert tr.compute_loss(tr.model, dict(batch)).item() == pytest.approx(math.log(2) * float(w.mean()), abs=2e-4)

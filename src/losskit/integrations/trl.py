@@ -11,7 +11,7 @@ batch, sums the completion-token log-probabilities, and calls the losskit
 module with the completion lengths.  Dataset columns named in
 ``extra_columns`` (default ``sample_weight``, ``reward_margin``, ``margin``)
 are kept, collated into ``[B]`` tensors and passed to the loss as keywords
--- a per-sample weight column (TRL issue #5613) and MADPO's reward-model
+when its ``forward`` accepts them -- a per-sample weight column (TRL issue #5613) and MADPO's reward-model
 margins work without further code.
 
 Written against TRL 1.16's batch layout (``input_ids``, ``attention_mask``,
@@ -23,6 +23,7 @@ hyperparameters rule.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -82,6 +83,9 @@ if _DPOTrainer is not None:
                 raise TypeError("losskit_loss: expected a losskit objective, e.g. losskit.get('dpo', beta=0.1)")
             self.losskit_loss = losskit_loss
             self.extra_columns = tuple(extra_columns)
+            # pass a column only to a loss whose forward accepts it (dpo has no reward_margin)
+            accepted = inspect.signature(losskit_loss.forward).parameters
+            self._loss_columns = tuple(c for c in self.extra_columns if c in accepted)
             super().__init__(*args, **kwargs)
             if getattr(self, "ld_alpha", None) is not None:
                 raise NotImplementedError("LosskitDPOTrainer does not support ld_alpha")
@@ -112,7 +116,7 @@ if _DPOTrainer is not None:
             pc, pr = logps.chunk(2, dim=0)
             lc, lr = lengths.chunk(2, dim=0)
             rc, rr = self._reference_logps(inputs)
-            kw = {c: inputs[c] for c in self.extra_columns if c in inputs}
+            kw = {c: inputs[c] for c in self._loss_columns if c in inputs}
             loss = self.losskit_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), chosen_lengths=lc,
                                      rejected_lengths=lr, **kw)
             with torch.no_grad():
