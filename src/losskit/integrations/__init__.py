@@ -1,0 +1,1 @@
+"""Optional adapters to other training libraries (each imports its library lazily)."""
