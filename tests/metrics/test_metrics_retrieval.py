@@ -98,9 +98,9 @@ def test_knn_chunked_equals_unchunked_with_ties():
 
 def test_knn_chunked_equals_unchunked_float():
     x, _ = clustered(150, 16, seed=2)
-    full = knn(x.float(), k=5, chunk_size=100000)
+    full = knn(x.float(), k=5, chunk_size=100000, backend="torch")
     for cs in (7, 64):
-        part = knn(x.float(), k=5, chunk_size=cs)
+        part = knn(x.float(), k=5, chunk_size=cs, backend="torch")
         assert torch.equal(part[1], full[1])
         # matmul rounding may depend on the block shape: scores agree to float32 precision
         torch.testing.assert_close(part[0], full[0], rtol=0, atol=1e-6)
@@ -124,8 +124,34 @@ def test_knn_errors_and_numpy():
         knn(torch.tensor([[float("nan"), 0.0], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="shape \\[N, D\\]"):
         knn(torch.zeros(3))
-    with pytest.raises(ImportError if __import__("importlib").util.find_spec("faiss") is None else ValueError):
-        knn(x, backend="faiss") if __import__("importlib").util.find_spec("faiss") is None else knn(x, backend="gpu")
+    with pytest.raises(ValueError, match="backend"):
+        knn(x, backend="gpu")
+
+
+HAS_FAISS = __import__("importlib").util.find_spec("faiss") is not None
+
+
+@pytest.mark.skipif(HAS_FAISS, reason="faiss is installed")
+def test_knn_faiss_missing_is_clear():
+    with pytest.raises(ImportError, match="faiss"):
+        knn(torch.randn(5, 3), backend="faiss")
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_knn_faiss_matches_torch(metric):
+    x, _ = clustered(300, 12, seed=4)
+    x = x.float()
+    st, it = knn(x, k=6, metric=metric, backend="torch", chunk_size=50)
+    sf, i_f = knn(x, k=6, metric=metric, backend="faiss")
+    assert torch.equal(it, i_f)
+    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+    q = torch.randn(20, 12)
+    assert torch.equal(knn(q, x, k=3, metric=metric, backend="torch")[1], knn(q, x, k=3, metric=metric, backend="faiss")[1])
+    # duplicates: the query itself is still removed
+    d = torch.cat([x[:5], x[:5]])
+    _, i2 = knn(d, k=3, backend="faiss")
+    assert not bool((i2 == torch.arange(10)[:, None]).any())
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])

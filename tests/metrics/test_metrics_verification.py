@@ -131,7 +131,7 @@ def test_verification_accumulator_exact_equals_functions():
 
 # ---------------------------------------------------------------- OPIS
 
-def naive_opis(x, y, far_range=(1e-2, 1e-1), n_thr=101, epsilon=None):
+def naive_opis(x, y, far_range=(1e-2, 1e-1), n_thr=101, epsilon=None, pooled=False):
     """Written from the definition with explicit loops over classes and pairs."""
     x, y = np.asarray(x, np.float64), np.asarray(y)
     n = len(x)
@@ -157,8 +157,11 @@ def naive_opis(x, y, far_range=(1e-2, 1e-1), n_thr=101, epsilon=None):
         per_class.append([util(gen, imp, d) for d in thr])
     U = np.array(per_class)
     if epsilon is None:
-        ubar = np.array([util(gen_all, imp_all, d) for d in thr])
-        return float(np.mean((U - ubar) ** 2))
+        if pooled:
+            ubar = np.array([util(gen_all, imp_all, d) for d in thr])
+        else:
+            ubar = np.array([np.mean([U[c, k] for c in range(len(U))]) for k in range(len(thr))])
+        return float(np.mean([(U[c, k] - ubar[k]) ** 2 for c in range(len(U)) for k in range(len(thr))]))
     m = max(1, int(np.ceil(epsilon * len(U))))
     srt = np.sort(U, axis=0)
     return float(np.mean((srt[:m].mean(0) - srt[-m:].mean(0)) ** 2))
@@ -169,27 +172,32 @@ def test_opis_matches_naive():
     y = torch.cat([y, torch.tensor([99])])  # a lone sample: its class is skipped
     x = torch.cat([x, torch.randn(1, 6, dtype=torch.float64)])
     assert opis(x, y, chunk_size=17) == pytest.approx(naive_opis(x, y), abs=1e-12)
+    assert opis(x, y, reference="pooled") == pytest.approx(naive_opis(x, y, pooled=True), abs=1e-12)
+    assert opis(x, y) != pytest.approx(opis(x, y, reference="pooled"), abs=1e-9)
     assert epsilon_opis(x, y, epsilon=0.2, chunk_size=17) == pytest.approx(naive_opis(x, y, epsilon=0.2), abs=1e-12)
     assert opis(x, y, num_thresholds=11, far_range=(0.05, 0.2)) == pytest.approx(
         naive_opis(x, y, far_range=(0.05, 0.2), n_thr=11), abs=1e-12)
 
 
 def test_opis_behaviour_and_errors():
-    # identical class structure for every class -> per-class utility equals overall -> OPIS ~ 0
-    d = 12
-    centers = torch.eye(d, dtype=torch.float64)
-    offs = 0.3 * torch.eye(d, dtype=torch.float64)[[1, 2, 3]]
-    x = torch.cat([centers[c] + offs[k % 3] * (1 if c % 2 else 1) for c in range(d) for k in range(3)])
-    x = x.view(d * 3, d)
-    y = torch.arange(d).repeat_interleave(3)
+    # every class an identical, rotated copy of the same structure: all per-class
+    # utility curves coincide, so OPIS is 0 (up to rounding)
+    d = 8
+    base = torch.tensor([[1.0, 0.3], [1.0, -0.3], [1.0, 0.0]], dtype=torch.float64)
+    x = torch.zeros(3 * (d // 2), d, dtype=torch.float64)
+    for c in range(d // 2):
+        x[3 * c:3 * c + 3, 2 * c:2 * c + 2] = base
+    y = torch.arange(d // 2).repeat_interleave(3)
     x2, y2 = clustered(200, 8, c=10, spread=0.7, seed=3)
-    assert opis(x2, y2) > 0.0
-    assert 0.0 <= opis(x, y) <= opis(x2, y2) + 1e-12
+    assert opis(x2, y2) > 1e-4
+    assert opis(x, y) == pytest.approx(0.0, abs=1e-20) and epsilon_opis(x, y) == pytest.approx(0.0, abs=1e-20)
     assert math.isnan(opis(torch.randn(4, 3), torch.arange(4)))
     with pytest.raises(ValueError, match="one class"):
         opis(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="far_range"):
         opis(x2, y2, far_range=(0.2, 0.1))
+    with pytest.raises(ValueError, match="reference"):
+        opis(x2, y2, reference="overall")
     with pytest.raises(ValueError, match="epsilon"):
         epsilon_opis(x2, y2, epsilon=0.0)
 

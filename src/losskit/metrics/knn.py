@@ -3,7 +3,8 @@
 Memory: the torch backend never holds more than one ``chunk_size x chunk_size``
 score block plus the running ``[rows, k]`` best lists, so 100k x 100k works in
 well under a gigabyte.  Ties: among equal scores the lower reference index ranks
-first (deterministic; identical for every ``chunk_size``).
+first (deterministic; identical for every ``chunk_size`` and for the faiss backend,
+whose rows with a tie at the cut are recomputed blockwise).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def _order(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 def _block_topk(s: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` of each row of ``s`` with ties broken toward the lower column."""
-    k = min(k, s.shape[1])
-    vals, idx = s.topk(k, dim=1)
-    kth = vals[:, -1:]
-    tied = (s >= kth).sum(1) > k  # rows where equal scores straddle the cut
+    if k >= s.shape[1]:
+        vals, idx = _order(s, torch.arange(s.shape[1], device=s.device).expand_as(s))
+        return vals, idx + offset
+    vals, idx = s.topk(k + 1, dim=1)  # one extra: a tie straddles the cut iff k-th == (k+1)-th
+    tied = vals[:, k - 1] == vals[:, k]
+    vals, idx = vals[:, :k], idx[:, :k]
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         sv, si = s[rows].sort(dim=1, descending=True, stable=True)
@@ -118,7 +121,7 @@ def knn(query, reference=None, k: int = 1, metric: str = "cosine", chunk_size: i
     if backend == "faiss" and fa is None:
         raise ImportError("backend='faiss' needs faiss: pip install 'losskit[faiss]'")
     if fa is not None and (backend == "faiss" or (qp.device.type == "cpu" and qp.dtype == torch.float32)):
-        return _knn_faiss(fa, qp, rp, k, metric, leave_one_out)
+        return _knn_faiss(fa, qp, rp, k, metric, leave_one_out, chunk_size)
     idx = torch.arange(q.shape[0], device=q.device) if leave_one_out else None
     parts = list(iter_knn(qp, rp, k, metric, chunk_size, idx))
     if not parts:
@@ -126,15 +129,19 @@ def knn(query, reference=None, k: int = 1, metric: str = "cosine", chunk_size: i
     return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
-def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, metric: str, leave_one_out: bool):
-    """Exact flat faiss index.  Ties are broken as faiss breaks them (not guaranteed
-    to match the torch backend on exactly equal scores)."""
+def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, metric: str, leave_one_out: bool, chunk_size: int):
+    """Exact flat faiss index (inner product, or L2 for euclidean).  Rows whose
+    k-th and (k+1)-th scores are equal (a tie straddling the cut, where faiss's
+    order is arbitrary) are recomputed with the torch backend, so the documented
+    tie rule holds for both backends."""
     dev, dt = qp.device, qp.dtype
     qn = qp.detach().cpu().float().contiguous().numpy()
     rn = rp.detach().cpu().float().contiguous().numpy()
     index = fa.IndexFlatL2(rn.shape[1]) if metric == "euclidean" else fa.IndexFlatIP(rn.shape[1])
     index.add(rn)
-    kk = k + 1 if leave_one_out else k
+    n_avail = rn.shape[0] - (1 if leave_one_out else 0)
+    extra = 1 if k < n_avail else 0  # one more to detect ties at the cut
+    kk = k + extra + (1 if leave_one_out else 0)
     d, i = index.search(qn, kk)
     d, i = torch.from_numpy(d), torch.from_numpy(i).long()
     if metric == "euclidean":
@@ -145,5 +152,14 @@ def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, metric: str, leave_one_out: b
         drop = torch.where(own.any(1), own.float().argmax(1), torch.full((i.shape[0],), kk - 1))
         keep = torch.ones_like(own)
         keep[torch.arange(i.shape[0]), drop] = False
-        d, i = d[keep].view(-1, k), i[keep].view(-1, k)
+        d, i = d[keep].view(-1, kk - 1), i[keep].view(-1, kk - 1)
+    d, i = _order(d, i)
+    if extra:
+        tied = (d[:, k - 1] == d[:, k]).nonzero().squeeze(1)
+        d, i = d[:, :k].contiguous(), i[:, :k].contiguous()
+        if tied.numel():
+            qi = tied if leave_one_out else None
+            parts = list(iter_knn(qp.cpu()[tied], rp.cpu(), k, metric, chunk_size, qi))
+            d[tied] = torch.cat([p[1] for p in parts]).float()
+            i[tied] = torch.cat([p[2] for p in parts])
     return d.to(device=dev, dtype=dt), i.to(dev)

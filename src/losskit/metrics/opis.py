@@ -102,17 +102,28 @@ def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosin
     return classes[keep], U, U_all
 
 
+REFERENCES = ("class_mean", "pooled")
+
+
 def opis(embeddings, labels, metric: str = "cosine", far_range=(1e-2, 1e-1), num_thresholds: int = 101,
-         chunk_size: int = DEFAULT_CHUNK) -> float:
-    """OPIS = (1/T) sum_c  mean_d (U_c(d) - U_all(d))^2 over ``num_thresholds``
-    equally spaced thresholds d of the calibration range (the integral with a
-    uniform weight, by the rectangle rule).  Lower is more threshold-consistent.
-    ``nan`` (with no error) only when no class has two samples."""
+         reference: str = "class_mean", chunk_size: int = DEFAULT_CHUNK) -> float:
+    """OPIS = (1/T) sum_c  mean_d (U_c(d) - Ubar(d))^2 over ``num_thresholds``
+    equally spaced thresholds d of the calibration range (the paper's integral with
+    a uniform weight w(d), by an equal-weight sum over the grid).  Lower is more
+    threshold-consistent.
+
+    ``reference="class_mean"`` (default): Ubar(d) = mean of U_c(d) over the T
+    classes, so OPIS is the across-class variance of the utility averaged over the
+    range.  ``"pooled"``: Ubar(d) = the utility computed from all pairs at once.
+    ``nan`` only when no class has two samples (no genuine pair)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
     thr = calibration_thresholds(embeddings, labels, metric, far_range, num_thresholds, chunk_size=chunk_size)
     _, U, U_all = class_utilities(embeddings, labels, thr, metric, chunk_size)
     if U.shape[0] == 0:
         return float("nan")
-    return float(((U - U_all[None, :]) ** 2).mean())
+    ref = U.mean(0) if reference == "class_mean" else U_all
+    return float(((U - ref[None, :]) ** 2).mean())
 
 
 def epsilon_opis(embeddings, labels, epsilon: float = 0.05, metric: str = "cosine", far_range=(1e-2, 1e-1),
