@@ -216,3 +216,15 @@ def test_evaluate_embeddings_keys_and_values():
     # degenerate: one class -> verification undefined, retrieval perfect
     one = evaluate_embeddings(x[:20], torch.zeros(20, dtype=torch.long), ks=(1,))
     assert one["recall@1"] == 1.0 and math.isnan(one["eer"]) and math.isnan(one["opis"])
+
+
+def test_low_precision_and_numpy_inputs():
+    x, y = clustered(100, 8, c=8, seed=11)
+    ref = evaluate_embeddings(x.float(), y, ks=(1,))
+    bf = evaluate_embeddings(x.bfloat16(), y, ks=(1,))
+    assert all(math.isfinite(v) for v in bf.values())
+    assert abs(bf["recall@1"] - ref["recall@1"]) <= 0.05 and abs(bf["eer"] - ref["eer"]) <= 0.05
+    npy = evaluate_embeddings(x.float().numpy(), y.numpy(), ks=(1,))
+    assert npy == ref
+    with pytest.raises(ValueError, match="finite"):
+        evaluate_embeddings(torch.full((4, 2), float("inf")), torch.tensor([0, 0, 1, 1]))
