@@ -16,17 +16,17 @@ def clustered(n=300, d=8, c=12, spread=1.0, seed=0):
 
 
 def naive_scores(x, metric):
+    """Similarity of every ordered pair, one query row at a time, from the definitions."""
     x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    s = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            if metric == "cosine":
-                s[i, j] = x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
-            elif metric == "dot":
-                s[i, j] = x[i] @ x[j]
-            else:
-                s[i, j] = -np.linalg.norm(x[i] - x[j])
+    s = np.empty((len(x), len(x)))
+    norms = np.sqrt((x * x).sum(1))
+    for i in range(len(x)):
+        if metric == "cosine":
+            s[i] = (x @ x[i]) / (norms * norms[i])
+        elif metric == "dot":
+            s[i] = x @ x[i]
+        else:
+            s[i] = -np.sqrt(((x - x[i]) ** 2).sum(1))
     return s
 
 
