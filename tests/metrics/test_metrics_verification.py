@@ -228,3 +228,18 @@ def test_low_precision_and_numpy_inputs():
     assert npy == ref
     with pytest.raises(ValueError, match="finite"):
         evaluate_embeddings(torch.full((4, 2), float("inf")), torch.tensor([0, 0, 1, 1]))
+
+
+def test_evaluate_equals_separate_functions():
+    from losskit.metrics import map_at_r, precision_at_1, recall_at_k
+    x, y = clustered(130, 6, c=7, seed=12)
+    y = torch.cat([y, torch.tensor([50])])
+    x = torch.cat([x, torch.randn(1, 6, dtype=torch.float64)])
+    out = evaluate_embeddings(x, y, ks=(1, 3, 500))
+    r = recall_at_k(x, y, (1, 3, 500))
+    assert out["recall@1"] == r[1] and out["recall@3"] == r[3] and out["recall@500"] == r[500]
+    assert out["precision@1"] == precision_at_1(x, y)
+    assert out["map@r"] == pytest.approx(map_at_r(x, y), abs=1e-12)
+    assert out["opis"] == pytest.approx(opis(x, y), abs=1e-15)
+    g, i = pair_scores(x, y)
+    assert out["tar@far=0.001"] == tar_at_far(g, i, 1e-3)
