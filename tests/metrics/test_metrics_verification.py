@@ -90,6 +90,8 @@ def test_verification_edge_cases():
     vm.update(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))  # a single class: no impostor pair
     out = vm.compute()
     assert math.isnan(out["eer"]) and math.isnan(out["tar@far=0.001"])
+    with pytest.raises(ValueError, match="dimension 3"):
+        vm.update(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
 
 
 def test_histogram_mode_within_bound():
