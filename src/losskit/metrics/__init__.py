@@ -6,6 +6,12 @@ dicts.  ``metric`` is ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``
 handling and the OPIS protocol: docs/metrics.md.
 """
 
+from losskit.metrics.entanglement import (
+    EntanglementStats,
+    gradient_entanglement,
+    pairwise_normalized_loss,
+    per_pair_grad_norms,
+)
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.knn import knn
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
@@ -25,5 +31,6 @@ __all__ = [
     "knn", "recall_at_k", "precision_at_1", "map_at_r", "pair_scores", "roc_curve", "tar_at_far", "eer",
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
-    "evaluate_embeddings",
+    "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
+    "per_pair_grad_norms",
 ]
