@@ -50,7 +50,7 @@ class BenchConfig:
     max_per_class: int | None = None
     objectives: list[str] = field(default_factory=list)
     seeds: int = 3
-    epochs: int = 8
+    epochs: int = 10
     embedding_dim: int = 64
     model: str = "auto"  # auto | mlp | cnn
     lr: float = 1e-3

@@ -64,7 +64,7 @@ def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title: str) -> None:
     nr, nc = _grid(len(order))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 2.7 * nr + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.7 * nr + 1.0), squeeze=False)
     for ax, name in zip(axes.flat, order):
         mine = [c for c in cells if c["objective"] == name]
         h = mine[0]["hist"]
@@ -84,8 +84,8 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
     for ax in list(axes.flat)[len(order):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title + "\ncosine similarity of all held-out pairs: genuine (same class) vs impostor, "
-                 "density, seeds pooled", fontsize=10)
+    fig.suptitle(title + "\ncosine similarity of all held-out pairs, genuine (same class) vs impostor;\n"
+                 "densities, seeds pooled", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -94,7 +94,7 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
 def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     order = [r["objective"] for r in rows]
     nr, nc = _grid(len(order))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 2.5 * nr + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.5 * nr + 1.0), squeeze=False)
     for ax, r in zip(axes.flat, rows):
         m = np.asarray(r["epoch_loss_mean"])
         s = np.asarray(r["epoch_loss_std"])
@@ -108,7 +108,7 @@ def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(order):]:
         ax.axis("off")
-    fig.suptitle(title + "\ntraining loss per epoch (mean over seeds, band = std); "
+    fig.suptitle(title + "\ntraining loss per epoch (mean over seeds, band = std);\n"
                  "each objective on its own scale", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

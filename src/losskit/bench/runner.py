@@ -104,6 +104,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_split(cfg: BenchConfig):
+    """The open-set split the config names; a bad path or malformed data is a BenchConfigError."""
     from losskit.data import load_dataset
 
     kw: dict[str, Any] = {}
@@ -111,7 +112,10 @@ def load_split(cfg: BenchConfig):
         kw["image_size"] = cfg.image_size
         if cfg.max_per_class is not None:
             kw["max_per_class"] = cfg.max_per_class
-    return load_dataset(cfg.dataset, cfg.data_dir, **kw)
+    try:
+        return load_dataset(cfg.dataset, cfg.data_dir, **kw)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise BenchConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir}: {e}") from e
 
 
 class _Progress:
@@ -187,6 +191,8 @@ def run_bench(
     else:
         if cfg_file.exists():
             raise BenchConfigError(f"{out} already holds a bench run; use --resume {out} or another --out")
+        if split is None:  # before the run folder exists, so a bad path leaves nothing behind
+            split = load_split(cfg)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg_file, {
             "protocol": proto,
