@@ -17,7 +17,7 @@ _DEFAULTS = BenchConfig()
 
 #: argparse dest -> BenchConfig field, for options that map one to one.
 _FIELDS = ("dataset", "data_dir", "image_size", "max_per_class", "seeds", "epochs", "embedding_dim", "model",
-           "lr", "weight_decay", "batch_size", "batch_classes", "batch_samples", "augment", "device")
+           "lr", "weight_decay", "batch_size", "batch_classes", "batch_samples", "augment", "device", "threads")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("none", "shift"), default=None,
                    help="training augmentation, identical for all objectives (default none)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: the bench's models are tiny and extra threads only "
+                        "contend on a busy machine; 0 = torch's default)")
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                    help="finish an interrupted run (default: the newest folder under runs/)")

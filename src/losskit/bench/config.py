@@ -61,6 +61,7 @@ class BenchConfig:
     augment: str = "none"  # none | shift
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"
+    threads: int = 1  # torch CPU threads while training (0 = leave torch's default)
     ks: tuple[int, ...] = (1, 2, 4, 8)
     fars: tuple[float, ...] = (1e-3, 1e-2)
     hist_bins: int = 80
@@ -96,6 +97,8 @@ class BenchConfig:
             raise BenchConfigError(f"--model must be auto, mlp or cnn; got {self.model!r}")
         if self.augment not in ("none", "shift"):
             raise BenchConfigError(f"--augment must be none or shift; got {self.augment!r}")
+        if self.threads < 0:
+            raise BenchConfigError(f"--threads must be >= 0; got {self.threads}")
         if not self.lr > 0:
             raise BenchConfigError(f"--lr must be > 0; got {self.lr}")
         return self

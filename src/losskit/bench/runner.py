@@ -219,8 +219,12 @@ def run_bench(
         log(f"bench: {split.name}: {split.num_train_classes} train classes ({len(split.train_y)} images), "
             f"{split.num_test_classes} held-out test classes ({len(split.test_y)} images); "
             f"{len(cfg.objectives)} objectives x {cfg.seeds} seeds, {cfg.epochs} epochs = {steps} steps "
-            f"of P={p} x K={k} per cell on {device}")
+            f"of P={p} x K={k} per cell on {device}"
+            + (f" ({cfg.threads} thread{'s' if cfg.threads > 1 else ''})" if cfg.threads and device.type == "cpu" else ""))
         bar = _Progress(len(todo) * steps, progress, log)
+        threads = torch.get_num_threads()
+        if cfg.threads and device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
         try:
             for objective, seed in todo:
                 bar.describe(f"{objective} s{seed}")
@@ -246,6 +250,7 @@ def run_bench(
             run.interrupted = True
         finally:
             bar.close()
+            torch.set_num_threads(threads)
 
     run.wall_time_s = time.perf_counter() - t_start
     report.write_results(run)
