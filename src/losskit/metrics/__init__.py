@@ -1,1 +1,29 @@
-"""losskit.metrics"""
+"""losskit.metrics: open-set retrieval and verification metrics.
+
+All functions take torch tensors (numpy accepted) and return python floats or
+dicts.  ``metric`` is ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``
+(ranking by negative distance).  Retrieval is leave-one-out.  Definitions, tie
+handling and the OPIS protocol: docs/metrics.md.
+"""
+
+from losskit.metrics.evaluate import evaluate_embeddings
+from losskit.metrics.knn import knn
+from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
+from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k
+from losskit.metrics.verification import (
+    VerificationMetrics,
+    eer,
+    histogram_error_bound,
+    pair_histograms,
+    pair_scores,
+    roc_curve,
+    roc_from_histograms,
+    tar_at_far,
+)
+
+__all__ = [
+    "knn", "recall_at_k", "precision_at_1", "map_at_r", "pair_scores", "roc_curve", "tar_at_far", "eer",
+    "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
+    "roc_from_histograms", "histogram_error_bound", "RetrievalMetrics", "VerificationMetrics",
+    "evaluate_embeddings",
+]

@@ -1,0 +1,155 @@
+"""Leave-one-out retrieval metrics: Recall@K, precision@1, MAP@R.
+
+Every sample queries all the others.  Queries whose class has no other sample
+("lone" queries) cannot retrieve anything relevant and are excluded from every
+retrieval metric (pytorch-metric-learning's AccuracyCalculator does the same);
+if no query is left the metric is ``nan`` (with a warning).  Ties between equal
+scores are broken toward the lower sample index (see ``knn``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from losskit.metrics._common import as_embeddings, as_labels, check_metric, prepare
+from losskit.metrics.knn import iter_knn
+
+DEFAULT_CHUNK = 4096
+
+
+def _setup(embeddings, labels, metric):
+    check_metric(metric)
+    x = as_embeddings(embeddings)
+    y = as_labels(labels, x.shape[0], x.device)
+    if x.shape[0] and y.numel():
+        _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+        others = counts[inv] - 1  # same-class samples other than the query
+    else:
+        others = torch.zeros(0, dtype=torch.int64, device=x.device)
+    return x, y, others
+
+
+def _nan(what: str) -> float:
+    warnings.warn(f"{what}: no query has another sample of its class; returning nan", RuntimeWarning, stacklevel=3)
+    return float("nan")
+
+
+def _check_ks(ks) -> list[int]:
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ValueError(f"ks: expected positive ints, got {ks!r}")
+    return ks
+
+
+def _hits(x, y, others, kmax, metric, chunk_size):
+    """For valid queries: the position (0-based) of the first same-class neighbour
+    among the top ``kmax`` (``kmax`` if none)."""
+    valid = (others > 0).nonzero().squeeze(1)
+    xp = prepare(x, metric)
+    first = []
+    for a, _, idx in iter_knn(xp[valid], xp, kmax, metric, chunk_size, q_index=valid):
+        rel = y[idx] == y[valid[a:a + idx.shape[0]]][:, None]
+        pos = torch.where(rel.any(1), rel.float().argmax(1), torch.full_like(rel[:, 0], kmax, dtype=torch.int64))
+        first.append(pos)
+    return torch.cat(first) if first else torch.zeros(0, dtype=torch.int64)
+
+
+def recall_at_k(embeddings, labels, ks: Iterable[int] = (1, 2, 4, 8), metric: str = "cosine",
+                chunk_size: int = DEFAULT_CHUNK) -> dict[int, float]:
+    """Recall@K: the fraction of (non-lone) queries with at least one same-class
+    sample among their K nearest neighbours.  K larger than N-1 uses all N-1 others."""
+    ks = _check_ks(ks)
+    x, y, others = _setup(embeddings, labels, metric)
+    if not bool((others > 0).any()):
+        v = _nan("recall_at_k")
+        return {k: v for k in ks}
+    kmax = min(max(ks), x.shape[0] - 1)
+    first = _hits(x, y, others, kmax, metric, chunk_size)
+    return {k: float((first < min(k, kmax)).double().mean()) for k in ks}
+
+
+def precision_at_1(embeddings, labels, metric: str = "cosine", chunk_size: int = DEFAULT_CHUNK) -> float:
+    """Precision@1: the fraction of (non-lone) queries whose nearest neighbour shares
+    their class (equal to Recall@1 under leave-one-out retrieval)."""
+    x, y, others = _setup(embeddings, labels, metric)
+    if not bool((others > 0).any()):
+        return _nan("precision_at_1")
+    return float((_hits(x, y, others, 1, metric, chunk_size) < 1).double().mean())
+
+
+def _ap_at_r(rel: Tensor, r: Tensor) -> Tensor:
+    """MAP@R terms for one block: ``rel`` [m, kmax] relevance of ranked neighbours,
+    ``r`` [m] the number of relevant items R of each query."""
+    pos = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
+    rel = rel & (pos[None, :] <= r[:, None])
+    relf = rel.double()
+    prec = relf.cumsum(1) / pos[None, :]
+    return (prec * relf).sum(1) / r.double()
+
+
+def map_at_r(embeddings, labels, metric: str = "cosine", chunk_size: int = DEFAULT_CHUNK) -> float:
+    """MAP@R (Musgrave, Belongie and Lim, "A Metric Learning Reality Check", ECCV 2020):
+    for a query with R other same-class samples, retrieve its R nearest neighbours and
+    average P@i over the positions i <= R that are relevant, dividing by R:
+    ``AP@R = (1/R) sum_{i=1..R} P(i) rel(i)``.  MAP@R is the mean over non-lone queries."""
+    x, y, others = _setup(embeddings, labels, metric)
+    valid = (others > 0).nonzero().squeeze(1)
+    if valid.numel() == 0:
+        return _nan("map_at_r")
+    return float(_map_sum(x, y, others, valid, metric, chunk_size) / valid.numel())
+
+
+def _map_sum(x, y, others, valid, metric, chunk_size) -> float:
+    kmax = int(others[valid].max())
+    xp = prepare(x, metric)
+    total = 0.0
+    for a, _, idx in iter_knn(xp[valid], xp, kmax, metric, chunk_size, q_index=valid):
+        qv = valid[a:a + idx.shape[0]]
+        total += float(_ap_at_r(y[idx] == y[qv][:, None], others[qv]).sum())
+    return total
+
+
+class RetrievalMetrics:
+    """Accumulate embeddings batch by batch; ``compute()`` evaluates Recall@K,
+    precision@1 and MAP@R leave-one-out over everything seen since ``reset()``.
+
+    Retrieval needs every sample as a reference, so the accumulator keeps the
+    embeddings (on CPU by default: N x D floats, e.g. 100k x 128 = 51 MB in float32);
+    the search itself is blockwise.
+    """
+
+    def __init__(self, ks: Iterable[int] = (1, 2, 4, 8), metric: str = "cosine",
+                 chunk_size: int = DEFAULT_CHUNK, device: str | torch.device | None = "cpu"):
+        self.ks = _check_ks(ks)
+        self.metric = check_metric(metric)
+        self.chunk_size = chunk_size
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self._x: list[Tensor] = []
+        self._y: list[Tensor] = []
+
+    def update(self, embeddings, labels) -> None:
+        x = as_embeddings(embeddings)
+        y = as_labels(labels, x.shape[0], x.device)
+        if self._x and x.shape[1] != self._x[0].shape[1]:
+            raise ValueError(f"embeddings: expected dimension {self._x[0].shape[1]} (as in earlier updates), "
+                             f"got {x.shape[1]}")
+        dev = self.device if self.device is not None else x.device
+        self._x.append(x.to(dev))
+        self._y.append(y.to(dev))
+
+    def compute(self) -> dict[str, float]:
+        if not self._x:
+            raise RuntimeError("RetrievalMetrics.compute: no data; call update() first")
+        x, y = torch.cat(self._x), torch.cat(self._y)
+        out = {f"recall@{k}": v for k, v in
+               recall_at_k(x, y, self.ks, self.metric, self.chunk_size).items()}
+        out["precision@1"] = precision_at_1(x, y, self.metric, self.chunk_size)
+        out["map@r"] = map_at_r(x, y, self.metric, self.chunk_size)
+        return out
