@@ -58,3 +58,8 @@ def test_cli_docs_check_and_write(tmp_path, capsys):
     assert main(["docs", "--docs-dir", str(tmp_path)]) == 0
     assert "`softmax`" in (tmp_path / "p.md").read_text()
     assert main(["docs", "--docs-dir", str(tmp_path), "--check"]) == 0
+
+
+def test_marker_quoted_inside_a_line_is_left_alone():
+    text = "write `<!-- registry-table: FAMILY -->` and `<!-- /registry-table -->` in a page\n"
+    assert render(text) == text

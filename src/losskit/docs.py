@@ -6,7 +6,7 @@ Every block ::
     ...
     <!-- /registry-table -->
 
-in ``docs/*.md`` is replaced by the registry's markdown table for that family
+in ``docs/*.md`` (markers at the start of a line) is replaced by the registry's markdown table for that family
 (name, paper with year and arXiv link, hyperparameters with defaults, summary).
 Run ``losskit docs`` (or ``python -m losskit.docs``); ``--check`` only reports
 stale files and exits 1 if there are any.
@@ -23,9 +23,12 @@ from losskit import registry
 
 __all__ = ["family_table", "render", "update_docs", "add_docs_parser", "main"]
 
+#: A block: both markers at the start of a line (a marker quoted inside a line, e.g. in
+#: inline code, is left alone).
 _BLOCK = re.compile(
-    r"(?P<open><!--\s*registry-table:\s*(?P<family>[A-Za-z0-9_-]+)\s*-->)(?P<body>.*?)(?P<close><!--\s*/registry-table\s*-->)",
-    re.S,
+    r"^(?P<open><!--[ \t]*registry-table:[ \t]*(?P<family>[A-Za-z0-9_-]+)[ \t]*-->)(?P<body>.*?)"
+    r"^(?P<close><!--[ \t]*/registry-table[ \t]*-->)",
+    re.S | re.M,
 )
 
 
