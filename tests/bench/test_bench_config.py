@@ -115,3 +115,21 @@ def test_leaderboard_sorted_by_recall_with_mean_and_std():
     assert "profiler" in text  # the memory measure is labelled
     # columns line up
     assert len({len(l) for l in lines[1:6]}) == 1
+
+
+def test_default_list_leaves_out_objectives_the_bench_cannot_build(fakes):
+    from losskit import registry
+    from losskit.bench.config import unbenchable_objectives
+
+    class NeedsQueue:
+        def __init__(self, queue_size: int, margin: float = 0.1):
+            pass
+
+    registry.register("fake-needs-queue", family="pair", task="embedding")(NeedsQueue)
+    try:
+        assert "fake-needs-queue" not in default_objectives()
+        assert unbenchable_objectives()["fake-needs-queue"] == ["queue_size"]
+        with pytest.raises(BenchConfigError, match="queue_size"):  # asked for explicitly: a clear error
+            resolve_hparams(["fake-needs-queue"], {})
+    finally:
+        registry._REGISTRY.pop("fake-needs-queue")

@@ -20,6 +20,7 @@ __all__ = [
     "BenchConfigError",
     "parse_set",
     "default_objectives",
+    "unbenchable_objectives",
     "resolve_objectives",
     "resolve_hparams",
     "protocol",
@@ -132,10 +133,21 @@ def parse_set(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _unfillable(name: str) -> list[str]:
+    return [r for r in registry.spec(name).required if r not in BENCH_FILLED]
+
+
 def default_objectives() -> list[str]:
-    """``softmax`` first, then every registered embedding objective."""
-    rest = [n for n in registry.names(task="embedding") if n != "softmax"]
+    """``softmax`` first, then every registered embedding objective the bench can build
+    (those needing a required argument other than num_classes/embedding_dim are left out;
+    see :func:`unbenchable_objectives`)."""
+    rest = [n for n in registry.names(task="embedding") if n != "softmax" and not _unfillable(n)]
     return ["softmax", *rest] if "softmax" in registry.names() else rest
+
+
+def unbenchable_objectives() -> dict[str, list[str]]:
+    """Embedding objectives left out of the default list, with the arguments they lack."""
+    return {n: _unfillable(n) for n in registry.names(task="embedding") if _unfillable(n)}
 
 
 def resolve_objectives(names: list[str]) -> list[str]:

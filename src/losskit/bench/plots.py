@@ -36,7 +36,8 @@ def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
         metrics.append("opis")
     n = len(rows)
     nr, nc = math.ceil(len(metrics) / 3), min(3, len(metrics))
-    fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, 0.9 + (0.32 * n + 0.9) * nr), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, 0.9 + (0.32 * n + 0.9) * nr),
+                             squeeze=False, layout="constrained")
     names = [r["objective"] for r in rows]
     y = np.arange(n)
     colors = plt.cm.tab20(np.linspace(0, 1, max(n, 2)))[:n]
@@ -57,14 +58,14 @@ def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(title + "\nmean over seeds, error bars = std over seeds; sorted by R@1", fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title: str) -> None:
     nr, nc = _grid(len(order))
-    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.7 * nr + 1.0), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.7 * nr + 1.0),
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, order):
         mine = [c for c in cells if c["objective"] == name]
         h = mine[0]["hist"]
@@ -86,7 +87,6 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title + "\ncosine similarity of all held-out pairs, genuine (same class) vs impostor;\n"
                  "densities, seeds pooled", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -94,7 +94,8 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
 def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     order = [r["objective"] for r in rows]
     nr, nc = _grid(len(order))
-    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.5 * nr + 1.0), squeeze=False)
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.5 * nr + 1.0),
+                             squeeze=False, layout="constrained")
     for ax, r in zip(axes.flat, rows):
         m = np.asarray(r["epoch_loss_mean"])
         s = np.asarray(r["epoch_loss_std"])
@@ -110,7 +111,6 @@ def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title + "\ntraining loss per epoch (mean over seeds, band = std);\n"
                  "each objective on its own scale", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -118,7 +118,8 @@ def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def _cost(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     names = [r["objective"] for r in rows]
     y = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(rows) + 0.9), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(rows) + 0.9),
+                             squeeze=False, layout="constrained")
     for ax, key, label in ((axes[0, 0], "train_time_s", "training time (s)"),
                            (axes[0, 1], "peak_memory_mb", "peak memory (MB)")):
         mean = np.array([r[key]["mean"] for r in rows], dtype=float)
@@ -132,7 +133,6 @@ def _cost(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     kinds = sorted({k for r in rows for k in r["memory_kind"]})
     fig.suptitle(title + f"\nmean±std over seeds; memory measure: {', '.join(kinds)} (see leaderboard.txt)",
                  fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

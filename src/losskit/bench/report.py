@@ -69,7 +69,7 @@ def _fmt(stat: dict[str, float], key: str) -> str:
     if not math.isfinite(m):
         return "-"
     if key == "opis":
-        return f"{m:.2e}" + ("" if not math.isfinite(s) else f"±{s:.0e}")
+        return f"{m:.3g}" + ("" if not math.isfinite(s) else f"±{s:.1g}")
     if key in ("train_time_s", "eval_time_s"):
         return f"{m:.2f}" + ("" if not math.isfinite(s) else f"±{s:.2f}")
     if key == "peak_memory_mb":

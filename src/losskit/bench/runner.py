@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .config import (BenchConfig, BenchConfigError, diff_protocol, protocol, resolve_hparams,
-                     resolve_objectives)
+                     resolve_objectives, unbenchable_objectives)
 
 __all__ = ["run_bench", "BenchRun", "atomic_write_json", "cell_path", "load_cells", "latest_run",
            "resolve_device", "load_split"]
@@ -170,6 +170,9 @@ def run_bench(
     t_start = time.perf_counter()
     out = Path(out)
     cfg.validate()
+    if not cfg.objectives:
+        for name, lacks in unbenchable_objectives().items():
+            log(f"bench: leaving out {name}: it needs {', '.join(lacks)} (no default), which the bench cannot fill")
     cfg.objectives = resolve_objectives(cfg.objectives)
     hparams = resolve_hparams(cfg.objectives, cfg.overrides)
     device = resolve_device(cfg.device)
