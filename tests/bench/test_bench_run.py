@@ -28,7 +28,9 @@ def test_run_folder_contents(tmp_path, tiny, fakes):
     cfg = json.loads((out / "config.json").read_text())["protocol"]
     assert cfg["objectives"] == ["softmax", "fake-pair", "fake-proxy"] and cfg["epochs"] == 2
     assert cfg["hparams"]["fake-pair"] == {"margin": 0.5, "scale": 1.0, "reduction": "mean"}
-    res = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined values are null
+    res = json.loads(text)
     assert res["complete"] and len(res["cells"]) == 6 and len(res["summary"]) == 3
     cell = json.loads(cell_path(out, "fake-proxy", 1).read_text())
     assert len(cell["epoch_loss"]) == 2 and cell["objective_params"] == 4 * 8

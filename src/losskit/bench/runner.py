@@ -8,6 +8,7 @@ checking that the run's protocol (``config.json``) matches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -47,14 +48,26 @@ class BenchRun:
         return all((o, s) in done for o in self.config.objectives for s in range(self.config.seeds))
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN and infinities become null (strict JSON that any reader accepts)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename over ``path``."""
+    """Write JSON (NaN as null) to a temporary file in the same folder, then rename over ``path``."""
+    data = _json_safe(data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=True)
+            json.dump(data, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
