@@ -31,7 +31,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
             "verification on classes never seen in training. With no arguments: scikit-learn's digits, "
             "classes 0-4 train, 5-9 test, softmax plus every registered embedding objective, 3 seeds."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # defaults are None so that --resume can tell given options from defaults
     p.add_argument("--objectives", default=None,

@@ -228,25 +228,27 @@ def train_cell(
     n = 0
     for epoch in range(cfg.epochs):
         losses = []
+        t0 = time.perf_counter()
         for _ in range(sampler.steps_per_epoch):
             if n == 0 and not cuda:
                 # the first step is profiled for memory and left out of the timing
+                tp = time.perf_counter()
                 memory_mb, loss = measure_step_memory(step, _param_bytes(model, *(
                     [loss_fn] if isinstance(loss_fn, nn.Module) else [])))
+                t0 += time.perf_counter() - tp
             else:
-                t0 = time.perf_counter()
                 loss = step()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                train_time += time.perf_counter() - t0
             n += 1
-            value = float(loss)
-            if not math.isfinite(value):
-                raise CellDiverged(f"{objective} (seed {seed}): loss became {value} at step {n} of {total_steps}")
-            losses.append(value)
+            losses.append(loss)
             if on_step is not None:
                 on_step()
-        epoch_loss.append(float(np.mean(losses)))
+        values = torch.stack(losses).float().cpu()  # one device sync per epoch
+        train_time += time.perf_counter() - t0
+        if not torch.isfinite(values).all():
+            first = int((~torch.isfinite(values)).nonzero()[0])
+            raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
+                               f"at step {first + 1 + epoch * sampler.steps_per_epoch} of {total_steps}")
+        epoch_loss.append(float(values.mean()))
     if cuda:
         memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
 
