@@ -219,6 +219,16 @@ def test_omniglot_zip_and_folder(tmp_path, as_zip):
     assert m.train_x.shape[0] == 6
 
 
+def test_omniglot_ignores_macos_metadata(tmp_path):
+    root = make_omniglot(tmp_path / "omni")
+    z = root / "images_background_small1.zip"
+    with zipfile.ZipFile(z, "a") as zf:
+        zf.writestr("__MACOSX/images_background_small1/Alpha/character01/._0000_00.png", b"junk")
+        zf.writestr("images_background_small1/Alpha/character01/._0000_00.png", b"junk")
+    s = load_omniglot(root, image_size=14)
+    assert s.train_x.shape[0] == 9
+
+
 def test_omniglot_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_omniglot(tmp_path / "none")

@@ -16,17 +16,17 @@ def clustered(n=300, d=8, c=12, spread=1.0, seed=0):
 
 
 def naive_scores(x, metric):
+    """Similarity of every ordered pair, one query row at a time, from the definitions."""
     x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    s = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            if metric == "cosine":
-                s[i, j] = x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
-            elif metric == "dot":
-                s[i, j] = x[i] @ x[j]
-            else:
-                s[i, j] = -np.linalg.norm(x[i] - x[j])
+    s = np.empty((len(x), len(x)))
+    norms = np.sqrt((x * x).sum(1))
+    for i in range(len(x)):
+        if metric == "cosine":
+            s[i] = (x @ x[i]) / (norms * norms[i])
+        elif metric == "dot":
+            s[i] = x @ x[i]
+        else:
+            s[i] = -np.sqrt(((x - x[i]) ** 2).sum(1))
     return s
 
 
@@ -213,3 +213,25 @@ def test_retrieval_accumulator_equals_function():
     acc.reset()
     with pytest.raises(RuntimeError, match="no data"):
         acc.compute()
+
+
+def test_no_block_larger_than_chunk_squared(monkeypatch):
+    import importlib
+
+    from losskit.metrics import evaluate_embeddings
+
+    # (losskit.metrics.knn / .opis are also function names: fetch the modules themselves)
+    common, knn_mod, opis_mod, ver_mod = (importlib.import_module(f"losskit.metrics.{m}")
+                                          for m in ("_common", "knn", "opis", "verification"))
+
+    sizes = []
+
+    def spy(q, r, metric, r_sqnorm=None):
+        sizes.append(q.shape[0] * r.shape[0])
+        return common.block_scores(q, r, metric, r_sqnorm)
+
+    for mod in (knn_mod, ver_mod, opis_mod):
+        monkeypatch.setattr(mod, "block_scores", spy)
+    x, y = clustered(200, 6, c=3, seed=8)  # big classes: MAP@R needs k of about 70
+    evaluate_embeddings(x, y, chunk_size=16)
+    assert sizes and max(sizes) <= 16 * 16

@@ -90,6 +90,8 @@ def test_verification_edge_cases():
     vm.update(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))  # a single class: no impostor pair
     out = vm.compute()
     assert math.isnan(out["eer"]) and math.isnan(out["tar@far=0.001"])
+    with pytest.raises(ValueError, match="dimension 3"):
+        vm.update(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
 
 
 def test_histogram_mode_within_bound():
@@ -216,3 +218,30 @@ def test_evaluate_embeddings_keys_and_values():
     # degenerate: one class -> verification undefined, retrieval perfect
     one = evaluate_embeddings(x[:20], torch.zeros(20, dtype=torch.long), ks=(1,))
     assert one["recall@1"] == 1.0 and math.isnan(one["eer"]) and math.isnan(one["opis"])
+
+
+def test_low_precision_and_numpy_inputs():
+    x, y = clustered(100, 8, c=8, seed=11)
+    ref = evaluate_embeddings(x.float(), y, ks=(1,))
+    bf = evaluate_embeddings(x.bfloat16(), y, ks=(1,))
+    assert all(math.isfinite(v) for v in bf.values())
+    assert abs(bf["recall@1"] - ref["recall@1"]) <= 0.05 and abs(bf["eer"] - ref["eer"]) <= 0.05
+    npy = evaluate_embeddings(x.float().numpy(), y.numpy(), ks=(1,))
+    assert npy == ref
+    with pytest.raises(ValueError, match="finite"):
+        evaluate_embeddings(torch.full((4, 2), float("inf")), torch.tensor([0, 0, 1, 1]))
+
+
+def test_evaluate_equals_separate_functions():
+    from losskit.metrics import map_at_r, precision_at_1, recall_at_k
+    x, y = clustered(130, 6, c=7, seed=12)
+    y = torch.cat([y, torch.tensor([50])])
+    x = torch.cat([x, torch.randn(1, 6, dtype=torch.float64)])
+    out = evaluate_embeddings(x, y, ks=(1, 3, 500))
+    r = recall_at_k(x, y, (1, 3, 500))
+    assert out["recall@1"] == r[1] and out["recall@3"] == r[3] and out["recall@500"] == r[500]
+    assert out["precision@1"] == precision_at_1(x, y)
+    assert out["map@r"] == pytest.approx(map_at_r(x, y), abs=1e-12)
+    assert out["opis"] == pytest.approx(opis(x, y), abs=1e-15)
+    g, i = pair_scores(x, y)
+    assert out["tar@far=0.001"] == tar_at_far(g, i, 1e-3)

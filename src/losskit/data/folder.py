@@ -98,7 +98,8 @@ def load_image_folder(path: str | os.PathLike, image_size: int | Sequence[int] =
     Open-set split rule: whole classes are held out -- see :func:`split_classes`
     (``test_fraction`` of the classes, chosen by ``seed``).  Within a class, files are
     taken in sorted name order; ``max_per_class`` keeps the first ones.
-    Hidden files/folders (starting with ``.``) and files Pillow has no extension for are ignored.
+    Hidden files/folders (starting with ``.``), files Pillow has no extension for, and anything
+    nested deeper than ``path/<class>/<file>`` are ignored.
     """
     hw = size_hw(image_size)
     _check_max(max_per_class)

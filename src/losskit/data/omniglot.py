@@ -25,7 +25,7 @@ def _scan_zip(zpath: Path, split: str) -> dict[str, list[str]]:
     with zf:
         for name in zf.namelist():
             p = PurePosixPath(name)
-            if name.endswith("/") or p.suffix.lower() not in exts:
+            if name.endswith("/") or p.suffix.lower() not in exts or p.name.startswith("."):
                 continue
             parts = p.parts
             if parts and parts[0] == split:
@@ -44,7 +44,8 @@ def _scan_dir(d: Path) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for alphabet in sorted(a for a in d.iterdir() if a.is_dir() and not a.name.startswith(".")):
         for char in sorted(c for c in alphabet.iterdir() if c.is_dir() and not c.name.startswith(".")):
-            files = sorted(f for f in char.iterdir() if f.is_file() and f.suffix.lower() in exts)
+            files = sorted(f for f in char.iterdir()
+                           if f.is_file() and f.suffix.lower() in exts and not f.name.startswith("."))
             if files:
                 classes[f"{alphabet.name}/{char.name}"] = files
     if not classes:

@@ -9,7 +9,7 @@ handling and the OPIS protocol: docs/metrics.md.
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.knn import knn
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
-from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k
+from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
 from losskit.metrics.verification import (
     VerificationMetrics,
     eer,
@@ -24,6 +24,6 @@ from losskit.metrics.verification import (
 __all__ = [
     "knn", "recall_at_k", "precision_at_1", "map_at_r", "pair_scores", "roc_curve", "tar_at_far", "eer",
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
-    "roc_from_histograms", "histogram_error_bound", "RetrievalMetrics", "VerificationMetrics",
+    "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings",
 ]

@@ -33,10 +33,7 @@ def calibration_thresholds(embeddings, labels, metric: str = "cosine", far_range
     n = x.shape[0]
     if n * (n - 1) // 2 <= exact_max_pairs:
         _, imp = pair_scores(x, labels, metric, chunk_size)
-        if imp.numel() == 0:
-            raise ValueError("labels: OPIS needs impostor pairs (at least two classes), got one class")
-        q = np.quantile(imp.double().cpu().numpy(), [1.0 - hi_far, 1.0 - lo_far])
-        t_lo, t_hi = float(q[0]), float(q[1])
+        return thresholds_from_impostor(imp, far_range, num_thresholds)
     else:
         edges, _, ic = pair_histograms(x, labels, metric, chunk_size=chunk_size)
         if int(ic.sum()) == 0:
@@ -50,6 +47,15 @@ def calibration_thresholds(embeddings, labels, metric: str = "cosine", far_range
 
         t_lo, t_hi = at(hi_far), at(lo_far)
     return torch.linspace(t_lo, t_hi, num_thresholds, dtype=torch.float64)
+
+
+def thresholds_from_impostor(impostor: Tensor, far_range=(1e-2, 1e-1), num_thresholds: int = 101) -> Tensor:
+    """The calibration grid of :func:`calibration_thresholds` from given impostor scores."""
+    lo_far, hi_far = (float(f) for f in far_range)
+    if impostor.numel() == 0:
+        raise ValueError("labels: OPIS needs impostor pairs (at least two classes), got one class")
+    q = np.quantile(impostor.double().cpu().numpy(), [1.0 - hi_far, 1.0 - lo_far])
+    return torch.linspace(float(q[0]), float(q[1]), num_thresholds, dtype=torch.float64)
 
 
 def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosine",
@@ -116,10 +122,16 @@ def opis(embeddings, labels, metric: str = "cosine", far_range=(1e-2, 1e-1), num
     classes, so OPIS is the across-class variance of the utility averaged over the
     range.  ``"pooled"``: Ubar(d) = the utility computed from all pairs at once.
     ``nan`` only when no class has two samples (no genuine pair)."""
+    thr = calibration_thresholds(embeddings, labels, metric, far_range, num_thresholds, chunk_size=chunk_size)
+    return opis_at(embeddings, labels, thr, metric, reference, chunk_size)
+
+
+def opis_at(embeddings, labels, thresholds: Tensor, metric: str = "cosine", reference: str = "class_mean",
+            chunk_size: int = DEFAULT_CHUNK) -> float:
+    """OPIS over a given threshold grid (see :func:`opis`)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
-    thr = calibration_thresholds(embeddings, labels, metric, far_range, num_thresholds, chunk_size=chunk_size)
-    _, U, U_all = class_utilities(embeddings, labels, thr, metric, chunk_size)
+    _, U, U_all = class_utilities(embeddings, labels, thresholds, metric, chunk_size)
     if U.shape[0] == 0:
         return float("nan")
     ref = U.mean(0) if reference == "class_mean" else U_all

@@ -113,6 +113,36 @@ def _map_sum(x, y, others, valid, metric, chunk_size) -> float:
     return total
 
 
+def retrieval_summary(embeddings, labels, ks: Iterable[int] = (1, 2, 4, 8), metric: str = "cosine",
+                      chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """Recall@K for each K, precision@1 and MAP@R from a single blockwise kNN pass
+    (k = the larger of max(ks) and the largest R).  Same values as the separate
+    functions; ``nan`` without a warning when no query has a same-class partner."""
+    ks = _check_ks(ks)
+    x, y, others = _setup(embeddings, labels, metric)
+    valid = (others > 0).nonzero().squeeze(1)
+    out = {f"recall@{k}": float("nan") for k in ks}
+    out.update({"precision@1": float("nan"), "map@r": float("nan")})
+    if valid.numel() == 0:
+        return out
+    kr = min(max(ks), x.shape[0] - 1)
+    kmax = max(kr, int(others[valid].max()))
+    xp = prepare(x, metric)
+    firsts, ap_sum = [], 0.0
+    for a, _, idx in iter_knn(xp[valid], xp, kmax, metric, chunk_size, q_index=valid):
+        qv = valid[a:a + idx.shape[0]]
+        rel = y[idx] == y[qv][:, None]
+        ap_sum += float(_ap_at_r(rel, others[qv]).sum())
+        top = rel[:, :kr]
+        firsts.append(torch.where(top.any(1), top.float().argmax(1), torch.full_like(qv, kr)))
+    first = torch.cat(firsts)
+    for k in ks:
+        out[f"recall@{k}"] = float((first < min(k, kr)).double().mean())
+    out["precision@1"] = float((first < 1).double().mean())
+    out["map@r"] = ap_sum / valid.numel()
+    return out
+
+
 class RetrievalMetrics:
     """Accumulate embeddings batch by batch; ``compute()`` evaluates Recall@K,
     precision@1 and MAP@R leave-one-out over everything seen since ``reset()``.
@@ -147,9 +177,4 @@ class RetrievalMetrics:
     def compute(self) -> dict[str, float]:
         if not self._x:
             raise RuntimeError("RetrievalMetrics.compute: no data; call update() first")
-        x, y = torch.cat(self._x), torch.cat(self._y)
-        out = {f"recall@{k}": v for k, v in
-               recall_at_k(x, y, self.ks, self.metric, self.chunk_size).items()}
-        out["precision@1"] = precision_at_1(x, y, self.metric, self.chunk_size)
-        out["map@r"] = map_at_r(x, y, self.metric, self.chunk_size)
-        return out
+        return retrieval_summary(torch.cat(self._x), torch.cat(self._y), self.ks, self.metric, self.chunk_size)

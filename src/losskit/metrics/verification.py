@@ -221,6 +221,9 @@ class VerificationMetrics:
     def update(self, embeddings, labels) -> None:
         x = as_embeddings(embeddings)
         y = as_labels(labels, x.shape[0], x.device)
+        if self._x and x.shape[1] != self._x[0].shape[1]:
+            raise ValueError(f"embeddings: expected dimension {self._x[0].shape[1]} (as in earlier updates), "
+                             f"got {x.shape[1]}")
         self._x.append(x.cpu())
         self._y.append(y.cpu())
 
