@@ -27,7 +27,8 @@ __all__ = ["PKSampler", "batch_shape", "train_cell", "measure_step_memory", "Cel
 
 #: What ``peak_memory_mb`` means, by how it was measured.
 MEMORY_LABELS = {
-    "cuda_max_allocated": "torch.cuda.max_memory_allocated over training (MB)",
+    "cuda_max_allocated": ("torch.cuda.max_memory_allocated over the training steps (MB; includes the network, "
+                           "the objective and the training images, which are held on the GPU)"),
     "cpu_profiler_step": (
         "CPU tensor memory of one training step (MB): bytes of the network's and the objective's parameters "
         "plus the peak of the bytes allocated during the first training step (gradients, optimiser state, "
