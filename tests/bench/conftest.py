@@ -104,7 +104,16 @@ class FakeTrapLoss(FakePairLoss):
         return super().forward(embeddings, labels, sample_weight)
 
 
+class FakeNoisyLoss(FakePairLoss):
+    """Draws from torch's global generator in forward (test double)."""
+
+    def forward(self, embeddings, labels, sample_weight=None):
+        noise = 1 + 0.5 * torch.rand(embeddings.shape[0])
+        return super().forward(embeddings * noise[:, None], labels)
+
+
 FAKES = {
+    "fake-noisy": (FakeNoisyLoss, "contrastive"),
     "fake-pair": (FakePairLoss, "pair"),
     "fake-proxy": (FakeProxyLoss, "margin"),
     "fake-trap": (FakeTrapLoss, "robust"),

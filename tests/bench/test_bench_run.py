@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from losskit.bench.config import BenchConfig, BenchConfigError
 from losskit.bench.runner import cell_path, run_bench
@@ -71,12 +72,29 @@ def test_interrupt_then_resume_keeps_finished_cells(tmp_path, tiny, fakes):
     assert run2.complete and not run2.interrupted
     after = _snapshot(out)
     assert {k: after[k] for k in before} == before  # finished cells untouched (bytes and mtime)
+    full = run_bench(_cfg(["softmax", "fake-pair", "fake-trap"]), tmp_path / "full", progress=False, plots=False,
+                     log=lambda s: None, split=tiny)  # the same run, never interrupted
+    resumed = json.loads(cell_path(out, "fake-trap", 1).read_text())
+    (same,) = [c for c in full.cells if (c["objective"], c["seed"]) == ("fake-trap", 1)]
+    assert resumed["epoch_loss"] == same["epoch_loss"]
     assert json.loads((out / "results.json").read_text())["complete"] is True
 
     # a third call has nothing left to do
     run3 = run_bench(_cfg(["softmax", "fake-pair", "fake-trap"]), out, resume=True, progress=False,
                      plots=False, log=lambda s: None, split=tiny)
     assert run3.computed == [] and _snapshot(out) == after
+
+
+def test_cells_do_not_depend_on_what_ran_before(tmp_path, tiny, fakes):
+    # an objective drawing random numbers gives the same cell alone, after others, or resumed
+    alone = run_bench(_cfg(["fake-noisy"], seeds=1), tmp_path / "a", progress=False, plots=False,
+                      log=lambda s: None, split=tiny).cells[0]
+    torch.rand(1000)
+    after = run_bench(_cfg(["fake-pair", "fake-proxy", "fake-noisy"], seeds=1), tmp_path / "b", progress=False,
+                      plots=False, log=lambda s: None, split=tiny).cells[-1]
+    assert after["objective"] == "fake-noisy"
+    assert alone["epoch_loss"] == after["epoch_loss"]
+    assert json.dumps(alone["metrics"], sort_keys=True) == json.dumps(after["metrics"], sort_keys=True)
 
 
 def test_crash_in_one_cell_keeps_others_and_resume_retries(tmp_path, tiny, fakes):

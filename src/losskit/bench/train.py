@@ -215,6 +215,9 @@ def train_cell(
         opt.step()
         return loss.detach()
 
+    # objectives that draw random numbers (sampled heads, random margins) draw the same ones
+    # whatever ran before this cell, so a resumed cell equals an uninterrupted one
+    torch.manual_seed(seed + 15485863)
     model.train()
     if isinstance(loss_fn, nn.Module):
         loss_fn.train()
