@@ -55,3 +55,16 @@ def test_profiler_memory_sees_a_transient_allocation():
     mb, result = measure_step_memory(step, persistent_bytes=2**20)
     assert result == 1_000_000.0
     assert 1 + 3.8 <= mb <= 1 + 4.5
+
+
+def test_profiled_step_keeps_warnings():
+    import pytest
+
+    def step():
+        import warnings
+
+        warnings.warn("objective says hi", UserWarning)
+        return 1
+
+    with pytest.warns(UserWarning, match="objective says hi"):
+        measure_step_memory(step, 0)

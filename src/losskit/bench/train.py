@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,8 +124,14 @@ def measure_step_memory(step: Callable[[], Any], persistent_bytes: int) -> tuple
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = step()
+    # fd 2 is silenced (the C++ profiler prints start/stop lines there); python warnings raised
+    # by the step are recorded and re-issued afterwards so that none is lost
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = step()
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     running = peak = 0
