@@ -271,9 +271,14 @@ def run_bench(
     run.wall_time_s = time.perf_counter() - t_start
     report.write_results(run)
     if plots and run.cells:
-        from . import plots as plotting
+        try:
+            import matplotlib  # noqa: F401  (optional: the `bench` extra)
+        except ImportError:
+            log("bench: matplotlib is not installed, so no plots (pip install 'losskit[bench]')")
+        else:
+            from . import plots as plotting
 
-        plotting.write_plots(run)
+            plotting.write_plots(run)
     run.wall_time_s = time.perf_counter() - t_start
     return run
 
