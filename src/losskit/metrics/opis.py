@@ -75,22 +75,26 @@ def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosin
     K = thr.numel()
     classes, yi = torch.unique(y.cpu(), return_inverse=True)
     C, n = classes.numel(), x.shape[0]
-    # counts[c, b]: ordered pairs (i in c, j != i) whose score passes exactly b thresholds
-    gcount = torch.zeros(C, K + 1, dtype=torch.int64)
-    icount = torch.zeros(C, K + 1, dtype=torch.int64)
+    # counts[c, b, same]: ordered pairs (i in c, j != i) whose score passes exactly b
+    # thresholds; same = 1 for genuine pairs, 0 for impostor pairs
+    K1 = K + 1
+    counts = torch.zeros(C * K1 * 2, dtype=torch.int64)
+    yi_dev = yi.to(xp.device)
+    thr_dev = thr.to(device=xp.device, dtype=xp.dtype)  # float32 inputs compare in float32
     for a in range(0, n, chunk_size):
         q = xp[a:a + chunk_size]
-        rows = torch.arange(a, a + q.shape[0])
-        ya = yi[a:a + chunk_size]
+        ya = yi_dev[a:a + chunk_size]
         for c in range(0, n, chunk_size):
-            s = block_scores(q, xp[c:c + chunk_size], metric).double().cpu()
-            b = torch.bucketize(s, thr, right=True)  # number of thresholds <= score
-            cols = torch.arange(c, c + s.shape[1])
-            same = ya[:, None] == yi[c:c + chunk_size][None, :]
-            notself = rows[:, None] != cols[None, :]
-            key = ya[:, None] * (K + 1) + b
-            gcount.view(-1).index_add_(0, key[same & notself], torch.ones_like(key[same & notself]))
-            icount.view(-1).index_add_(0, key[~same], torch.ones_like(key[~same]))
+            s = block_scores(q, xp[c:c + chunk_size], metric)
+            b = torch.bucketize(s, thr_dev, right=True)  # number of thresholds <= score
+            same = (ya[:, None] == yi_dev[c:c + chunk_size][None, :]).long()
+            code = (ya[:, None] * K1 + b) * 2 + same
+            counts += torch.bincount(code.view(-1), minlength=C * K1 * 2).cpu()
+            if a == c:  # remove the self pairs (the block diagonal)
+                dcode = (ya * K1 + b.diagonal()) * 2 + 1
+                counts -= torch.bincount(dcode, minlength=C * K1 * 2).cpu()
+    counts = counts.view(C, K1, 2)
+    gcount, icount = counts[:, :, 1], counts[:, :, 0]
     # accepted at threshold k <=> passes more than k thresholds
     g_acc = gcount.flip(1).cumsum(1).flip(1)[:, 1:].double()  # [C, K]
     i_acc = icount.flip(1).cumsum(1).flip(1)[:, 1:].double()

@@ -94,15 +94,21 @@ def roc_curve(genuine, impostor) -> tuple[Tensor, Tensor, Tensor]:
     descending, starting at ``(0, 0, +inf)`` and ending at ``(1, 1, min score)``.
     Same points as ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``."""
     g, i = _as_scores(genuine, "genuine"), _as_scores(impostor, "impostor")
+    ng, ni = g.numel(), i.numel()
+    if ng == 0:
+        raise ValueError("genuine: expected at least one genuine (same-class) pair score, got none")
+    if ni == 0:
+        raise ValueError("impostor: expected at least one impostor (different-class) pair score, got none")
     dt = torch.promote_types(g.dtype, i.dtype)
-    s = torch.cat([g.to(dt), i.to(dt)])
-    is_g = torch.cat([torch.ones_like(g, dtype=torch.int64), torch.zeros_like(i, dtype=torch.int64)])
-    order = s.argsort(descending=True)
-    s, is_g = s[order], is_g[order]
-    thr, inv = torch.unique_consecutive(s, return_inverse=True)
-    gc = torch.zeros(thr.shape[0], dtype=torch.int64).index_add_(0, inv, is_g)
-    ic = torch.zeros(thr.shape[0], dtype=torch.int64).index_add_(0, inv, 1 - is_g)
-    return _roc_from_counts(thr, gc, ic)
+    sv, order = torch.cat([g.to(dt), i.to(dt)]).cpu().sort(descending=True)
+    cum_g = (order < ng).cumsum(0)
+    cum_i = torch.arange(1, ng + ni + 1) - cum_g
+    last = torch.ones(ng + ni, dtype=torch.bool)
+    last[:-1] = sv[1:] != sv[:-1]  # the last position of each run of equal scores
+    tar = torch.cat([torch.zeros(1, dtype=torch.float64), cum_g[last].double() / ng])
+    far = torch.cat([torch.zeros(1, dtype=torch.float64), cum_i[last].double() / ni])
+    thr = torch.cat([sv.new_full((1,), math.inf), sv[last]])
+    return far, tar, thr
 
 
 def _tar_at_far_roc(far: Tensor, tar: Tensor, target: float) -> float:
