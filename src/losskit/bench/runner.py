@@ -149,9 +149,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(text)
 
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None and n > 0:
+            self.bar.update(n)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -244,11 +244,18 @@ def run_bench(
         try:
             for objective, seed in todo:
                 bar.describe(f"{objective} s{seed}")
+                counted = [0]
+
+                def on_step() -> None:
+                    counted[0] += 1
+                    bar.step()
+
                 try:
-                    cell = train_cell(cfg, split, objective, hparams[objective], seed, device, on_step=bar.step)
+                    cell = train_cell(cfg, split, objective, hparams[objective], seed, device, on_step=on_step)
                 except (KeyboardInterrupt, MemoryError):
                     raise
                 except Exception as e:  # one objective's failure must not lose the others
+                    bar.step(steps - counted[0])  # keep the bar's total honest
                     msg = f"{type(e).__name__}: {e}"
                     run.failed[(objective, seed)] = msg
                     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)

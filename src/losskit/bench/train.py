@@ -12,7 +12,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
