@@ -1,4 +1,4 @@
-"""The ``losskit`` command line: ``losskit list`` and ``losskit bench``."""
+"""The ``losskit`` command line: ``losskit list``, ``losskit bench`` and ``losskit docs``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import sys
 
 from losskit import registry
+from losskit.bench.cli import add_bench_parser
+from losskit.docs import add_docs_parser
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -40,12 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="emit the registry as JSON")
     pl.add_argument("--family", default=None, choices=sorted(registry.FAMILIES))
     pl.set_defaults(func=_cmd_list)
-    try:
-        from losskit.bench.cli import add_bench_parser
-    except ImportError:  # bench not built yet
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
+    add_bench_parser(sub)
+    add_docs_parser(sub)
     return p
 
 

@@ -1,0 +1,153 @@
+"""PNG plots of a bench run (matplotlib, Agg backend): metric bars, similarity histograms,
+training curves, cost."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .report import LOWER_IS_BETTER, aggregate, metric_label
+
+__all__ = ["write_plots"]
+
+BAR_METRICS = ("recall@1", "recall@4", "map@r", "tar@far=0.001", "tar@far=0.01", "eer")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 4 if n <= 12 else 5)
+    return math.ceil(n / cols), cols
+
+
+def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    metrics = [m for m in BAR_METRICS if any(m in r["metrics"] for r in rows)]
+    if any("opis" in r["metrics"] for r in rows):
+        metrics.append("opis")
+    n = len(rows)
+    nr, nc = math.ceil(len(metrics) / 3), min(3, len(metrics))
+    fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, 0.9 + (0.32 * n + 0.9) * nr),
+                             squeeze=False, layout="constrained")
+    names = [r["objective"] for r in rows]
+    y = np.arange(n)
+    colors = plt.cm.tab20(np.linspace(0, 1, max(n, 2)))[:n]
+    for ax, m in zip(axes.flat, metrics):
+        mean = np.array([r["metrics"].get(m, {}).get("mean", np.nan) for r in rows], dtype=float)
+        std = np.array([r["metrics"].get(m, {}).get("std", np.nan) for r in rows], dtype=float)
+        scale = 1.0 if m == "opis" else 100.0
+        ax.barh(y, np.nan_to_num(mean * scale), xerr=np.nan_to_num(std * scale), color=colors,
+                error_kw={"capsize": 3, "elinewidth": 1})
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        better = "lower" if m in LOWER_IS_BETTER else "higher"
+        ax.set_title(f"{metric_label(m)}{'' if m == 'opis' else ' (%)'} ({better} is better)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        for yi, v in zip(y, mean):
+            if np.isfinite(v):
+                ax.text(0, yi, f" {v * scale:.3g}", va="center", ha="left", fontsize=7, color="black")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(title + "\nmean over seeds, error bars = std over seeds; sorted by R@1", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title: str) -> None:
+    nr, nc = _grid(len(order))
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.7 * nr + 1.0),
+                             squeeze=False, layout="constrained")
+    for ax, name in zip(axes.flat, order):
+        mine = [c for c in cells if c["objective"] == name]
+        h = mine[0]["hist"]
+        edges = np.linspace(h["range"][0], h["range"][1], h["bins"] + 1)
+        centers = (edges[:-1] + edges[1:]) / 2
+        width = edges[1] - edges[0]
+        for key, color in (("impostor", "tab:red"), ("genuine", "tab:blue")):
+            counts = np.sum([c["hist"][key] for c in mine], axis=0).astype(float)
+            dens = counts / max(counts.sum() * width, 1e-12)
+            ax.fill_between(centers, dens, step="mid", alpha=0.45, color=color, label=key)
+        eers = [c["metrics"].get("eer") for c in mine if c["metrics"].get("eer") is not None]
+        sub = f"EER {100 * np.mean(eers):.1f}%" if eers else ""
+        ax.set_title(f"{name}\n{sub} ({len(mine)} seed{'s' if len(mine) > 1 else ''})", fontsize=9)
+        ax.set_xlim(-1, 1)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title + "\ncosine similarity of all held-out pairs, genuine (same class) vs impostor;\n"
+                 "densities, seeds pooled", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    order = [r["objective"] for r in rows]
+    nr, nc = _grid(len(order))
+    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.5 * nr + 1.0),
+                             squeeze=False, layout="constrained")
+    for ax, r in zip(axes.flat, rows):
+        m = np.asarray(r["epoch_loss_mean"])
+        s = np.asarray(r["epoch_loss_std"])
+        ep = np.arange(1, len(m) + 1)
+        ax.plot(ep, m, marker="o", ms=3, color="tab:blue")
+        ax.fill_between(ep, m - s, m + s, alpha=0.25, color="tab:blue")
+        ax.set_title(r["objective"], fontsize=9)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.set_ylabel("train loss", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    fig.suptitle(title + "\ntraining loss per epoch (mean over seeds, band = std);\n"
+                 "each objective on its own scale", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cost(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    names = [r["objective"] for r in rows]
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.32 * len(rows) + 0.9),
+                             squeeze=False, layout="constrained")
+    for ax, key, label in ((axes[0, 0], "train_time_s", "training time (s)"),
+                           (axes[0, 1], "peak_memory_mb", "peak memory (MB)")):
+        mean = np.array([r[key]["mean"] for r in rows], dtype=float)
+        std = np.array([r[key]["std"] for r in rows], dtype=float)
+        ax.barh(y, np.nan_to_num(mean), xerr=np.nan_to_num(std), color="tab:gray",
+                error_kw={"capsize": 3, "elinewidth": 1})
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    kinds = sorted({k for r in rows for k in r["memory_kind"]})
+    fig.suptitle(title + f"\nmean±std over seeds; memory measure: {', '.join(kinds)} (see leaderboard.txt)",
+                 fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(run) -> list[Path]:
+    """Write plots/metrics.png, plots/similarity_hist.png, plots/training_curves.png, plots/cost.png."""
+    plt = _plt()
+    cfg = run.config
+    rows = aggregate(run.cells, cfg.objectives)
+    out = Path(run.out) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"losskit bench on {cfg.dataset} (held-out classes)"
+    paths = [out / "metrics.png", out / "similarity_hist.png", out / "training_curves.png", out / "cost.png"]
+    _bars(plt, rows, paths[0], title)
+    _hists(plt, run.cells, [r["objective"] for r in rows], paths[1], title)
+    _curves(plt, rows, paths[2], title)
+    _cost(plt, rows, paths[3], title)
+    return paths
