@@ -28,7 +28,7 @@ def format_table(rows) -> str:
         paper = f"{s.paper.title[:48]} ({s.paper.year})" if s.paper else "-"
         hp = ", ".join(f"{k}={v!r}" for k, v in s.hparams.items() if k != "reduction")
         req = ", ".join(s.required)
-        body.append((s.name, s.family, s.task, paper, (req + "; " if req else "") + hp))
+        body.append((s.name, s.family, s.task, paper, "; ".join(p for p in (req, hp) if p)))
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [head, *body]]
     lines.insert(1, "-" * min(140, len(lines[0])))
