@@ -167,9 +167,11 @@ def cfcd_scale(cos_y: Tensor, alpha: float, min_scale: float = 32.0) -> tuple[Te
 def cfcd_margin(c_med: Tensor, log_bbar: Tensor, scale: Tensor, alpha: float) -> Tensor:
     """MadaCos margin ``m = max(0, c_med - ln(Bbar alpha / (1 - alpha)) / s)``
     from ``log Bbar`` (log-domain: the official code's ``exp(s cos)``
-    overflows for large ``s``).  No gradient."""
+    overflows for large ``s``).  No gradient.  With no non-target class
+    (``C = 1``, ``Bbar = 0``) the formula gives ``m = inf``; we use 0."""
     with torch.no_grad():
         m = c_med - (log_bbar + math.log(alpha / (1.0 - alpha))) / scale
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         return m.clamp_min(0.0)
 
 

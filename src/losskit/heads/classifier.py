@@ -113,7 +113,7 @@ class MarginHead(nn.Module):
         B = embeddings.shape[0]
         if B == 0:
             z = zero_with_graph(embeddings, self.weight)
-            return z.reshape(0) if reduction == "none" else z
+            return embeddings.sum(dim=1) * 0 + z if reduction == "none" else z
         dtype = torch.promote_types(embeddings.dtype, self.weight.dtype)
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
