@@ -152,3 +152,21 @@ def test_huge_logits_do_not_overflow():
     x = torch.eye(50)[:10] * 1e4
     out = m(x, torch.arange(10))
     assert torch.isfinite(out) and float(out.detach()) < 1e-20
+
+
+def test_chunked_underflow_rows_fall_back_to_online_max():
+    # every non-target cosine near -1: exp(64 cos - 64) underflows in fp32
+    W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.05], [-1.0, -0.05]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    for name in ("cosface", "cfcd"):
+        ms = [losskit.get(name, num_classes=4, embedding_dim=2, head=h, chunk_size=2) for h in ("dense", "chunked")]
+        res = []
+        for m in ms:
+            m.weight.data.copy_(W)
+            xx = x.clone().requires_grad_(True)
+            out = m(xx, y)
+            out.backward()
+            res.append((out.detach(), xx.grad, m.weight.grad))
+        for u, v in zip(*res):
+            _close(u, v, name)

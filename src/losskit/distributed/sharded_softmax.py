@@ -151,12 +151,11 @@ def sharded_margin_loss(head, embeddings: Tensor, labels: Tensor,
     valid = Y >= 0
     owned = valid & (Y >= lo) & (Y < hi)
     ly = torch.where(owned, Y - lo, torch.full_like(Y, -1))
-    c_part = torch.zeros(B, dtype=dtype, device=X.device)
-    if owned.any():
-        rows = owned.nonzero().squeeze(1)
-        wy = Fn.normalize(weight[ly[rows]].to(dtype), dim=1)
-        c_part = c_part.index_put((rows,), (xn[rows] * wy).sum(1).clamp(-1.0, 1.0))
-    cos_y = all_reduce_sum(c_part, group)
+    with torch.no_grad():   # phase 1: detached target cosines, owner's value summed over ranks
+        w0 = weight[ly.clamp_min(0)].to(dtype) if weight.shape[0] else torch.zeros_like(xn)
+        w0 = w0 / torch.linalg.vector_norm(w0, dim=1, keepdim=True).clamp_min(1e-12)
+        c0 = torch.where(owned, torch.linalg.vecdot(xn, w0), torch.zeros((), dtype=dtype, device=X.device))
+        dist.all_reduce(c0, op=dist.ReduceOp.SUM, group=group)
     vrows = valid.nonzero().squeeze(1)
 
     def nt_lse(rows: Tensor, s: float) -> Tensor:
@@ -171,10 +170,13 @@ def sharded_margin_loss(head, embeddings: Tensor, labels: Tensor,
         dist.broadcast(t, src=src, group=group)
         return t
 
-    psi_v, scale = head.policy(cos_y[valid], training=head.training, nontarget_lse=nt_lse, sync=sync)
-    scale = float(scale)
+    scale = float(head.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=head.training, nontarget_lse=nt_lse,
+                                      sync=sync))
+    n_local, c_part = nontarget_lse(xn, weight, ly, scale, head.chunk_size, return_target=True)
+    cos_y = all_reduce_sum(c_part, group).clamp(-1.0, 1.0)
+    psi_v = head.policy.target(cos_y[valid])
     psi = torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype))
-    n = distributed_logsumexp(nontarget_lse(xn, weight, ly, scale, head.chunk_size), group)
+    n = distributed_logsumexp(n_local, group)
     if head.unpg_whisker is not None:
         xr = xn / world + (xn - xn / world).detach()      # replicated term: gradient counted once overall
         neg = FM.unpg_negatives(xr, Y, head.unpg_whisker)

@@ -141,6 +141,7 @@ class MarginHead(nn.Module):
     def _per_sample(self, xn: Tensor, weight: Tensor, y: Tensor, mode: str, embeddings: Tensor) -> Tensor:
         valid = y >= 0
         yc = y.clamp_min(0)
+        vrows = valid.nonzero().squeeze(1)
         if mode == "dense":
             with torch.autocast(device_type=xn.device.type, enabled=False):
                 cos = torch.mm(xn, Fn.normalize(weight.to(xn.dtype), dim=1).t())
@@ -151,19 +152,28 @@ class MarginHead(nn.Module):
                     r = vrows[rows]
                     lg = (cos[r] * s).scatter(1, yc[r][:, None], float("-inf"))
                     return torch.logsumexp(lg, 1)
+
+            c0 = cos_y.detach()
         else:
-            wy = Fn.normalize(weight[yc].to(xn.dtype), dim=1)
-            cos_y = (xn * wy).sum(dim=1).clamp(-1.0, 1.0)
+            ly = torch.where(valid, yc, torch.full_like(yc, -1))
+            with torch.no_grad():   # phase 1 needs the target cosines without gradient
+                w0 = weight[yc].to(xn.dtype)
+                w0 = w0 / torch.linalg.vector_norm(w0, dim=1, keepdim=True).clamp_min(1e-12)
+                c0 = torch.linalg.vecdot(xn.detach(), w0)
 
             def nt_lse(rows: Tensor, s: float) -> Tensor:
                 r = vrows[rows]
-                return nontarget_lse_nograd(xn[r], weight, yc[r], s, self.chunk_size)
+                return nontarget_lse_nograd(xn[r], weight, ly[r], s, self.chunk_size)
 
-        vrows = valid.nonzero().squeeze(1)
-        psi_v, scale = self.policy(cos_y[valid], training=self.training, nontarget_lse=nt_lse)
-        scale = float(scale)
-        psi = torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype))
+        scale = float(self.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=self.training,
+                                          nontarget_lse=nt_lse))
         extra = self._extra(xn, y, scale)
+        if mode != "dense":
+            # chunked: the kernel returns the non-target LSE and the target cosine
+            n, cos_y = nontarget_lse(xn, weight, ly, scale, self.chunk_size, return_target=True)
+            cos_y = cos_y.clamp(-1.0, 1.0)
+        psi_v = self.policy.target(cos_y[valid])
+        psi = torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype))
         if mode == "dense":
             logits = FM.apply_target(cos, y, psi, scale)
             lse = torch.logsumexp(logits, 1)
@@ -171,8 +181,6 @@ class MarginHead(nn.Module):
                 lse = torch.logaddexp(lse, extra)
             tgt = logits.gather(1, yc[:, None]).squeeze(1)
             return torch.where(valid, lse - tgt, torch.zeros_like(lse))
-        # chunked: rows with label -1 mask no column (their loss is zeroed)
-        n = nontarget_lse(xn, weight, torch.where(valid, yc, torch.full_like(yc, -1)), scale, self.chunk_size)
         t = psi * scale
         if extra is not None:
             n = torch.logaddexp(n, extra)

@@ -37,12 +37,21 @@ class MarginPolicy:
             raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
         self.scale = float(scale)
 
-    def __call__(self, cos_y: Tensor, *, training: bool = True, nontarget_lse: NontargetFn | None = None,
-                 sync: SyncFn = _identity) -> tuple[Tensor, float | Tensor]:
-        return self.target(cos_y, training=training, nontarget_lse=nontarget_lse, sync=sync), self.scale
+    def prepare(self, cos_y: Tensor, *, training: bool = True, nontarget_lse: NontargetFn | None = None,
+                sync: SyncFn = _identity) -> float:
+        """Phase 1, on the *detached* target cosines of the valid rows: fix
+        this batch's scale and any per-batch state (drawn margins, CFCD's
+        margin).  Returns the scale."""
+        return self.scale
 
-    def target(self, cos_y: Tensor, **kw) -> Tensor:
+    def target(self, cos_y: Tensor) -> Tensor:
+        """Phase 2: the unscaled target value ``psi`` (with gradient)."""
         return cos_y
+
+    def __call__(self, cos_y: Tensor, *, training: bool = True, nontarget_lse: NontargetFn | None = None,
+                 sync: SyncFn = _identity) -> tuple[Tensor, float]:
+        s = self.prepare(cos_y.detach(), training=training, nontarget_lse=nontarget_lse, sync=sync)
+        return self.target(cos_y), s
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -60,7 +69,7 @@ class ArcMargin(MarginPolicy):
             raise ValueError(f"margin: expected radians in [0, pi), got {margin!r}")
         self.margin, self.easy_margin, self.straight_through = float(margin), easy_margin, straight_through
 
-    def target(self, cos_y: Tensor, **kw) -> Tensor:
+    def target(self, cos_y: Tensor) -> Tensor:
         return F.arcface_target(cos_y, self.margin, easy_margin=self.easy_margin,
                                 straight_through=self.straight_through)
 
@@ -72,7 +81,7 @@ class CosMargin(MarginPolicy):
             raise ValueError(f"margin: expected a finite value >= 0, got {margin!r}")
         self.margin = float(margin)
 
-    def target(self, cos_y: Tensor, **kw) -> Tensor:
+    def target(self, cos_y: Tensor) -> Tensor:
         return F.cosface_target(cos_y, self.margin)
 
 
@@ -81,7 +90,7 @@ class CombinedMargin(MarginPolicy):
         super().__init__(scale)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
-    def target(self, cos_y: Tensor, **kw) -> Tensor:
+    def target(self, cos_y: Tensor) -> Tensor:
         return F.combined_target(cos_y, self.m1, self.m2, self.m3)
 
 
@@ -99,7 +108,7 @@ class ElasticMargin(MarginPolicy):
         self.plus, self.legacy_permutation, self.generator = plus, legacy_permutation, generator
         self.last_margins: Tensor | None = None
 
-    def target(self, cos_y: Tensor, *, training: bool = True, sync: SyncFn = _identity, **kw) -> Tensor:
+    def prepare(self, cos_y: Tensor, *, training: bool = True, sync: SyncFn = _identity, **kw) -> float:
         if training:
             m = F.draw_elastic_margins(cos_y, self.mean, self.std, plus=False, generator=self.generator)
             m = sync(m)
@@ -108,6 +117,10 @@ class ElasticMargin(MarginPolicy):
         else:
             m = torch.full_like(cos_y, self.mean)
         self.last_margins = m.detach()
+        return self.scale
+
+    def target(self, cos_y: Tensor) -> Tensor:
+        m = self.last_margins.to(cos_y.dtype)
         if self.kind == "arc":
             return F.arcface_target(cos_y, m)
         return F.cosface_target(cos_y, m)
@@ -126,10 +139,11 @@ class CFCDMargin(MarginPolicy):
         self.last_scale: float | None = None
         self.last_margin: float | None = None
 
-    def __call__(self, cos_y: Tensor, *, training: bool = True, nontarget_lse: NontargetFn | None = None,
-                 sync: SyncFn = _identity) -> tuple[Tensor, float]:
+    def prepare(self, cos_y: Tensor, *, training: bool = True, nontarget_lse: NontargetFn | None = None,
+                sync: SyncFn = _identity) -> float:
         if cos_y.numel() == 0:
-            return cos_y, self.min_scale
+            self.last_scale, self.last_margin = self.min_scale, 0.0
+            return self.min_scale
         s_t, idx = F.cfcd_scale(cos_y, self.alpha, self.min_scale)
         s = float(s_t)
         m = 0.0
@@ -144,4 +158,7 @@ class CFCDMargin(MarginPolicy):
                 log_bbar = torch.logsumexp(lb, 0) - math.log(lb.numel())
             m = float(F.cfcd_margin(cos_y.detach()[idx], log_bbar, torch.tensor(s, dtype=log_bbar.dtype), self.alpha))
         self.last_scale, self.last_margin = s, m
-        return cos_y - m, s
+        return s
+
+    def target(self, cos_y: Tensor) -> Tensor:
+        return cos_y - self.last_margin
