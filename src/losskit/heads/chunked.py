@@ -198,10 +198,14 @@ class NonTargetLSE(torch.autograd.Function):
                     rows = valid.nonzero().squeeze(1)
                     # index_put_(accumulate) is ~10x faster than index_add_ on CPU here
                     gw.index_put_((labels[rows],), x[rows] * gc[rows, None], accumulate=True)
-            if need_w and C:
-                # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||, over all rows at once
-                radial = torch.linalg.vecdot(gw, weight.to(dtype)).mul_(plan.inv.square())
-                gw.addcmul_(weight.to(dtype), radial[:, None], value=-1.0).mul_(plan.inv[:, None])
+            if need_w:
+                # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||, chunk by chunk
+                # (a whole-matrix row dot would allocate a C x D temporary)
+                for a, b in plan.chunks():
+                    wn = plan.wa(a, b)[:, :-1]
+                    gc_ = gw[a:b]
+                    radial = torch.einsum("ij,ij->i", gc_, wn)
+                    gc_.addcmul_(wn, radial[:, None], value=-1.0).mul_(plan.inv[a:b, None])
                 gw = gw.to(weight.dtype)
         if gx is not None:
             gx = gx.to(xn.dtype)
