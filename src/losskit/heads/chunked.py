@@ -179,33 +179,33 @@ class NonTargetLSE(torch.autograd.Function):
             xg = x * g[:, None] if need_w else None
             gx = torch.zeros_like(x) if need_x else None
             gw = torch.empty(C, D, dtype=dtype, device=weight.device) if need_w else None
+            tgt_rows_w = None
+            if gc is not None and need_w:
+                tgt_rows_w = x * gc[:, None]                     # target cosine's grad w.r.t. w_hat_y
             for a, b in plan.chunks():
                 wa = plan.wa(a, b)
+                wn = wa[:, :-1]
                 p = torch.mm(xa, wa.t()).exp2_()                # softmax over non-targets
                 plan.mask(p, a, 0.0)
                 if empty_rows.numel():
                     p[empty_rows] = 0.0
                 if need_x:
-                    gx.addmm_(p, wa[:, :-1])
+                    gx.addmm_(p, wn)
                 if need_w:
-                    torch.mm(p.t(), xg, out=gw[a:b])             # grad w.r.t. normalised rows
+                    gwc = gw[a:b]
+                    torch.mm(p.t(), xg, out=gwc)                 # grad w.r.t. normalised rows
+                    t = plan.targets.get(a)
+                    if tgt_rows_w is not None and t is not None:
+                        # index_put_(accumulate) is ~10x faster than index_add_ on CPU here
+                        gwc.index_put_((t[1],), tgt_rows_w[t[0]], accumulate=True)
+                    # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||
+                    radial = torch.einsum("ij,ij->i", gwc, wn)
+                    gwc.addcmul_(wn, radial[:, None], value=-1.0).mul_(plan.inv[a:b, None])
             if need_x:
                 gx.mul_(g[:, None])
-            if gc is not None and bool(valid.any()):
-                if need_x:
+                if gc is not None and bool(valid.any()):
                     gx.addcmul_(_target_rows_normalised(weight, labels, x), gc[:, None])
-                if need_w:
-                    rows = valid.nonzero().squeeze(1)
-                    # index_put_(accumulate) is ~10x faster than index_add_ on CPU here
-                    gw.index_put_((labels[rows],), x[rows] * gc[rows, None], accumulate=True)
             if need_w:
-                # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||, chunk by chunk
-                # (a whole-matrix row dot would allocate a C x D temporary)
-                for a, b in plan.chunks():
-                    wn = plan.wa(a, b)[:, :-1]
-                    gc_ = gw[a:b]
-                    radial = torch.einsum("ij,ij->i", gc_, wn)
-                    gc_.addcmul_(wn, radial[:, None], value=-1.0).mul_(plan.inv[a:b, None])
                 gw = gw.to(weight.dtype)
         if gx is not None:
             gx = gx.to(xn.dtype)
