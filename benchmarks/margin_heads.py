@@ -100,7 +100,7 @@ def child(args) -> None:
     else:
         import losskit
         m = losskit.get("arcface", num_classes=C, embedding_dim=D, scale=64.0, margin=0.5, head=args.contender,
-                        chunk_size=args.chunk, sample_rate=args.sample_rate)
+                        chunk_size=args.chunk or None, sample_rate=args.sample_rate)
         params.append(m.weight)
 
         def step():
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=0, help="chunk_size for the chunked head (0: the head's auto)")
     ap.add_argument("--sample-rate", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch default)")
     ap.add_argument("--max-gib", type=float, default=8.0, help="skip configurations estimated above this")
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         if args.glibc_keep else "default glibc"
     print(f"# margin heads, forward+backward, ArcFace s=64 m=0.5, D={args.dim}, fp32, CPU; allocator: {alloc}; "
           f"threads: {args.threads or 'torch default'}; warmup {args.warmup}, reps {args.reps} (median); "
-          f"chunk {args.chunk}; sample_rate {args.sample_rate}")
+          f"chunk {args.chunk or 'auto'}; sample_rate {args.sample_rate}")
     print()
     print("| B | C | contender | time (s) | x floor time | peak (GiB) | x memory floor | note |")
     print("|---|---|---|---|---|---|---|---|")

@@ -161,7 +161,7 @@ def sharded_margin_loss(head, embeddings: Tensor, labels: Tensor,
     def nt_lse(rows: Tensor, s: float) -> Tensor:
         r = vrows[rows]
         with torch.no_grad():
-            loc = nontarget_lse_nograd(xn[r], weight, ly[r], s, head.chunk_size)
+            loc = nontarget_lse_nograd(xn[r], weight, ly[r], s, head._chunk(B))
             return _DistLSE.apply(loc, group)
 
     def sync(t: Tensor) -> Tensor:
@@ -172,7 +172,7 @@ def sharded_margin_loss(head, embeddings: Tensor, labels: Tensor,
 
     scale = float(head.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=head.training, nontarget_lse=nt_lse,
                                       sync=sync))
-    n_local, c_part = nontarget_lse(xn, weight, ly, scale, head.chunk_size, return_target=True)
+    n_local, c_part = nontarget_lse(xn, weight, ly, scale, head._chunk(B), return_target=True)
     cos_y = all_reduce_sum(c_part, group).clamp(-1.0, 1.0)
     psi_v = head.policy.target(cos_y[valid])
     psi = torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype))

@@ -38,6 +38,7 @@ __all__ = ["MarginHead", "HEADS", "select_sampled_classes"]
 
 HEADS = ("auto", "dense", "chunked", "sampled", "sharded")
 AUTO_DENSE_MAX = 2 ** 22
+AUTO_CHUNK_ELEMS = 2 ** 21
 
 
 def select_sampled_classes(labels: Tensor, num_classes: int, sample_rate: float,
@@ -56,7 +57,7 @@ def select_sampled_classes(labels: Tensor, num_classes: int, sample_rate: float,
 
 class MarginHead(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, policy: MarginPolicy, *, head: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1, process_group=None,
+                 chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None,
                  unpg_whisker: float | None = None, reduction: str = "mean",
                  generator: torch.Generator | None = None):
         super().__init__()
@@ -66,8 +67,8 @@ class MarginHead(nn.Module):
             raise ValueError(f"embedding_dim: expected an integer >= 1, got {embedding_dim!r}")
         if head not in HEADS:
             raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size: expected None (auto) or an integer >= 1, got {chunk_size!r}")
         if not (0.0 < sample_rate <= 1.0):
             raise ValueError(f"sample_rate: expected a value in (0, 1], got {sample_rate!r}")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
@@ -83,6 +84,13 @@ class MarginHead(nn.Module):
             local = end - self.class_offset
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)
+
+    def _chunk(self, batch: int) -> int:
+        """``chunk_size``, or automatically about 2M logits per chunk
+        (``B x chunk``, 8 MiB in fp32), between 1024 and 8192 classes."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1024, min(DEFAULT_CHUNK, AUTO_CHUNK_ELEMS // max(batch, 1)))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, head={self.head!r}, "
@@ -163,14 +171,14 @@ class MarginHead(nn.Module):
 
             def nt_lse(rows: Tensor, s: float) -> Tensor:
                 r = vrows[rows]
-                return nontarget_lse_nograd(xn[r], weight, ly[r], s, self.chunk_size)
+                return nontarget_lse_nograd(xn[r], weight, ly[r], s, self._chunk(xn.shape[0]))
 
         scale = float(self.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=self.training,
                                           nontarget_lse=nt_lse))
         extra = self._extra(xn, y, scale)
         if mode != "dense":
             # chunked: the kernel returns the non-target LSE and the target cosine
-            n, cos_y = nontarget_lse(xn, weight, ly, scale, self.chunk_size, return_target=True)
+            n, cos_y = nontarget_lse(xn, weight, ly, scale, self._chunk(xn.shape[0]), return_target=True)
             cos_y = cos_y.clamp(-1.0, 1.0)
         psi_v = self.policy.target(cos_y[valid])
         psi = torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype))

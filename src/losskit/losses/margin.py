@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from losskit.heads.chunked import DEFAULT_CHUNK
 from losskit.heads.classifier import MarginHead
 from losskit.heads.margin_spec import ArcMargin, CFCDMargin, CombinedMargin, CosMargin, ElasticMargin, MarginPolicy
 from losskit.registry import Paper, register
@@ -41,7 +40,7 @@ def _head_kw(head, chunk_size, sample_rate, process_group, reduction):
           summary="Cosine softmax s*cos(theta) on normalised embeddings and class centres (no margin).")
 class NormalizedSoftmaxLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, reduction: str = "mean",
-                 head: str = "auto", chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1,
+                 head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
                  process_group=None):
         super().__init__(num_classes, embedding_dim, MarginPolicy(scale),
                          **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
@@ -52,7 +51,7 @@ class NormalizedSoftmaxLoss(MarginHead):
 class ArcFaceLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, reduction: str = "mean",
-                 head: str = "auto", chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1,
+                 head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
                  process_group=None):
         super().__init__(num_classes, embedding_dim, ArcMargin(scale, margin, easy_margin, straight_through),
                          **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
@@ -62,7 +61,7 @@ class ArcFaceLoss(MarginHead):
           summary="Large margin cosine loss: target logit s*(cos(theta)-m).")
 class CosFaceLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.35,
-                 reduction: str = "mean", head: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                 reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None):
         super().__init__(num_classes, embedding_dim, CosMargin(scale, margin),
                          **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
@@ -73,7 +72,7 @@ class CosFaceLoss(MarginHead):
 class CombinedMarginLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, m1: float = 1.0,
                  m2: float = 0.3, m3: float = 0.2, reduction: str = "mean", head: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1, process_group=None):
+                 chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
         super().__init__(num_classes, embedding_dim, CombinedMargin(scale, m1, m2, m3),
                          **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
 
@@ -90,7 +89,7 @@ class ElasticArcFaceLoss(MarginHead):
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, mean: float = 0.5,
                  std: float | None = None, plus: bool = False, legacy_permutation: bool = False,
-                 reduction: str = "mean", head: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                 reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None, generator: torch.Generator | None = None):
         pol = ElasticMargin("arc", scale, mean, _elastic_std(std, plus, 0.05, 0.0175), plus, legacy_permutation,
                             generator)
@@ -106,7 +105,7 @@ class ElasticCosFaceLoss(MarginHead):
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, mean: float = 0.35,
                  std: float | None = None, plus: bool = False, legacy_permutation: bool = False,
-                 reduction: str = "mean", head: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                 reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None, generator: torch.Generator | None = None):
         pol = ElasticMargin("cos", scale, mean, _elastic_std(std, plus, 0.05, 0.025), plus, legacy_permutation,
                             generator)
@@ -120,7 +119,7 @@ class ElasticCosFaceLoss(MarginHead):
 class CFCDLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.02, bbar: str = "median",
                  min_scale: float = 32.0, reduction: str = "mean", head: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1, process_group=None):
+                 chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
         super().__init__(num_classes, embedding_dim, CFCDMargin(alpha, bbar, min_scale),
                          **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
 
@@ -139,7 +138,7 @@ class CFCDLoss(MarginHead):
 class UNPGLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5,
                  base: str = "arcface", whisker: float = 1.5, reduction: str = "mean", head: str = "auto",
-                 chunk_size: int = DEFAULT_CHUNK, sample_rate: float = 0.1, process_group=None):
+                 chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
         if base == "arcface":
             pol = ArcMargin(scale, margin)
         elif base == "cosface":
