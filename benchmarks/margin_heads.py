@@ -1,0 +1,211 @@
+"""Margin heads at scale: forward+backward time and peak memory.
+
+Contenders (ArcFace, s = 64, m = 0.5, D = 512):
+
+* ``floor``   -- the matmul floor: the three matrix products of a linear layer
+  of that shape (``x @ W.T`` and its backward), measured in the same run;
+* ``dense``   -- losskit ``head="dense"`` (builds B x C);
+* ``chunked`` -- losskit ``head="chunked"`` (online log-sum-exp over class
+  chunks, recomputation in backward);
+* ``sampled`` -- losskit ``head="sampled"`` (Partial FC, ``--sample-rate``);
+* ``pml``     -- pytorch-metric-learning's ``ArcFaceLoss``.
+
+Method.  Every (B, C, contender) runs in its own child process, so peaks do
+not mix.  Peak memory = ``ru_maxrss`` (the process's resident high-water
+mark) minus the resident size measured after imports and before any tensor
+is allocated; it therefore counts weights, gradients, embeddings and every
+temporary.  The memory floor is ``W + grad W + embeddings`` (fp32).  Time =
+median over ``--reps`` forward+backward steps after ``--warmup`` steps, with
+gradients reset to None before each step (as ``zero_grad(set_to_none=True)``),
+so each step allocates its gradients like a training step.  Configurations
+whose estimated memory exceeds ``--max-gib`` are skipped and listed.
+
+The allocator matters on CPU (see shared/anchors.md): run once as is and
+once with ``MALLOC_MMAP_THRESHOLD_=4294967296
+MALLOC_TRIM_THRESHOLD_=68719476736`` (``--glibc-keep`` sets them for the
+children); the table states which.
+
+    python benchmarks/margin_heads.py --batch 1024 --classes 100000
+    python benchmarks/margin_heads.py --glibc-keep --classes 100000
+    python benchmarks/margin_heads.py --full          # the whole grid (slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 2 ** 30
+CONTENDERS = ("floor", "dense", "chunked", "sampled", "pml")
+KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_bytes(contender: str, B: int, C: int, D: int, rate: float) -> int:
+    """Rough working-set estimate used only to skip configurations."""
+    w = C * D * 4
+    bc = B * C * 4
+    if contender == "floor":
+        return 2 * w + 2 * bc
+    if contender == "chunked":
+        return 2 * w + B * 8192 * 8
+    if contender == "sampled":
+        return 3 * w + 2 * int(rate * w) + int(6 * rate * bc)
+    if contender == "dense":
+        return 2 * w + 6 * bc
+    if contender == "pml":
+        return 2 * w + 5 * bc
+    raise ValueError(contender)
+
+
+def child(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    import losskit  # noqa: F401  (import cost before the baseline)
+    if args.contender == "pml":
+        import pytorch_metric_learning.losses as pml
+    base = _rss_bytes()
+    B, C, D = args.B, args.C, args.dim
+    torch.manual_seed(0)
+    x = torch.randn(B, D, requires_grad=True)
+    y = torch.randint(0, C, (B,))
+    params = [x]
+    if args.contender == "floor":
+        W = torch.randn(C, D, requires_grad=True) * 1.0
+        W = W.detach().requires_grad_(True)
+        g = torch.randn(B, C)
+        params.append(W)
+
+        def step():
+            (x @ W.t()).backward(g)
+    elif args.contender == "pml":
+        m = pml.ArcFaceLoss(C, D, margin=28.6, scale=64)
+        params.append(m.W)
+
+        def step():
+            m(x, y).backward()
+    else:
+        import losskit
+        m = losskit.get("arcface", num_classes=C, embedding_dim=D, scale=64.0, margin=0.5, head=args.contender,
+                        chunk_size=args.chunk or None, sample_rate=args.sample_rate)
+        params.append(m.weight)
+
+        def step():
+            m(x, y).backward()
+    times = []
+    for i in range(args.warmup + args.reps):
+        for p in params:
+            p.grad = None
+        t = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t
+        if i >= args.warmup:
+            times.append(dt)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"times": times, "peak": peak - base, "threads": torch.get_num_threads()}))
+
+
+def run_child(B, C, contender, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--contender", contender, "--B", str(B),
+           "--C", str(C), "--dim", str(args.dim), "--reps", str(args.reps), "--warmup", str(args.warmup),
+           "--chunk", str(args.chunk), "--sample-rate", str(args.sample_rate), "--threads", str(args.threads)]
+    env = dict(os.environ)
+    if args.glibc_keep:
+        env.update(KEEP_ENV)
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["wall"] = time.time() - t0
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1024])
+    ap.add_argument("--classes", type=int, nargs="+", default=[100000])
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--full", action="store_true", help="B in {256, 1024} x C in {10k, 100k, 500k, 1M}")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=0, help="chunk_size for the chunked head (0: the head's auto)")
+    ap.add_argument("--sample-rate", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch default)")
+    ap.add_argument("--max-gib", type=float, default=8.0, help="skip configurations estimated above this")
+    ap.add_argument("--glibc-keep", action="store_true", help="children run with glibc keeping freed memory")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--json", help="also write the raw results here")
+    # child mode
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--contender", help=argparse.SUPPRESS)
+    ap.add_argument("--B", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--C", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    if args.full:
+        args.batch, args.classes = [256, 1024], [10000, 100000, 500000, 1000000]
+    alloc = "glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736)" \
+        if args.glibc_keep else "default glibc"
+    print(f"# margin heads, forward+backward, ArcFace s=64 m=0.5, D={args.dim}, fp32, CPU; allocator: {alloc}; "
+          f"threads: {args.threads or 'torch default'}; warmup {args.warmup}, reps {args.reps} (median); "
+          f"chunk {args.chunk or 'auto'}; sample_rate {args.sample_rate}")
+    print()
+    print("| B | C | contender | time (s) | x floor time | peak (GiB) | x memory floor | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    load0 = f"{os.getloadavg()[0]:.1f}"
+    for B in args.batch:
+        for C in args.classes:
+            floor_mem = (2 * C * args.dim + B * args.dim) * 4
+            floor_t = None
+            row = {}
+            for c in args.contenders:
+                est = estimate_bytes(c, B, C, args.dim, args.sample_rate)
+                if est > args.max_gib * GIB:
+                    res = {"skipped": f"estimated {est / GIB:.1f} GiB > {args.max_gib} GiB"}
+                else:
+                    res = run_child(B, C, c, args)
+                row[c] = res
+                results.append({"B": B, "C": C, "contender": c, **res, "floor_mem": floor_mem, "alloc": alloc})
+                if "times" in res:
+                    t = statistics.median(res["times"])
+                    if c == "floor":
+                        floor_t = t
+                    ratio_t = f"{t / floor_t:.2f}" if floor_t else "-"
+                    print(f"| {B} | {C} | {c} | {t:.2f} | {ratio_t} | {res['peak'] / GIB:.3f} | "
+                          f"{res['peak'] / floor_mem:.2f} | |", flush=True)
+                else:
+                    note = res.get("skipped") or res.get("error")
+                    print(f"| {B} | {C} | {c} | - | - | - | - | {note} |", flush=True)
+            ch, pm = row.get("chunked", {}), row.get("pml", {})
+            if "times" in ch and "times" in pm:
+                tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
+                print(f"| {B} | {C} | pml / chunked | {tp / tc:.2f}x time | | {pm['peak'] / ch['peak']:.2f}x memory "
+                      f"| | |", flush=True)
+    print(f"\n(memory floor = W + grad W + embeddings in fp32; 1 GiB = 2^30 bytes; "
+          f"{os.cpu_count()} CPU cores, shared with other work; load average at start {load0}, "
+          f"at end {os.getloadavg()[0]:.1f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
