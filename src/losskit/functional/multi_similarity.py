@@ -1,0 +1,227 @@
+"""Multi-Similarity loss (Wang et al., CVPR 2019, arXiv 1904.06627), memory-efficient.
+
+Per anchor ``i`` with mined positives ``P~_i`` and negatives ``N~_i`` (eq. 3-4)::
+
+    l_i = 1/alpha log(1 + sum_{k in P~_i} exp(-alpha (S_ik - lambda)))
+        + 1/beta  log(1 + sum_{j in N~_i} exp( beta (S_ij - lambda)))
+
+and the loss is ``1/m sum_i l_i`` over all ``m`` anchors (an anchor with
+nothing mined contributes 0 and is still counted).
+
+The similarity matrix is never held whole: a custom autograd Function
+walks blocks of ``chunk_size`` anchor rows.  With ``reduction`` 'mean' or
+'sum' the gradient is accumulated during forward (three matrix products,
+like ``X X^T`` and its backward: the floor); with 'none' the forward keeps
+per-row thresholds and normalisers and backward recomputes each block
+(four products).  Extra memory is ``O(chunk_size x M)`` plus ``O(B x D)``.
+Each ``log(1 + sum exp)`` is evaluated as a log-sum-exp that includes the
+1 (``m = max(0, max z)``), so ``beta = 50`` or far larger cannot overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losskit._checks import check_embeddings, check_labels, check_reduction, check_sample_weight
+from losskit.distances import BaseDistance, default_chunk_size, get_distance
+from losskit.mining.multi_similarity import OFFICIAL_SELF_THRESHOLD, ms_mine_block, ms_thresholds
+from losskit.mining.pairs import block_pair_masks, resolve_reference
+
+__all__ = ["multi_similarity_loss", "ms_block_loss_and_grad"]
+
+
+def _log1p_sum_exp(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``L = log(1 + sum_{mask} exp z)`` per row and the weights ``exp(z - L)`` (0 off the mask)."""
+    zm = z.masked_fill(~mask, float("-inf"))
+    m = zm.amax(1, keepdim=True).clamp_min(0)
+    e = torch.exp(zm - m)
+    L = m + torch.log(torch.exp(-m) + e.sum(1, keepdim=True))
+    return L.squeeze(1), e.mul_(torch.exp(m - L))
+
+
+def _weights_given_L(z: Tensor, mask: Tensor, L: Tensor) -> Tensor:
+    return torch.exp(z.masked_fill(~mask, float("-inf")) - L.unsqueeze(1))
+
+
+def ms_block_loss_and_grad(sim: Tensor, pos: Tensor, neg: Tensor, alpha: float, beta: float, base: float,
+                           epsilon: float, mining: bool, stats=None, want_grad: bool = True):
+    """Per-row loss and ``dl_i/dS_ij`` for a block of similarities.
+
+    Returns ``(loss [c], grad [c, M] or None, stats)`` where ``stats`` =
+    ``(min_pos, max_neg, L_pos, L_neg)`` lets a later call rebuild the same
+    mined sets and weights.
+    """
+    if mining:
+        thr = ms_thresholds(sim, pos, neg) if stats is None else (stats[0], stats[1])
+        mp, mn = ms_mine_block(sim, pos, neg, epsilon, thr)
+    else:
+        thr = (sim.new_zeros(sim.shape[0]), sim.new_zeros(sim.shape[0]))
+        mp, mn = pos, neg
+    shifted = sim - base
+    zp = shifted * (-alpha)
+    zn = shifted.mul_(beta)
+    if stats is None:
+        Lp, wp = _log1p_sum_exp(zp, mp)
+        Ln, wn = _log1p_sum_exp(zn, mn)
+    else:
+        Lp, Ln = stats[2], stats[3]
+        wp = _weights_given_L(zp, mp, Lp) if want_grad else None
+        wn = _weights_given_L(zn, mn, Ln) if want_grad else None
+    loss = Lp / alpha + Ln / beta
+    grad = wn.sub_(wp) if want_grad else None  # d/dS of Lp/alpha is -wp, of Ln/beta is +wn
+    return loss, grad, (thr[0], thr[1], Lp, Ln)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+class _MultiSimilarityFn(torch.autograd.Function):
+    """Inputs: prepared queries ``q`` [B, D] and references ``r`` [M, D].
+
+    ``coef is None``: output the per-anchor loss [B] (backward recomputes).
+    ``coef`` [B]: output ``sum_i coef_i l_i`` (gradients built in forward).
+    """
+
+    @staticmethod
+    def forward(ctx, q, r, q_labels, r_labels, self_index, coef, cfg):
+        alpha, beta, base, epsilon, mining, official, chunk = cfg
+        out_dtype = q.dtype
+        cd = _compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, rc = q.to(cd), r.to(cd)
+            B, M = qc.shape[0], rc.shape[0]
+            step = chunk or default_chunk_size(B, M)
+            need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            eager = coef is not None and (need_q or need_r)
+            gq = torch.zeros_like(qc) if eager and need_q else None
+            gr = torch.zeros_like(rc) if eager and need_r else None
+            losses = qc.new_empty(B)
+            stats = [qc.new_empty(B) for _ in range(4)] if coef is None else None
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                qb = qc[s:e]
+                sim = qb @ rc.T
+                pos, neg = block_pair_masks(q_labels[s:e], r_labels, self_index[s:e])
+                if official:
+                    pos &= sim < OFFICIAL_SELF_THRESHOLD
+                loss, grad, st = ms_block_loss_and_grad(sim, pos, neg, alpha, beta, base, epsilon, mining,
+                                                        want_grad=eager)
+                losses[s:e] = loss
+                if stats is not None:
+                    for dst, src in zip(stats, st):
+                        dst[s:e] = src
+                if eager:
+                    grad.mul_(coef[s:e].to(cd).unsqueeze(1))
+                    if gq is not None:
+                        torch.mm(grad, rc, out=gq[s:e])
+                    if gr is not None:
+                        gr.addmm_(grad.T, qb)
+                del sim, grad, pos, neg
+        ctx.cfg = cfg
+        ctx.eager = coef is not None
+        if coef is not None:
+            ctx.grads = (gq, gr)
+            return (losses * coef.to(cd)).sum().to(out_dtype)
+        ctx.save_for_backward(q, r, q_labels, r_labels, self_index, *stats)
+        return losses.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        alpha, beta, base, epsilon, mining, official, chunk = ctx.cfg
+        if ctx.eager:
+            gq, gr = ctx.grads
+            go = grad_out.to(gq.dtype if gq is not None else gr.dtype) if (gq is not None or gr is not None) else None
+            out_q = (gq * go) if gq is not None else None
+            out_r = (gr * go) if gr is not None else None
+            return out_q, out_r, None, None, None, None, None
+        q, r, q_labels, r_labels, self_index, min_pos, max_neg, Lp, Ln = ctx.saved_tensors
+        cd = _compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, rc = q.to(cd), r.to(cd)
+            go = grad_out.to(cd)
+            B, M = qc.shape[0], rc.shape[0]
+            step = chunk or default_chunk_size(B, M)
+            gq = torch.zeros_like(qc) if ctx.needs_input_grad[0] else None
+            gr = torch.zeros_like(rc) if ctx.needs_input_grad[1] else None
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                qb = qc[s:e]
+                sim = qb @ rc.T
+                pos, neg = block_pair_masks(q_labels[s:e], r_labels, self_index[s:e])
+                if official:
+                    pos &= sim < OFFICIAL_SELF_THRESHOLD
+                st = (min_pos[s:e], max_neg[s:e], Lp[s:e], Ln[s:e])
+                _, grad, _ = ms_block_loss_and_grad(sim, pos, neg, alpha, beta, base, epsilon, mining, stats=st)
+                grad.mul_(go[s:e].unsqueeze(1))
+                if gq is not None:
+                    torch.mm(grad, rc, out=gq[s:e])
+                if gr is not None:
+                    gr.addmm_(grad.T, qb)
+        return (gq.to(q.dtype) if gq is not None else None, gr.to(r.dtype) if gr is not None else None,
+                None, None, None, None, None)
+
+
+def multi_similarity_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    lam: float = 1.0,
+    epsilon: float = 0.1,
+    reduction: str = "mean",
+    sample_weight: Tensor | None = None,
+    *,
+    distance: str | BaseDistance = "cosine",
+    mining: bool = True,
+    official_positive_filter: bool = False,
+    chunk_size: int | None = None,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    self_index: Tensor | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Multi-Similarity loss with the paper's mining (``mining=True``) and pair weighting.
+
+    ``lam`` is the paper's lambda (PML: ``base``; official code: ``thresh``).  ``ref_embeddings``/``ref_labels``: score
+    the anchors against another set (a memory, other ranks); ``self_index``
+    names each anchor's own column there.  ``batch_size``: the ``m`` of the
+    mean (default: the number of anchors).  ``official_positive_filter``
+    also drops positives with ``S >= 1 - 1e-5`` as the official code does.
+    """
+    check_embeddings(embeddings)
+    check_labels(labels, embeddings.shape[0], device=embeddings.device)
+    check_reduction(reduction)
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not v > 0:
+            raise ValueError(f"{name}: expected a value > 0, got {v}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected an integer >= 1 or None, got {chunk_size}")
+    dist = get_distance(distance)
+    if not dist.is_similarity:
+        raise ValueError(f"distance: Multi-Similarity needs a similarity (cosine or dot), got {dist!r}")
+    B = embeddings.shape[0]
+    w = check_sample_weight(sample_weight, B, embeddings)
+    ref, ref_labels, self_index = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, self_index)
+    if ref_embeddings is not None:
+        check_embeddings(ref, "ref_embeddings")
+    q = dist.prepare(embeddings)
+    r = q if ref is embeddings else dist.prepare(ref)
+    if B == 0 or r.shape[0] == 0:
+        z = embeddings.sum() * 0 + (ref.sum() * 0 if ref is not embeddings else 0)
+        return embeddings.new_zeros(0) + z if reduction == "none" else z
+    cfg = (float(alpha), float(beta), float(lam), float(epsilon), bool(mining), bool(official_positive_filter),
+           None if chunk_size is None else int(chunk_size))
+    labels = labels.to(ref_labels.device)
+    if reduction == "none":
+        per = _MultiSimilarityFn.apply(q, r, labels, ref_labels, self_index, None, cfg)
+        return per * w if w is not None else per
+    denom = B if batch_size is None else batch_size
+    coef = torch.ones(B, dtype=_compute_dtype(q), device=q.device) if w is None else w.to(_compute_dtype(q))
+    if reduction == "mean":
+        coef = coef / max(denom, 1)
+    return _MultiSimilarityFn.apply(q, r, labels, ref_labels, self_index, coef, cfg)
