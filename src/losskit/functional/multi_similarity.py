@@ -26,52 +26,81 @@ from torch import Tensor
 
 from losskit._checks import check_embeddings, check_labels, check_reduction, check_sample_weight
 from losskit.distances import BaseDistance, default_chunk_size, get_distance
-from losskit.mining.multi_similarity import OFFICIAL_SELF_THRESHOLD, ms_mine_block, ms_thresholds
-from losskit.mining.pairs import block_pair_masks, resolve_reference
+from losskit.mining.multi_similarity import OFFICIAL_SELF_THRESHOLD
+from losskit.mining.pairs import resolve_reference
 
 __all__ = ["multi_similarity_loss", "ms_block_loss_and_grad"]
 
 
-def _log1p_sum_exp(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``L = log(1 + sum_{mask} exp z)`` per row and the weights ``exp(z - L)`` (0 off the mask)."""
-    zm = z.masked_fill(~mask, float("-inf"))
-    m = zm.amax(1, keepdim=True).clamp_min(0)
-    e = torch.exp(zm - m)
-    L = m + torch.log(torch.exp(-m) + e.sum(1, keepdim=True))
-    return L.squeeze(1), e.mul_(torch.exp(m - L))
+#: values per block of the similarity matrix when no chunk size is given: small
+#: enough that a block and its few temporaries stay in a CPU's last-level cache
+MS_BLOCK_ELEMENTS = 1 << 20
 
 
-def _weights_given_L(z: Tensor, mask: Tensor, L: Tensor) -> Tensor:
-    return torch.exp(z.masked_fill(~mask, float("-inf")) - L.unsqueeze(1))
+def _block_similarity(qb: Tensor, rc: Tensor, q_labels: Tensor, r_labels: Tensor, self_index: Tensor,
+                      official: bool) -> tuple[Tensor, Tensor]:
+    """``(sim, same)`` for a block; the self pair (and, with ``official``, any
+    positive with ``S >= 1 - 1e-5``) gets ``sim = +inf`` so that it is neither
+    a positive (every positive test is ``S < ...``) nor a negative (``same``)."""
+    sim = qb @ rc.T
+    same = q_labels.unsqueeze(1) == r_labels.unsqueeze(0)
+    valid = self_index >= 0
+    if bool(valid.any()):
+        rows = torch.arange(qb.shape[0], device=qb.device)[valid]
+        sim[rows, self_index[valid]] = float("inf")
+    if official:
+        sim.masked_fill_(same & (sim >= OFFICIAL_SELF_THRESHOLD), float("inf"))
+    return sim, same
 
 
-def ms_block_loss_and_grad(sim: Tensor, pos: Tensor, neg: Tensor, alpha: float, beta: float, base: float,
-                           epsilon: float, mining: bool, stats=None, want_grad: bool = True):
-    """Per-row loss and ``dl_i/dS_ij`` for a block of similarities.
+def ms_block_loss_and_grad(sim: Tensor, same: Tensor, alpha: float, beta: float, lam: float,
+                           epsilon: float, mining: bool, stats=None, row_scale: Tensor | None = None,
+                           want_grad: bool = True):
+    """Per-row loss and ``row_scale_i * dl_i/dS_ij`` for a block from ``_block_similarity``.
 
-    Returns ``(loss [c], grad [c, M] or None, stats)`` where ``stats`` =
-    ``(min_pos, max_neg, L_pos, L_neg)`` lets a later call rebuild the same
-    mined sets and weights.
+    Returns ``(loss [c], grad [c, M] or None, stats)``; ``stats`` =
+    ``(min_pos, max_neg, L_pos, L_neg)`` lets backward rebuild the same mined
+    sets and weights without the row sums.  ``L = log(1 + sum exp z)`` uses
+    the shift ``m = max(0, max z)``; the largest ``z`` of each side comes
+    from the thresholds (the smallest positive and the largest negative are
+    always mined when anything is), so no extra pass is needed.
     """
-    if mining:
-        thr = ms_thresholds(sim, pos, neg) if stats is None else (stats[0], stats[1])
-        mp, mn = ms_mine_block(sim, pos, neg, epsilon, thr)
-    else:
-        thr = (sim.new_zeros(sim.shape[0]), sim.new_zeros(sim.shape[0]))
-        mp, mn = pos, neg
-    shifted = sim - base
-    zp = shifted * (-alpha)
-    zn = shifted.mul_(beta)
+    inf = float("inf")
     if stats is None:
-        Lp, wp = _log1p_sum_exp(zp, mp)
-        Ln, wn = _log1p_sum_exp(zn, mn)
+        min_pos = torch.where(same, sim, inf).amin(1)
+        max_neg = torch.where(same, -inf, sim).amax(1)
     else:
-        Lp, Ln = stats[2], stats[3]
-        wp = _weights_given_L(zp, mp, Lp) if want_grad else None
-        wn = _weights_given_L(zn, mn, Ln) if want_grad else None
-    loss = Lp / alpha + Ln / beta
-    grad = wn.sub_(wp) if want_grad else None  # d/dS of Lp/alpha is -wp, of Ln/beta is +wn
-    return loss, grad, (thr[0], thr[1], Lp, Ln)
+        min_pos, max_neg = stats[0], stats[1]
+    if mining:
+        mp = torch.lt(sim, (max_neg + epsilon).unsqueeze(1)).logical_and_(same)
+        # bool a > b is a & ~b: S above the threshold and not the same label
+        mn = torch.gt(sim, (min_pos - epsilon).unsqueeze(1)).gt_(same)
+    else:
+        mp = torch.lt(sim, inf).logical_and_(same)
+        mn = ~same
+    m_p = (-alpha * (min_pos - lam)).clamp_min(0)
+    m_n = (beta * (max_neg - lam)).clamp_min(0)
+    zero = sim.new_zeros(())
+    e_p = torch.add((alpha * lam - m_p).unsqueeze(1), sim, alpha=-alpha).exp_()
+    e_p = torch.where(mp, e_p, zero)
+    e_n = torch.add((-beta * lam - m_n).unsqueeze(1), sim, alpha=beta).exp_()
+    e_n = torch.where(mn, e_n, zero)
+    if stats is None:
+        L_p = m_p + torch.log(torch.exp(-m_p) + e_p.sum(1))
+        L_n = m_n + torch.log(torch.exp(-m_n) + e_n.sum(1))
+    else:
+        L_p, L_n = stats[2], stats[3]
+    loss = L_p / alpha + L_n / beta
+    grad = None
+    if want_grad:
+        # dl/dS = exp(z_n - L_n) - exp(z_p - L_p) = e_n exp(m_n - L_n) - e_p exp(m_p - L_p)
+        a = torch.exp(m_n - L_n)
+        b = torch.exp(m_p - L_p)
+        if row_scale is not None:
+            a = a * row_scale
+            b = b * row_scale
+        grad = e_n.mul_(a.unsqueeze(1)).addcmul_(e_p, (-b).unsqueeze(1))
+    return loss, grad, (min_pos, max_neg, L_p, L_n)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -87,13 +116,13 @@ class _MultiSimilarityFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, self_index, coef, cfg):
-        alpha, beta, base, epsilon, mining, official, chunk = cfg
+        alpha, beta, lam, epsilon, mining, official, chunk = cfg
         out_dtype = q.dtype
         cd = _compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
             qc, rc = q.to(cd), r.to(cd)
             B, M = qc.shape[0], rc.shape[0]
-            step = chunk or default_chunk_size(B, M)
+            step = chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
             need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             eager = coef is not None and (need_q or need_r)
             gq = torch.zeros_like(qc) if eager and need_q else None
@@ -103,23 +132,20 @@ class _MultiSimilarityFn(torch.autograd.Function):
             for s in range(0, B, step):
                 e = min(B, s + step)
                 qb = qc[s:e]
-                sim = qb @ rc.T
-                pos, neg = block_pair_masks(q_labels[s:e], r_labels, self_index[s:e])
-                if official:
-                    pos &= sim < OFFICIAL_SELF_THRESHOLD
-                loss, grad, st = ms_block_loss_and_grad(sim, pos, neg, alpha, beta, base, epsilon, mining,
+                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official)
+                loss, grad, st = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining,
+                                                        row_scale=coef[s:e].to(cd) if eager else None,
                                                         want_grad=eager)
                 losses[s:e] = loss
                 if stats is not None:
                     for dst, src in zip(stats, st):
                         dst[s:e] = src
                 if eager:
-                    grad.mul_(coef[s:e].to(cd).unsqueeze(1))
                     if gq is not None:
                         torch.mm(grad, rc, out=gq[s:e])
                     if gr is not None:
                         gr.addmm_(grad.T, qb)
-                del sim, grad, pos, neg
+                del sim, grad, same
         ctx.cfg = cfg
         ctx.eager = coef is not None
         if coef is not None:
@@ -130,7 +156,7 @@ class _MultiSimilarityFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        alpha, beta, base, epsilon, mining, official, chunk = ctx.cfg
+        alpha, beta, lam, epsilon, mining, official, chunk = ctx.cfg
         if ctx.eager:
             gq, gr = ctx.grads
             go = grad_out.to(gq.dtype if gq is not None else gr.dtype) if (gq is not None or gr is not None) else None
@@ -143,19 +169,16 @@ class _MultiSimilarityFn(torch.autograd.Function):
             qc, rc = q.to(cd), r.to(cd)
             go = grad_out.to(cd)
             B, M = qc.shape[0], rc.shape[0]
-            step = chunk or default_chunk_size(B, M)
+            step = chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
             gq = torch.zeros_like(qc) if ctx.needs_input_grad[0] else None
             gr = torch.zeros_like(rc) if ctx.needs_input_grad[1] else None
             for s in range(0, B, step):
                 e = min(B, s + step)
                 qb = qc[s:e]
-                sim = qb @ rc.T
-                pos, neg = block_pair_masks(q_labels[s:e], r_labels, self_index[s:e])
-                if official:
-                    pos &= sim < OFFICIAL_SELF_THRESHOLD
+                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official)
                 st = (min_pos[s:e], max_neg[s:e], Lp[s:e], Ln[s:e])
-                _, grad, _ = ms_block_loss_and_grad(sim, pos, neg, alpha, beta, base, epsilon, mining, stats=st)
-                grad.mul_(go[s:e].unsqueeze(1))
+                _, grad, _ = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining, stats=st,
+                                                    row_scale=go[s:e])
                 if gq is not None:
                     torch.mm(grad, rc, out=gq[s:e])
                 if gr is not None:
