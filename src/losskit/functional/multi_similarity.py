@@ -37,16 +37,37 @@ __all__ = ["multi_similarity_loss", "ms_block_loss_and_grad"]
 MS_BLOCK_ELEMENTS = 1 << 20
 
 
+class _Workspace:
+    """Block-sized buffers reused across blocks, so that no block allocates
+    (and, with glibc's defaults, maps and faults in) fresh ``c x M`` memory."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.cols, self.dtype, self.device = rows, cols, dtype, device
+        self.bufs: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or self.dtype
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = torch.empty(self.rows, self.cols, dtype=dtype, device=self.device)
+        return buf[:rows]
+
+
 def _block_similarity(qb: Tensor, rc: Tensor, q_labels: Tensor, r_labels: Tensor, self_index: Tensor,
-                      official: bool) -> tuple[Tensor, Tensor]:
+                      official: bool, ws: _Workspace | None = None) -> tuple[Tensor, Tensor]:
     """``(sim, same)`` for a block; the self pair (and, with ``official``, any
     positive with ``S >= 1 - 1e-5``) gets ``sim = +inf`` so that it is neither
     a positive (every positive test is ``S < ...``) nor a negative (``same``)."""
-    sim = qb @ rc.T
-    same = q_labels.unsqueeze(1) == r_labels.unsqueeze(0)
+    c = qb.shape[0]
+    if ws is None:
+        sim = qb @ rc.T
+        same = q_labels.unsqueeze(1) == r_labels.unsqueeze(0)
+    else:
+        sim = torch.mm(qb, rc.T, out=ws("sim", c))
+        same = torch.eq(q_labels.unsqueeze(1), r_labels.unsqueeze(0), out=ws("same", c, torch.bool))
     valid = self_index >= 0
     if bool(valid.any()):
-        rows = torch.arange(qb.shape[0], device=qb.device)[valid]
+        rows = torch.arange(c, device=qb.device)[valid]
         sim[rows, self_index[valid]] = float("inf")
     if official:
         sim.masked_fill_(same & (sim >= OFFICIAL_SELF_THRESHOLD), float("inf"))
@@ -55,7 +76,7 @@ def _block_similarity(qb: Tensor, rc: Tensor, q_labels: Tensor, r_labels: Tensor
 
 def ms_block_loss_and_grad(sim: Tensor, same: Tensor, alpha: float, beta: float, lam: float,
                            epsilon: float, mining: bool, stats=None, row_scale: Tensor | None = None,
-                           want_grad: bool = True):
+                           want_grad: bool = True, ws: _Workspace | None = None):
     """Per-row loss and ``row_scale_i * dl_i/dS_ij`` for a block from ``_block_similarity``.
 
     Returns ``(loss [c], grad [c, M] or None, stats)``; ``stats`` =
@@ -65,26 +86,32 @@ def ms_block_loss_and_grad(sim: Tensor, same: Tensor, alpha: float, beta: float,
     from the thresholds (the smallest positive and the largest negative are
     always mined when anything is), so no extra pass is needed.
     """
+    c = sim.shape[0]
+    if ws is None:
+        ws = _Workspace(c, sim.shape[1], sim.dtype, sim.device)
     inf = float("inf")
     if stats is None:
-        min_pos = torch.where(same, sim, inf).amin(1)
-        max_neg = torch.where(same, -inf, sim).amax(1)
+        tmp = ws("tmp", c)
+        min_pos = torch.where(same, sim, sim.new_full((), inf), out=tmp).amin(1)
+        max_neg = torch.where(same, sim.new_full((), -inf), sim, out=tmp).amax(1)
     else:
         min_pos, max_neg = stats[0], stats[1]
+    mp = ws("mp", c, torch.bool)
+    mn = ws("mn", c, torch.bool)
     if mining:
-        mp = torch.lt(sim, (max_neg + epsilon).unsqueeze(1)).logical_and_(same)
+        torch.lt(sim, (max_neg + epsilon).unsqueeze(1), out=mp).logical_and_(same)
         # bool a > b is a & ~b: S above the threshold and not the same label
-        mn = torch.gt(sim, (min_pos - epsilon).unsqueeze(1)).gt_(same)
+        torch.gt(sim, (min_pos - epsilon).unsqueeze(1), out=mn).gt_(same)
     else:
-        mp = torch.lt(sim, inf).logical_and_(same)
-        mn = ~same
+        torch.lt(sim, inf, out=mp).logical_and_(same)
+        torch.logical_not(same, out=mn)
     m_p = (-alpha * (min_pos - lam)).clamp_min(0)
     m_n = (beta * (max_neg - lam)).clamp_min(0)
     zero = sim.new_zeros(())
-    e_p = torch.add((alpha * lam - m_p).unsqueeze(1), sim, alpha=-alpha).exp_()
-    e_p = torch.where(mp, e_p, zero)
-    e_n = torch.add((-beta * lam - m_n).unsqueeze(1), sim, alpha=beta).exp_()
-    e_n = torch.where(mn, e_n, zero)
+    e_p = torch.add((alpha * lam - m_p).unsqueeze(1), sim, alpha=-alpha, out=ws("e_p", c)).exp_()
+    e_p = torch.where(mp, e_p, zero, out=e_p)
+    e_n = torch.add((-beta * lam - m_n).unsqueeze(1), sim, alpha=beta, out=ws("e_n", c)).exp_()
+    e_n = torch.where(mn, e_n, zero, out=e_n)
     if stats is None:
         L_p = m_p + torch.log(torch.exp(-m_p) + e_p.sum(1))
         L_n = m_n + torch.log(torch.exp(-m_n) + e_n.sum(1))
@@ -128,14 +155,15 @@ class _MultiSimilarityFn(torch.autograd.Function):
             gq = torch.zeros_like(qc) if eager and need_q else None
             gr = torch.zeros_like(rc) if eager and need_r else None
             losses = qc.new_empty(B)
+            ws = _Workspace(min(step, B), M, cd, qc.device)
             stats = [qc.new_empty(B) for _ in range(4)] if coef is None else None
             for s in range(0, B, step):
                 e = min(B, s + step)
                 qb = qc[s:e]
-                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official)
+                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official, ws)
                 loss, grad, st = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining,
                                                         row_scale=coef[s:e].to(cd) if eager else None,
-                                                        want_grad=eager)
+                                                        want_grad=eager, ws=ws)
                 losses[s:e] = loss
                 if stats is not None:
                     for dst, src in zip(stats, st):
@@ -172,13 +200,14 @@ class _MultiSimilarityFn(torch.autograd.Function):
             step = chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
             gq = torch.zeros_like(qc) if ctx.needs_input_grad[0] else None
             gr = torch.zeros_like(rc) if ctx.needs_input_grad[1] else None
+            ws = _Workspace(min(step, B), M, cd, qc.device)
             for s in range(0, B, step):
                 e = min(B, s + step)
                 qb = qc[s:e]
-                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official)
+                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official, ws)
                 st = (min_pos[s:e], max_neg[s:e], Lp[s:e], Ln[s:e])
                 _, grad, _ = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining, stats=st,
-                                                    row_scale=go[s:e])
+                                                    row_scale=go[s:e], ws=ws)
                 if gq is not None:
                     torch.mm(grad, rc, out=gq[s:e])
                 if gr is not None:
