@@ -244,3 +244,17 @@ def test_bad_hparams():
         contrastive_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), distance="manhattan")
     with pytest.raises(ValueError, match="ref_labels"):
         triplet_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), ref_embeddings=torch.randn(5, 3))
+
+
+def test_contrastive_with_a_similarity_matches_pml():
+    pml = pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, losses
+
+    x, y = _data(B=24, D=8, C=4, seed=8, dtype=torch.float32)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    lo = losskit.get("contrastive", pos_margin=0.9, neg_margin=0.3, distance="cosine")(xa, y)
+    lp = losses.ContrastiveLoss(pos_margin=0.9, neg_margin=0.3, distance=distances.CosineSimilarity())(xb, y)
+    lo.backward()
+    lp.backward()
+    torch.testing.assert_close(lo, lp)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)

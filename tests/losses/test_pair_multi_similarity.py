@@ -195,3 +195,10 @@ def test_ms_bad_input():
         m(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), sample_weight=torch.tensor([1.0, -1, 1, 1]))
     with pytest.raises(ValueError, match="chunk_size"):
         multi_similarity_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), chunk_size=0)
+
+
+def test_ms_dot_similarity_on_normalised_inputs_equals_cosine():
+    x, y = _data(seed=9)
+    xn = F.normalize(x, dim=1)
+    torch.testing.assert_close(multi_similarity_loss(xn, y, distance="dot", reduction="none"),
+                               naive_ms(x, y, 2.0, 50.0, 1.0, 0.1))
