@@ -65,10 +65,10 @@ def _block_similarity(qb: Tensor, rc: Tensor, q_labels: Tensor, r_labels: Tensor
     else:
         sim = torch.mm(qb, rc.T, out=ws("sim", c))
         same = torch.eq(q_labels.unsqueeze(1), r_labels.unsqueeze(0), out=ws("same", c, torch.bool))
-    valid = self_index >= 0
-    if bool(valid.any()):
-        rows = torch.arange(c, device=qb.device)[valid]
-        sim[rows, self_index[valid]] = float("inf")
+    # self pairs -> +inf, written without a host sync (rows without a self column keep their value)
+    rows = torch.arange(c, device=qb.device)
+    cols = self_index.clamp_min(0)
+    sim[rows, cols] = torch.where(self_index >= 0, sim.new_full((), float("inf")), sim[rows, cols])
     if official:
         sim.masked_fill_(same & (sim >= OFFICIAL_SELF_THRESHOLD), float("inf"))
     return sim, same
