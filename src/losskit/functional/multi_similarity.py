@@ -32,9 +32,10 @@ from losskit.mining.pairs import resolve_reference
 __all__ = ["multi_similarity_loss", "ms_block_loss_and_grad"]
 
 
-#: values per block of the similarity matrix when no chunk size is given: small
-#: enough that a block and its few temporaries stay in a CPU's last-level cache
-MS_BLOCK_ELEMENTS = 1 << 20
+#: values per block of the similarity matrix when no chunk size is given (16 MiB
+#: in float32): few enough blocks that per-operation overheads (thread
+#: start-up, synchronisation) stay small, and a fixed ~60 MiB of buffers
+MS_BLOCK_ELEMENTS = 1 << 22
 
 
 class _Workspace:
@@ -90,30 +91,31 @@ def ms_block_loss_and_grad(sim: Tensor, same: Tensor, alpha: float, beta: float,
     if ws is None:
         ws = _Workspace(c, sim.shape[1], sim.dtype, sim.device)
     inf = float("inf")
+    # Positives are few (K - 1 per row with K samples per class): keep them as
+    # a sparse list (row, column, similarity); self pairs there have S = +inf.
+    pr, pc = torch.nonzero(same, as_tuple=True)
+    ps = sim[pr, pc]
     if stats is None:
-        tmp = ws("tmp", c)
-        min_pos = torch.where(same, sim, sim.new_full((), inf), out=tmp).amin(1)
-        max_neg = torch.where(same, sim.new_full((), -inf), sim, out=tmp).amax(1)
+        min_pos = sim.new_full((c,), inf).scatter_reduce_(0, pr, ps, "amin")
+        max_neg = torch.where(same, sim.new_full((), -inf), sim, out=ws("tmp", c)).amax(1)
     else:
         min_pos, max_neg = stats[0], stats[1]
-    mp = ws("mp", c, torch.bool)
     mn = ws("mn", c, torch.bool)
     if mining:
-        torch.lt(sim, (max_neg + epsilon).unsqueeze(1), out=mp).logical_and_(same)
+        keep_p = ps < (max_neg + epsilon)[pr]
         # bool a > b is a & ~b: S above the threshold and not the same label
         torch.gt(sim, (min_pos - epsilon).unsqueeze(1), out=mn).gt_(same)
     else:
-        torch.lt(sim, inf, out=mp).logical_and_(same)
+        keep_p = ps < inf
         torch.logical_not(same, out=mn)
     m_p = (-alpha * (min_pos - lam)).clamp_min(0)
     m_n = (beta * (max_neg - lam)).clamp_min(0)
     zero = sim.new_zeros(())
-    e_p = torch.add((alpha * lam - m_p).unsqueeze(1), sim, alpha=-alpha, out=ws("e_p", c)).exp_()
-    e_p = torch.where(mp, e_p, zero, out=e_p)
+    e_p = torch.where(keep_p, torch.exp((ps - lam) * (-alpha) - m_p[pr]), zero)
     e_n = torch.add((-beta * lam - m_n).unsqueeze(1), sim, alpha=beta, out=ws("e_n", c)).exp_()
     e_n = torch.where(mn, e_n, zero, out=e_n)
     if stats is None:
-        L_p = m_p + torch.log(torch.exp(-m_p) + e_p.sum(1))
+        L_p = m_p + torch.log(torch.exp(-m_p) + sim.new_zeros(c).index_add_(0, pr, e_p))
         L_n = m_n + torch.log(torch.exp(-m_n) + e_n.sum(1))
     else:
         L_p, L_n = stats[2], stats[3]
@@ -126,7 +128,8 @@ def ms_block_loss_and_grad(sim: Tensor, same: Tensor, alpha: float, beta: float,
         if row_scale is not None:
             a = a * row_scale
             b = b * row_scale
-        grad = e_n.mul_(a.unsqueeze(1)).addcmul_(e_p, (-b).unsqueeze(1))
+        grad = e_n.mul_(a.unsqueeze(1))
+        grad.index_put_((pr, pc), -(e_p * b[pr]))  # positives are never negatives: those entries were 0
     return loss, grad, (min_pos, max_neg, L_p, L_n)
 
 
