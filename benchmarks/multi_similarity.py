@@ -20,6 +20,9 @@ extra memory of one step with inputs already in place; then ``--repeats``
 timed steps give the median time.  Allocator settings: glibc defaults, and
 ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736``
 (keep freed memory instead of mapping fresh pages for each temporary).
+With ``--tensor-memory`` one more step runs under torch.profiler and the
+peak of the bytes held by tensors allocated during it is reported too
+(exact tensor memory, without allocator caching or fragmentation).
 Prints a markdown table.
 """
 
@@ -110,13 +113,32 @@ def worker(args) -> None:
         first = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del g
+    tensor_mib = None
+    if args.tensor_memory:
+        tensor_mib = _tensor_peak_mib(step)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     print(json.dumps({"median_s": statistics.median(times), "times": times, "first_s": first,
-                      "extra_mib": (peak - base) / 1024, "method": method}))
+                      "extra_mib": (peak - base) / 1024, "method": method, "tensor_mib": tensor_mib}))
+
+
+def _tensor_peak_mib(step) -> float:
+    """Peak of bytes held by tensors allocated during one step, from
+    torch.profiler's allocation events (allocator caching excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def run_one(contender, B, args, env_extra):
@@ -128,6 +150,8 @@ def run_one(contender, B, args, env_extra):
            "--classes", str(args.classes), "--threads", str(args.threads), "--repeats", str(args.repeats)]
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
+    if args.tensor_memory:
+        cmd += ["--tensor-memory"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
@@ -143,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=None, help="losskit chunk_size (default: automatic)")
     p.add_argument("--allocator", choices=["default", "keep", "both"], default="both")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="also report the tensor peak of one step from torch.profiler allocation events")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -163,9 +189,10 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load}; "
           f"torch {torch.__version__}, threads {args.threads}, median of {args.repeats} after one warm-up")
     print("memory: extra resident memory of one forward+backward (peak RSS - RSS before), inputs in place\n")
+    tcols = " floor tensor peak | losskit tensor peak | PML tensor peak |" if args.tensor_memory else ""
     print("| allocator | B | floor time | losskit time | losskit / floor | PML time | PML / floor "
-          "| floor extra mem | losskit extra mem | PML extra mem |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| floor extra mem | losskit extra mem | PML extra mem |" + tcols)
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.tensor_memory else ""))
     for name in chosen:
         for B in args.sizes:
             r = {c: run_one(c, B, args, settings[name]) for c in args.contenders}
@@ -178,6 +205,10 @@ def main(argv=None) -> int:
                 v = r.get(c)
                 return "-" if v is None or "error" in v else f"{v['extra_mib']:.0f} MiB"
 
+            def tm(c):
+                v = r.get(c)
+                return "-" if v is None or "error" in v or v.get("tensor_mib") is None else f"{v['tensor_mib']:.0f} MiB"
+
             def ratio(c):
                 a, f = r.get(c), r.get("floor")
                 if not a or not f or "error" in a or "error" in f:
@@ -186,7 +217,8 @@ def main(argv=None) -> int:
 
             label = "glibc default" if name == "default" else "MALLOC_* keep"
             print(f"| {label} | {B} | {t('floor')} | {t('losskit')} | {ratio('losskit')} | {t('pml')} | "
-                  f"{ratio('pml')} | {m('floor')} | {m('losskit')} | {m('pml')} |", flush=True)
+                  f"{ratio('pml')} | {m('floor')} | {m('losskit')} | {m('pml')} |"
+                  + (f" {tm('floor')} | {tm('losskit')} | {tm('pml')} |" if args.tensor_memory else ""), flush=True)
     return 0
 
 
