@@ -321,7 +321,7 @@ def icnn_score(embeddings: Tensor, labels: Tensor, k: int = 4, omega: bool = Tru
     Every other row of the batch is a neighbour candidate; anchors are every
     row (``anchors='all'``) or the query rows.  Only anchors with at least one
     other row of their class and one row of another class count.  Returns NaN
-    when no anchor counts (the score is undefined there).  See docs/episodes.md
+    when no anchor counts (the score is undefined there).  See docs/pair.md (episode losses)
     for the exact terms.
     """
     _check_inputs(embeddings, labels, allow_nota=False)

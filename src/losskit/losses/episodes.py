@@ -4,7 +4,7 @@ Each works on an ordinary class-balanced batch, ``loss(embeddings, labels,
 sample_weight=None)``: every class's rows are split into support (first
 ``ceil(n_c / 2)`` rows in batch order) and query (the rest), or pass
 ``support_mask=`` (bool ``[B]``) to choose.  See
-:mod:`losskit.functional.episodes` and docs/episodes.md.
+:mod:`losskit.functional.episodes` and docs/pair.md (episode losses).
 """
 
 from __future__ import annotations
