@@ -8,14 +8,6 @@ import torch
 from losskit.functional import margins as FM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_elastic_plus_worked_example_intended_and_legacy():
     cos = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7])
     drawn = torch.tensor([0.50, 0.40, 0.60, 0.45, 0.55])   # any order: only the multiset matters

@@ -9,14 +9,6 @@ import torch
 import losskit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # OpenMP threads spin badly on 2 shared cores; one thread is 5x faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 C, D = 9, 5
 
 
