@@ -24,11 +24,16 @@ or with any ``grad_output`` is exact.
 
 Valid only for a scalar output whose row weights are known at forward
 ('mean' or 'sum', sample weights without gradient); the head falls back to
-:mod:`losskit.heads.chunked` otherwise.  Memory: one ``[b, C]`` block (``b`` from
-:func:`auto_row_chunk`), the normalised weight ``[C, D+1]`` (freed after
-forward) and the ``[C, D]`` gradient, stored until backward (backward
-returns ``grad_output`` times it, a second ``[C, D]`` tensor while both
-live).
+:mod:`losskit.heads.chunked` otherwise.  Memory: one ``[b, C]`` block (``b``
+from :func:`auto_row_chunk`) and the ``[C, D]`` weight gradient, stored
+until backward.  The weight normalisation is applied to the logit columns
+(``z_ij * inv_j``) and to the softmax block (``P_ij * inv_j``) rather than
+to a normalised ``C x D`` copy.  With ``grad_output == 1`` backward returns
+the stored tensors themselves: without ``retain_graph`` autograd frees the
+saved reference before accumulating, so ``weight.grad`` takes the storage
+without a copy; with ``retain_graph`` autograd copies it into ``.grad``
+(``torch.autograd.grad(..., retain_graph=True)`` hands back the stored
+tensor itself: do not modify it in place if you call backward again).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ _UNDERFLOW = 1e-25
 _FIXED_REF_MAX_SCALE = 80.0
 #: automatic row chunk: at least this many logits per block (16 MiB in fp32)
 AUTO_ROW_ELEMS = 2 ** 22
+#: classes per slice when the last block finishes the weight gradient (4 MiB at D = 512)
+_CLASS_STEP = 2048
 
 
 def auto_row_chunk(batch: int, num_classes: int, dim: int) -> int:
@@ -65,20 +72,23 @@ def auto_row_chunk(batch: int, num_classes: int, dim: int) -> int:
     return max(1, min(batch, max(AUTO_ROW_ELEMS // max(num_classes, 1), dim // 4)))
 
 
-def _block(xa: Tensor, wa: Tensor, ly: Tensor, t2: Tensor, e2: Tensor | None, ref2: Tensor | None):
+def _block(xs: Tensor, w: Tensor, inv: Tensor, ly: Tensor, t2: Tensor, e2: Tensor | None, ref2: Tensor | None,
+           out: Tensor | None = None):
     """Unnormalised softmax of one row block in base 2.
 
-    ``xa``: ``[b, D+1]`` rows ``[log2e * s * x, 0]``; ``wa``: ``[C, D+1]``
-    rows ``[w_hat, 1]``; ``t2``/``e2``: target / extra logits times log2e;
-    ``ref2``: the per-row reference (``None``: the row maximum).  Returns
-    ``(P, S, ref2)`` with ``P_ij = 2^(z_ij - ref_i)`` for non-target ``j``
-    (0 in the target column and for label -1 rows' nothing masked) and
-    ``S_i`` the full row sum including target and extra terms."""
-    b = xa.shape[0]
-    rows = torch.arange(b, device=xa.device)
+    ``xs``: ``[b, D]`` rows ``log2e * s * x``; ``w``: the raw ``[C, D]``
+    weight and ``inv`` its inverse row norms (the normalisation is applied to
+    the logit columns, so no normalised ``C x D`` copy exists);
+    ``t2``/``e2``: target / extra logits times log2e; ``ref2``: the per-row
+    reference (``None``: the row maximum).  Returns ``(P, S, ref2)`` with
+    ``P_ij = 2^(z_ij - ref_i)`` for non-target ``j`` (0 in the target
+    column) and ``S_i`` the full row sum including target and extra terms."""
+    b = xs.shape[0]
+    rows = torch.arange(b, device=xs.device)
     has_t = ly >= 0
+    z = torch.mm(xs, w.t(), out=out)
     if ref2 is None:
-        z = torch.mm(xa, wa.t())
+        z.mul_(inv)
         z[rows[has_t], ly[has_t]] = float("-inf")
         ref2 = z.amax(dim=1)
         ref2 = torch.maximum(ref2, torch.where(has_t, t2, torch.full_like(t2, float("-inf"))))
@@ -87,9 +97,7 @@ def _block(xa: Tensor, wa: Tensor, ly: Tensor, t2: Tensor, e2: Tensor | None, re
         ref2 = torch.where(torch.isfinite(ref2), ref2, torch.zeros_like(ref2))
         p = z.sub_(ref2[:, None]).exp2_()
     else:
-        xa[:, -1] = -ref2
-        p = torch.mm(xa, wa.t()).exp2_()
-        xa[:, -1] = 0.0
+        p = torch.addcmul(-ref2[:, None], z, inv, out=z).exp2_()      # z * inv - ref, one pass
         p[rows[has_t], ly[has_t]] = 0.0
     s = p.sum(dim=1)
     s = s + torch.where(has_t, torch.exp2(t2 - ref2), torch.zeros_like(s))
@@ -112,13 +120,12 @@ class FusedMarginCE(torch.autograd.Function):
             C = weight.shape[0]
             valid = (labels >= 0) & (labels < C)
             ly = torch.where(valid, labels, torch.full_like(labels, -1))
+            yc = ly.clamp_min(0)
             coef = torch.where(valid, coef.to(dtype), torch.zeros((), dtype=dtype, device=dev))
-            w = weight.detach()
-            inv = torch.linalg.vector_norm(w, dim=1, dtype=dtype).clamp_min_(_NORM_EPS).reciprocal_()
-            wa = torch.empty(C, D + 1, dtype=dtype, device=dev)
-            torch.mul(w, inv[:, None], out=wa[:, :-1])
-            wa[:, -1] = 1.0
-            wy = wa[ly.clamp_min(0), :-1] * valid[:, None].to(dtype)          # w_hat[y_i]  [B, D]
+            w = weight.detach().to(dtype)
+            inv = torch.linalg.vector_norm(w, dim=1).clamp_min_(_NORM_EPS).reciprocal_()
+            inv2 = inv * inv
+            wy = w[yc] * (inv[yc] * valid)[:, None]                         # w_hat[y_i]  [B, D]
 
             # target logits and d t / d cos_y (autograd on the policy, at forward time)
             with torch.enable_grad():
@@ -128,7 +135,7 @@ class FusedMarginCE(torch.autograd.Function):
             t = t.detach()
             if dt is None:
                 dt = torch.zeros_like(cy)
-            xe = None
+            xe = e = None
             if extra_fn is not None:
                 with torch.enable_grad():
                     xe = x.clone().requires_grad_(True)
@@ -139,31 +146,34 @@ class FusedMarginCE(torch.autograd.Function):
 
             t2 = torch.where(valid, t, torch.zeros_like(t)) * _LOG2E
             fixed = scale <= _FIXED_REF_MAX_SCALE
-            xa = torch.empty(B, D + 1, dtype=dtype, device=dev)
-            torch.mul(x, scale * _LOG2E, out=xa[:, :-1])
-            xa[:, -1] = 0.0
+            xs = x * (scale * _LOG2E)
             loss_rows = torch.zeros(B, dtype=dtype, device=dev)
             g_t = torch.zeros(B, dtype=dtype, device=dev)          # dL/dt_i
             g_e = torch.zeros((), dtype=dtype, device=dev)         # dL/dE
             gx = torch.empty(B, D, dtype=dtype, device=dev) if need_x else None
-            gw = torch.zeros(C, D, dtype=dtype, device=dev) if need_w else None
-            wn = wa[:, :-1]
+            # gw accumulates G' = P'^T (c x) with P' = P / ||w||, i.e. the gradient w.r.t.
+            # w_hat divided by ||w||; projection at the end: G' - (G' . w) w / ||w||^2
+            gw = torch.empty(C, D, dtype=dtype, device=dev) if need_w else None
+            # one block buffer for every block: a fresh b x C tensor each time would be
+            # mapped (and page-faulted) anew by glibc above its 32 MiB mmap threshold
+            pbuf = torch.empty(min(row_chunk, B), C, dtype=dtype, device=dev)
             for r0 in range(0, B, row_chunk):
                 r1 = min(B, r0 + row_chunk)
-                xb, lb, tb = xa[r0:r1], ly[r0:r1], t2[r0:r1]
+                xb, lb, tb = xs[r0:r1], ly[r0:r1], t2[r0:r1]
                 eb = e2[r0:r1] if e2 is not None else None
                 if fixed:
                     ref = torch.full_like(tb, scale * _LOG2E)
                     ref = torch.maximum(ref, tb)
                     if eb is not None:
                         ref = torch.maximum(ref, eb)
-                    p, s, ref = _block(xb, wa, lb, tb, eb, ref)
+                    p, s, ref = _block(xb, w, inv, lb, tb, eb, ref, pbuf[: r1 - r0])
                     bad = (s < _UNDERFLOW).nonzero().squeeze(1)
                     if bad.numel():
-                        pb, sb, rb = _block(xb[bad], wa, lb[bad], tb[bad], eb[bad] if eb is not None else None, None)
+                        pb, sb, rb = _block(xb[bad], w, inv, lb[bad], tb[bad],
+                                            eb[bad] if eb is not None else None, None)
                         p[bad], s[bad], ref[bad] = pb, sb, rb
                 else:
-                    p, s, ref = _block(xb, wa, lb, tb, eb, None)
+                    p, s, ref = _block(xb, w, inv, lb, tb, eb, None, pbuf[: r1 - r0])
                 lse2 = torch.log2(s) + ref                           # base-2 log-sum-exp
                 vb = lb >= 0
                 loss_rows[r0:r1] = torch.where(vb, (lse2 - tb) * _LN2, torch.zeros_like(s))
@@ -171,15 +181,33 @@ class FusedMarginCE(torch.autograd.Function):
                 g_t[r0:r1] = cb * (torch.exp2(tb - lse2) - 1.0) * vb
                 if eb is not None:
                     g_e = g_e + (cb * torch.exp2(eb - lse2)).sum()
-                if need_x or need_w:
-                    c = cb * scale / s                                # dL/dcos_ij = c_i P_ij
-                    if need_x:
-                        torch.mm(p, wn, out=gx[r0:r1])
-                        gx[r0:r1].mul_(c[:, None])
-                    if need_w:
-                        gw.addmm_(p.t(), x[r0:r1] * c[:, None])
-                del p
-            del xa
+                if not (need_x or need_w):
+                    continue
+                c = cb * scale / s                                    # dL/dcos_ij = c_i P_ij
+                p.mul_(inv)                                           # P' = P / ||w_j||
+                if need_x:
+                    torch.mm(p, w, out=gx[r0:r1])
+                    gx[r0:r1].mul_(c[:, None])
+                if need_w:
+                    xc = x[r0:r1] * c[:, None]
+                    if r1 < B:
+                        if r0 == 0:
+                            torch.mm(p.t(), xc, out=gw)
+                        else:
+                            gw.addmm_(p.t(), xc)
+                        continue
+                    # last block: finish each class slice while it is in cache, including
+                    # the projection through w / ||w||
+                    for a in range(0, C, _CLASS_STEP):
+                        e_ = min(C, a + _CLASS_STEP)
+                        g_, w_ = gw[a:e_], w[a:e_]
+                        if r0 == 0:
+                            torch.mm(p[:, a:e_].t(), xc, out=g_)
+                        else:
+                            g_.addmm_(p[:, a:e_].t(), xc)
+                        radial = torch.linalg.vecdot(g_, w_).mul_(inv2[a:e_])
+                        g_.addcmul_(w_, radial[:, None], value=-1.0)
+            del xs, pbuf, p
             loss = (coef * loss_rows).sum()
             gcy = g_t * dt                                             # dL/dcos_y
             if need_x:
@@ -187,16 +215,14 @@ class FusedMarginCE(torch.autograd.Function):
                 if xe is not None:
                     gx.add_(torch.autograd.grad(e, xe, grad_outputs=g_e.to(e.dtype))[0].to(dtype))
             if need_w:
-                gw.index_put_((ly.clamp_min(0),), x * (gcy * valid)[:, None], accumulate=True)
-                # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||, in class chunks
-                step = 8192
-                for a in range(0, C, step):
-                    g_, w_ = gw[a:a + step], wn[a:a + step]
-                    radial = torch.einsum("ij,ij->i", g_, w_)
-                    g_.addcmul_(w_, radial[:, None], value=-1.0).mul_(inv[a:a + step, None])
+                # target rows (the projection is linear and row-wise, so each
+                # contribution is projected on its own and then accumulated)
+                tg = x * (gcy * valid)[:, None]
+                tg = tg.addcmul_(wy, torch.linalg.vecdot(tg, wy)[:, None], value=-1.0)
+                tg.mul_(inv[yc, None])
+                gw.index_put_((yc,), tg, accumulate=True)
                 if gw.dtype != weight.dtype:
                     gw = gw.to(weight.dtype)
-            del wa, wn
         if gx is not None and gx.dtype != xn.dtype:
             gx = gx.to(xn.dtype)
         ctx.save_for_backward(gx, gw)
@@ -206,11 +232,13 @@ class FusedMarginCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         gx, gw = ctx.saved_tensors
-        gxo = gwo = None
-        if gx is not None:
-            gxo = gx * grad_out.to(gx.dtype)
-        if gw is not None:
-            gwo = gw * grad_out.to(gw.dtype)
+        if bool(grad_out == 1):
+            # the stored tensors themselves: without retain_graph the engine frees the
+            # saved ones before accumulating, so weight.grad takes this storage (no copy);
+            # with retain_graph autograd copies them; they are never modified in place
+            return gx, gw, None, None, None, None, None, None
+        gxo = gx * grad_out.to(gx.dtype) if gx is not None else None
+        gwo = gw * grad_out.to(gw.dtype) if gw is not None else None
         return gxo, gwo, None, None, None, None, None, None
 
 
