@@ -278,3 +278,27 @@ def test_fused_never_materialises_batch_by_class_and_does_three_gemms():
     assert 2.9 < ratios["fused"] < 3.1, ratios
     assert 3.9 < ratios["chunked"] < 4.1, ratios       # the check does see the recomputation
     assert rec.biggest[0] >= Bq * Cq                    # and a B x C tensor when one exists (dense)
+
+
+def test_weight_grad_takes_the_stored_gradient_without_copy(monkeypatch):
+    ptrs = []
+    orig = fused_mod.FusedMarginCE.backward
+
+    def backward(ctx, g):
+        out = orig(ctx, g)
+        ptrs.append(out[1].data_ptr())
+        return out
+
+    monkeypatch.setattr(fused_mod.FusedMarginCE, "backward", staticmethod(backward))
+    m = losskit.get("arcface", num_classes=300, embedding_dim=16, head="fused")
+    x = torch.randn(8, 16, requires_grad=True)
+    y = torch.randint(0, 300, (8,))
+    m(x, y).backward()
+    assert m.weight.grad.data_ptr() == ptrs[-1]          # stolen, not copied
+    m.weight.grad = None
+    out = m(x, y)
+    out.backward(retain_graph=True)
+    assert m.weight.grad.data_ptr() != ptrs[-1]          # copied: the graph still holds it
+    g1 = m.weight.grad.clone()
+    out.backward()
+    torch.testing.assert_close(m.weight.grad, 2 * g1)
