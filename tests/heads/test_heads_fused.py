@@ -302,3 +302,24 @@ def test_weight_grad_takes_the_stored_gradient_without_copy(monkeypatch):
     g1 = m.weight.grad.clone()
     out.backward()
     torch.testing.assert_close(m.weight.grad, 2 * g1)
+
+
+def test_fused_frozen_weight_or_fixed_embeddings(count_fused):
+    x, y, w = _data()
+    dense, fused = _pair("cosface", {}, "sum")
+    for m in (dense, fused):
+        m.weight.requires_grad_(False)
+    gx = []
+    for m in (dense, fused):
+        xx = x.clone().requires_grad_(True)
+        m(xx, y, sample_weight=w).backward()
+        gx.append(xx.grad)
+    _close(gx[1], gx[0], "grad x, frozen weight")
+    gw = []
+    for m in (dense, fused):
+        m.weight.requires_grad_(True)
+        m.weight.grad = None
+        m(x, y).backward()
+        gw.append(m.weight.grad)
+    _close(gw[1], gw[0], "grad W, fixed embeddings")
+    assert len(count_fused) == 2
