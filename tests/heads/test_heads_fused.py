@@ -119,7 +119,7 @@ def test_fused_falls_back_where_it_does_not_apply(count_fused):
     assert not count_fused
 
 
-def test_auto_picks_fused_for_large_scalar_losses(count_fused):
+def test_auto_picks_fused_for_scalar_losses(count_fused):
     m = losskit.get("arcface", num_classes=70_000, embedding_dim=4, head="auto")   # B * C > 2**22
     x = torch.randn(64, 4, requires_grad=True)
     y = torch.randint(0, 70_000, (64,))
@@ -129,7 +129,11 @@ def test_auto_picks_fused_for_large_scalar_losses(count_fused):
     assert len(count_fused) == 1          # 'none' -> chunked
     small = losskit.get("arcface", num_classes=50, embedding_dim=4, head="auto")
     small(x, y % 50).backward()
-    assert len(count_fused) == 1          # small -> dense
+    assert len(count_fused) == 2          # small scalar losses too
+    small(x, y % 50, reduction="none").sum().backward()
+    with torch.no_grad():
+        small(x, y % 50)
+    assert len(count_fused) == 2          # 'none' and no_grad -> dense
 
 
 def _kernel_args(seed, dtype=torch.float64):
