@@ -7,6 +7,8 @@ Contenders (ArcFace, s = 64, m = 0.5, D = 512):
 * ``dense``   -- losskit ``head="dense"`` (builds B x C);
 * ``chunked`` -- losskit ``head="chunked"`` (online log-sum-exp over class
   chunks, recomputation in backward);
+* ``fused``   -- losskit ``head="fused"`` (row blocks spanning all classes,
+  gradients computed during forward: 3 GEMMs);
 * ``sampled`` -- losskit ``head="sampled"`` (Partial FC, ``--sample-rate``);
 * ``pml``     -- pytorch-metric-learning's ``ArcFaceLoss``.
 
@@ -42,7 +44,7 @@ import sys
 import time
 
 GIB = 2 ** 30
-CONTENDERS = ("floor", "dense", "chunked", "sampled", "pml")
+CONTENDERS = ("floor", "dense", "chunked", "fused", "sampled", "pml")
 KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
@@ -59,6 +61,8 @@ def estimate_bytes(contender: str, B: int, C: int, D: int, rate: float) -> int:
         return 2 * w + 2 * bc
     if contender == "chunked":
         return 2 * w + B * 8192 * 8
+    if contender == "fused":
+        return 3 * w + 2 * max(2 ** 22, D // 4 * C) * 4
     if contender == "sampled":
         return 3 * w + 2 * int(rate * w) + int(6 * rate * bc)
     if contender == "dense":
@@ -194,11 +198,13 @@ def main(argv=None) -> None:
                 else:
                     note = res.get("skipped") or res.get("error")
                     print(f"| {B} | {C} | {c} | - | - | - | - | {note} |", flush=True)
-            ch, pm = row.get("chunked", {}), row.get("pml", {})
-            if "times" in ch and "times" in pm:
-                tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
-                print(f"| {B} | {C} | pml / chunked | {tp / tc:.2f}x time | | {pm['peak'] / ch['peak']:.2f}x memory "
-                      f"| | |", flush=True)
+            pm = row.get("pml", {})
+            for name in ("chunked", "fused"):
+                ch = row.get(name, {})
+                if "times" in ch and "times" in pm:
+                    tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
+                    print(f"| {B} | {C} | pml / {name} | {tp / tc:.2f}x time | | "
+                          f"{pm['peak'] / ch['peak']:.2f}x memory | | |", flush=True)
     print(f"\n(memory floor = W + grad W + embeddings in fp32; 1 GiB = 2^30 bytes; "
           f"{os.cpu_count()} CPU cores, shared with other work; load average at start {load0}, "
           f"at end {os.getloadavg()[0]:.1f})")

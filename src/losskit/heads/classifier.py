@@ -12,7 +12,13 @@ choosing how the softmax is computed.
 * ``"sharded"``: each rank of ``process_group`` owns a contiguous slice of
   the classes; embeddings are all-gathered and the softmax is distributed
   (:mod:`losskit.distributed.sharded_softmax`);
-* ``"auto"``: dense when ``B * C <= 2**22``, chunked otherwise.
+* ``"fused"``: row chunks spanning all classes, gradients computed during
+  forward and stored (:mod:`losskit.heads.fused`): 3 GEMMs instead of the
+  chunked head's 4; used when the output is a scalar ('mean'/'sum', sample
+  weights without gradient) and a gradient is needed, otherwise it runs the
+  chunked head; same numbers;
+* ``"auto"``: fused where it applies (a scalar loss that needs a
+  gradient), else dense when ``B * C <= 2**22``, else chunked.
 
 Every margin policy works in every mode (CFCD's batch statistics come from a
 no-grad pass over the rows it needs; UNPG's extra columns are one scalar
@@ -32,11 +38,12 @@ from losskit._checks import (check_embeddings, check_labels, check_reduction, ch
                              zero_with_graph)
 from losskit.functional import margins as FM
 from losskit.heads.chunked import DEFAULT_CHUNK, nontarget_lse, nontarget_lse_nograd
+from losskit.heads.fused import fused_margin_ce
 from losskit.heads.margin_spec import MarginPolicy
 
 __all__ = ["MarginHead", "HEADS", "select_sampled_classes"]
 
-HEADS = ("auto", "dense", "chunked", "sampled", "sharded")
+HEADS = ("auto", "dense", "chunked", "fused", "sampled", "sharded")
 AUTO_DENSE_MAX = 2 ** 22
 AUTO_CHUNK_ELEMS = 2 ** 21
 
@@ -59,7 +66,7 @@ class MarginHead(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, policy: MarginPolicy, *, head: str = "auto",
                  chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None,
                  unpg_whisker: float | None = None, reduction: str = "mean",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, row_chunk_size: int | None = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
@@ -74,6 +81,10 @@ class MarginHead(nn.Module):
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.policy, self.head, self.chunk_size = policy, head, chunk_size
         self.sample_rate, self.unpg_whisker, self.generator = float(sample_rate), unpg_whisker, generator
+        if row_chunk_size is not None and (not isinstance(row_chunk_size, int) or row_chunk_size < 1):
+            raise ValueError(f"row_chunk_size: expected None (auto) or an integer >= 1, got {row_chunk_size!r}")
+        #: rows per block of the fused head (None: heads.fused.auto_row_chunk); an attribute, settable
+        self.row_chunk_size = row_chunk_size
         self.reduction = check_reduction(reduction)
         self.process_group = process_group
         self.class_offset = 0
@@ -132,9 +143,22 @@ class MarginHead(nn.Module):
             weight = self.weight[idx]
             y = torch.where(labels >= 0, torch.searchsorted(idx, labels.clamp_min(0)), labels)
             mode = "auto"
+        fusable = (reduction != "none" and torch.is_grad_enabled()
+                   and (embeddings.requires_grad or weight.requires_grad)
+                   and (sample_weight is None or not sample_weight.requires_grad))
         if mode == "auto":
-            mode = "dense" if B * weight.shape[0] <= AUTO_DENSE_MAX else "chunked"
+            # fused was as fast as or faster than dense at every size measured (B x C from
+            # 8 x 50 to 1024 x 100k, one CPU thread; docs/margin.md)
+            mode = "fused" if fusable else ("dense" if B * weight.shape[0] <= AUTO_DENSE_MAX else "chunked")
+        elif mode == "fused" and not fusable:
+            mode = "chunked"
         xn = Fn.normalize(embeddings.to(dtype), dim=1)
+        if mode == "fused":
+            coef = torch.ones(B, dtype=dtype, device=xn.device) if sample_weight is None \
+                else sample_weight.detach().to(dtype)
+            if reduction == "mean":
+                coef = coef / B
+            return self._fused(xn, weight, y, coef).to(dtype)
         per = self._per_sample(xn, weight, y, mode, embeddings)
         return reduce_loss(per.to(dtype), reduction, sample_weight)
 
@@ -145,6 +169,39 @@ class MarginHead(nn.Module):
         if neg.numel() == 0:
             return None
         return torch.logsumexp(neg * scale, 0)
+
+    def _prepare_chunked(self, xn: Tensor, weight: Tensor, y: Tensor) -> float:
+        """Phase 1 for the class-chunked and fused heads: the policy's batch
+        statistics on the detached target cosines of the valid rows (CFCD's
+        median and ``B_i``, ElasticFace's draws and "+" ranking)."""
+        valid = y >= 0
+        yc = y.clamp_min(0)
+        vrows = valid.nonzero().squeeze(1)
+        ly = torch.where(valid, yc, torch.full_like(yc, -1))
+        with torch.no_grad():
+            w0 = weight[yc].to(xn.dtype)
+            w0 = w0 / torch.linalg.vector_norm(w0, dim=1, keepdim=True).clamp_min(1e-12)
+            c0 = torch.linalg.vecdot(xn.detach(), w0)
+
+        def nt_lse(rows: Tensor, s: float) -> Tensor:
+            r = vrows[rows]
+            return nontarget_lse_nograd(xn[r], weight, ly[r], s, self._chunk(xn.shape[0]))
+
+        return float(self.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=self.training, nontarget_lse=nt_lse))
+
+    def _fused(self, xn: Tensor, weight: Tensor, y: Tensor, coef: Tensor) -> Tensor:
+        scale = self._prepare_chunked(xn, weight, y)
+        valid = y >= 0
+
+        def target_fn(cos_y: Tensor) -> Tensor:
+            psi_v = self.policy.target(cos_y[valid])
+            return torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype)) * scale
+
+        extra_fn = None
+        if self.unpg_whisker is not None:
+            def extra_fn(x: Tensor):
+                return self._extra(x, y, scale)
+        return fused_margin_ce(xn, weight, y, coef, scale, target_fn, extra_fn, self.row_chunk_size)
 
     def _per_sample(self, xn: Tensor, weight: Tensor, y: Tensor, mode: str, embeddings: Tensor) -> Tensor:
         valid = y >= 0

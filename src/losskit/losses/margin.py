@@ -4,7 +4,7 @@ combined margin, ElasticFace, CFCD's MadaCos and UNPG.
 Each module *is* a :class:`losskit.heads.MarginHead`: it owns ``weight``
 (``[C, D]``, normalised on the fly) and takes ``loss(embeddings, labels,
 sample_weight=None)``.  ``head`` picks the softmax implementation
-(``'auto' | 'dense' | 'chunked' | 'sampled' | 'sharded'``); all give the same
+(``'auto' | 'dense' | 'chunked' | 'fused' | 'sampled' | 'sharded'``); all give the same
 numbers except ``'sampled'`` (Partial FC, an approximation by design).
 Margins are in radians (ArcFace) or cosine units (CosFace).  See
 docs/margin.md for formulas, defaults and deviations from official code.
