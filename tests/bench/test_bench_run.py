@@ -140,3 +140,12 @@ def test_augment_shift_runs(tmp_path, tiny, fakes):
     run = run_bench(_cfg(["fake-pair"], seeds=1, epochs=1, augment="shift"), tmp_path / "r", progress=False,
                     plots=False, log=lambda s: None, split=tiny)
     assert run.complete
+
+
+def test_progress_without_a_terminal_logs_one_line_per_cell(tmp_path, tiny, fakes):
+    # pytest captures stderr, so it is not a terminal: no tqdm bar, one line per finished cell
+    lines = []
+    run_bench(_cfg(["softmax", "fake-pair"], seeds=1), tmp_path / "r", progress=True, plots=False,
+              log=lines.append, split=tiny)
+    done = [s for s in lines if s.endswith(" done")]
+    assert done == ["bench: [1/2] softmax seed 0 done", "bench: [2/2] fake-pair seed 0 done"]

@@ -132,12 +132,14 @@ def load_split(cfg: BenchConfig):
 
 
 class _Progress:
-    """tqdm when installed and wanted, otherwise one line per finished cell."""
+    """tqdm when installed, wanted and stderr is a terminal (a log file gets
+    no carriage-return spam); otherwise one line per finished cell."""
 
     def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
         self.bar = None
         self.log = log
-        if enabled:
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
 
@@ -157,6 +159,11 @@ class _Progress:
         if self.bar is not None:
             self.bar.write(text)
         else:
+            self.log(text)
+
+    def cell_done(self, text: str) -> None:
+        """A line per finished cell when there is no bar to show progress."""
+        if self.bar is None and self.enabled:
             self.log(text)
 
     def close(self) -> None:
@@ -242,7 +249,7 @@ def run_bench(
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         try:
-            for objective, seed in todo:
+            for i, (objective, seed) in enumerate(todo, 1):
                 bar.describe(f"{objective} s{seed}")
                 counted = [0]
 
@@ -269,6 +276,7 @@ def run_bench(
                     err.unlink()
                 run.cells.append(cell)
                 run.computed.append((objective, seed))
+                bar.cell_done(f"bench: [{i}/{len(todo)}] {objective} seed {seed} done")
         except KeyboardInterrupt:
             run.interrupted = True
         finally:
