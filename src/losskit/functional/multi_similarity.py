@@ -21,7 +21,6 @@ Each ``log(1 + sum exp)`` is evaluated as a log-sum-exp that includes the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from losskit._checks import check_embeddings, check_labels, check_reduction, check_sample_weight

@@ -197,10 +197,7 @@ class MarginHead(nn.Module):
             psi_v = self.policy.target(cos_y[valid])
             return torch.zeros_like(cos_y).masked_scatter(valid, psi_v.to(cos_y.dtype)) * scale
 
-        extra_fn = None
-        if self.unpg_whisker is not None:
-            def extra_fn(x: Tensor):
-                return self._extra(x, y, scale)
+        extra_fn = None if self.unpg_whisker is None else (lambda x: self._extra(x, y, scale))
         return fused_margin_ce(xn, weight, y, coef, scale, target_fn, extra_fn, self.row_chunk_size)
 
     def _per_sample(self, xn: Tensor, weight: Tensor, y: Tensor, mode: str, embeddings: Tensor) -> Tensor:

@@ -70,3 +70,33 @@ def pair_score(a: Tensor, b: Tensor, metric: str) -> Tensor:
     if metric == "euclidean":
         return -(a - b).norm(dim=1)
     return (a * b).sum(1)
+
+
+class EmbeddingStore:
+    """Accumulates ``(embeddings, labels)`` batches for the stateful metrics.
+
+    Subclasses set ``self.device`` (where batches are kept; ``None``: their own
+    device) before calling :meth:`reset`.
+    """
+
+    device: str | torch.device | None = "cpu"
+
+    def reset(self) -> None:
+        self._x: list[Tensor] = []
+        self._y: list[Tensor] = []
+
+    def update(self, embeddings, labels) -> None:
+        x = as_embeddings(embeddings)
+        y = as_labels(labels, x.shape[0], x.device)
+        if self._x and x.shape[1] != self._x[0].shape[1]:
+            raise ValueError(f"embeddings: expected dimension {self._x[0].shape[1]} (as in earlier updates), "
+                             f"got {x.shape[1]}")
+        dev = self.device if self.device is not None else x.device
+        self._x.append(x.to(dev))
+        self._y.append(y.to(dev))
+
+    def collected(self, who: str) -> tuple[Tensor, Tensor]:
+        """All accumulated embeddings and labels; an error naming ``who`` when empty."""
+        if not self._x:
+            raise RuntimeError(f"{who}: no data; call update() first")
+        return torch.cat(self._x), torch.cat(self._y)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from losskit.metrics._common import as_embeddings, as_labels, check_metric
 from losskit.metrics.opis import opis, opis_at, thresholds_from_impostor
 from losskit.metrics.retrieval import DEFAULT_CHUNK, retrieval_summary

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from losskit.metrics._common import as_embeddings, as_labels, check_metric, prepare
+from losskit.metrics._common import EmbeddingStore, as_embeddings, as_labels, check_metric, prepare
 from losskit.metrics.knn import iter_knn
 
 DEFAULT_CHUNK = 4096
@@ -143,7 +143,7 @@ def retrieval_summary(embeddings, labels, ks: Iterable[int] = (1, 2, 4, 8), metr
     return out
 
 
-class RetrievalMetrics:
+class RetrievalMetrics(EmbeddingStore):
     """Accumulate embeddings batch by batch; ``compute()`` evaluates Recall@K,
     precision@1 and MAP@R leave-one-out over everything seen since ``reset()``.
 
@@ -160,21 +160,6 @@ class RetrievalMetrics:
         self.device = device
         self.reset()
 
-    def reset(self) -> None:
-        self._x: list[Tensor] = []
-        self._y: list[Tensor] = []
-
-    def update(self, embeddings, labels) -> None:
-        x = as_embeddings(embeddings)
-        y = as_labels(labels, x.shape[0], x.device)
-        if self._x and x.shape[1] != self._x[0].shape[1]:
-            raise ValueError(f"embeddings: expected dimension {self._x[0].shape[1]} (as in earlier updates), "
-                             f"got {x.shape[1]}")
-        dev = self.device if self.device is not None else x.device
-        self._x.append(x.to(dev))
-        self._y.append(y.to(dev))
-
     def compute(self) -> dict[str, float]:
-        if not self._x:
-            raise RuntimeError("RetrievalMetrics.compute: no data; call update() first")
-        return retrieval_summary(torch.cat(self._x), torch.cat(self._y), self.ks, self.metric, self.chunk_size)
+        x, y = self.collected("RetrievalMetrics.compute")
+        return retrieval_summary(x, y, self.ks, self.metric, self.chunk_size)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from losskit.metrics._common import as_embeddings, as_labels, block_scores, check_metric, prepare
+from losskit.metrics._common import EmbeddingStore, as_embeddings, as_labels, block_scores, check_metric, prepare
 
 DEFAULT_CHUNK = 4096
 
@@ -201,7 +201,7 @@ def histogram_error_bound(genuine_counts: Tensor, impostor_counts: Tensor) -> di
     return {"tar": g, "eer": max(g, i)}
 
 
-class VerificationMetrics:
+class VerificationMetrics(EmbeddingStore):
     """Accumulate embeddings; ``compute()`` gives TAR at each FAR in ``fars``, EER
     and ROC AUC over all pairs of everything seen since ``reset()``.
 
@@ -218,26 +218,12 @@ class VerificationMetrics:
         self.fars = [_check_far(f) for f in fars]
         self.metric = check_metric(metric)
         self.mode, self.exact_max_pairs, self.bins, self.chunk_size = mode, exact_max_pairs, bins, chunk_size
+        self.device = "cpu"
         self.reset()
-
-    def reset(self) -> None:
-        self._x: list[Tensor] = []
-        self._y: list[Tensor] = []
-
-    def update(self, embeddings, labels) -> None:
-        x = as_embeddings(embeddings)
-        y = as_labels(labels, x.shape[0], x.device)
-        if self._x and x.shape[1] != self._x[0].shape[1]:
-            raise ValueError(f"embeddings: expected dimension {self._x[0].shape[1]} (as in earlier updates), "
-                             f"got {x.shape[1]}")
-        self._x.append(x.cpu())
-        self._y.append(y.cpu())
 
     def roc(self):
         """``(far, tar, thresholds)`` for the accumulated data."""
-        if not self._x:
-            raise RuntimeError("VerificationMetrics: no data; call update() first")
-        x, y = torch.cat(self._x), torch.cat(self._y)
+        x, y = self.collected("VerificationMetrics")
         n = x.shape[0]
         exact = self.mode == "exact" or (self.mode == "auto" and n * (n - 1) // 2 <= self.exact_max_pairs)
         if exact:
