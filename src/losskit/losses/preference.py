@@ -75,10 +75,6 @@ class DPOLoss(_PairwisePreferenceLoss):
 
     _fn = staticmethod(P.dpo_loss)
 
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
-
 
 @register("hinge", family="preference", task="preference", paper=SLIC_PAPER,
           summary="SLiC hinge on the DPO log-ratio: max(0, 1 - beta h).")
@@ -86,10 +82,6 @@ class HingePreferenceLoss(_PairwisePreferenceLoss):
     """Hinge (SLiC / TRL ``hinge``): ``max(0, 1 - (beta h - margin))``; ``1/beta`` is the log-ratio margin."""
 
     _fn = staticmethod(P.hinge_loss)
-
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
 
 
 @register("ipo", family="preference", task="preference", paper=IPO_PAPER,
