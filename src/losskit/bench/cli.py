@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import BenchConfig, BenchConfigError, parse_set
+from .config import BenchConfig, BenchConfigError, parse_set, split_objectives
 
 __all__ = ["add_bench_parser", "config_from_args", "cmd_bench"]
 
@@ -29,14 +29,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
             "Train the same embedding network with each chosen objective (same initialisation per seed, "
             "same class-balanced batches, optimiser, budget and augmentation) and evaluate retrieval and "
             "verification on classes never seen in training. With no arguments: scikit-learn's digits, "
-            "classes 0-4 train, 5-9 test, softmax plus every registered embedding objective, 3 seeds."
+            "classes 0-4 train, 5-9 test, softmax plus every registered embedding objective plus arcface with "
+            "its dense, chunked and sampled heads, 3 seeds."
         ),
     )
     # defaults are None so that --resume can tell given options from defaults
     p.add_argument("--objectives", default=None,
-                   help="comma-separated registry names (default: softmax + every embedding objective)")
+                   help="comma-separated registry names or variants NAME[param=value,...], e.g. "
+                        "softmax,arcface,arcface[head=chunked] (default: softmax + every embedding objective "
+                        "+ arcface's dense, chunked and sampled heads)")
     p.add_argument("--set", dest="overrides", action="append", default=None, metavar="NAME.PARAM=VALUE",
-                   help="override a hyperparameter, e.g. --set arcface.margin=0.4 (python literal; repeatable)")
+                   help="override a hyperparameter, e.g. --set arcface.margin=0.4 (python literal; repeatable; "
+                        "applies to arcface and its variants; 'arcface[head=chunked].margin=0.4' sets one variant)")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..N-1 (default {d.seeds})")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs per cell (default {d.epochs})")
     p.add_argument("--dataset", choices=("digits", "folder", "omniglot"), default=None,
@@ -71,7 +75,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def _overlay(cfg: BenchConfig, args: argparse.Namespace) -> BenchConfig:
     changes = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
     if args.objectives is not None:
-        changes["objectives"] = [x.strip() for x in args.objectives.split(",") if x.strip()]
+        changes["objectives"] = split_objectives(args.objectives)
     if args.overrides is not None:
         changes["overrides"] = parse_set(args.overrides)
     return dataclasses.replace(cfg, **changes)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,12 @@ __all__ = [
     "BenchConfig",
     "BenchConfigError",
     "parse_set",
+    "split_objectives",
+    "parse_objective",
+    "normalize_label",
+    "base_name",
+    "variant_params",
+    "file_safe",
     "default_objectives",
     "unbenchable_objectives",
     "resolve_objectives",
@@ -30,6 +38,9 @@ __all__ = [
 #: Arguments the bench fills in itself for objectives that need them.
 BENCH_FILLED = ("num_classes", "embedding_dim")
 DATASETS = ("digits", "folder", "omniglot")
+#: Variants added to the default list right after their base objective (the margin heads;
+#: plain ``arcface`` is head='auto', which trains with the fused head).
+DEFAULT_VARIANTS = {"arcface": ("arcface[head=dense]", "arcface[head=chunked]", "arcface[head=sampled]")}
 
 
 class BenchConfigError(ValueError):
@@ -117,19 +128,182 @@ def _literal(text: str) -> Any:
         return text  # a bare word such as `chunked` is a string
 
 
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def _scan(text: str, what: str, stop: str | None = None):
+    """Yield ``(index, char)`` for every character of ``text`` outside quotes and brackets
+    (``()[]{}``); unbalanced brackets or an open quote raise a BenchConfigError naming ``text``.
+    With ``stop``, scanning ends at the first such occurrence of that character (the rest of
+    the text is not checked)."""
+    stack: list[str] = []
+    quote = None
+    escaped = False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+            continue
+        if ch in "'\"":
+            quote = ch
+        elif ch in _CLOSING:
+            stack.append(_CLOSING[ch])
+        elif ch in ")]}":
+            if not stack or stack.pop() != ch:
+                raise BenchConfigError(f"{what}: unbalanced {ch!r} in {text!r}")
+        elif not stack:
+            yield i, ch
+            if ch == stop:
+                return
+    if quote:
+        raise BenchConfigError(f"{what}: unclosed quote {quote} in {text!r}")
+    if stack:
+        raise BenchConfigError(f"{what}: missing {stack[-1]!r} in {text!r}")
+
+
+def _split_top(text: str, sep: str, what: str) -> list[str]:
+    """Split on ``sep`` outside brackets and quotes."""
+    cuts = [i for i, ch in _scan(text, what) if ch == sep]
+    bounds = [-1, *cuts, len(text)]
+    return [text[a + 1:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def split_objectives(text: str) -> list[str]:
+    """``"softmax, arcface[head=sampled,sample_rate=0.5]"`` -> ``["softmax", "arcface[head=sampled,sample_rate=0.5]"]``:
+    commas inside brackets (or quotes) do not split."""
+    return [part.strip() for part in _split_top(text, ",", "--objectives") if part.strip()]
+
+
+def _squeeze(text: str) -> str:
+    """``text`` without whitespace outside quotes."""
+    out, quote, escaped = [], None, False
+    for ch in text:
+        if quote:
+            out.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif not ch.isspace():
+            out.append(ch)
+    return "".join(out)
+
+
+def parse_objective(label: str) -> tuple[str, dict[str, str]]:
+    """``"arcface[head=sampled, sample_rate=0.5]"`` -> ``("arcface", {"head": "sampled", "sample_rate": "0.5"})``.
+
+    The values are the normalised source text (no whitespace outside quotes), in the order given;
+    :func:`variant_params` parses them.  A label without brackets is a plain registry name.
+    Malformed brackets, a parameter without ``=`` or given twice raise a BenchConfigError
+    naming the label.
+    """
+    what = f"objective {label!r}"
+    s = _squeeze(str(label))
+    usage = f"{what}: expected NAME or NAME[param=value,...] (e.g. arcface[head=chunked,margin=0.4])"
+    i = s.find("[")
+    name, rest = (s, "") if i < 0 else (s[:i], s[i:])
+    if not name:
+        raise BenchConfigError(usage if rest else "an objective name is empty")
+    if any(c in name for c in "[](){}'\""):
+        raise BenchConfigError(usage)
+    if not rest:
+        return name, {}
+    # the bracket opened after NAME must close at the very end: NAME[...] and nothing after
+    if _matching_bracket(rest, what) != len(rest) - 1:
+        raise BenchConfigError(usage)
+    inner = rest[1:-1]
+    if not inner:
+        raise BenchConfigError(f"{what}: empty brackets; write {name} or {name}[param=value,...]")
+    params: dict[str, str] = {}
+    for part in _split_top(inner, ",", what):
+        key, eq, value = part.partition("=")
+        if not eq or not key.isidentifier() or not value:
+            raise BenchConfigError(f"{what}: expected param=value inside the brackets; got {part!r}")
+        if key in params:
+            raise BenchConfigError(f"{what}: {key} is given twice")
+        params[key] = value
+    return name, params
+
+
+def _matching_bracket(text: str, what: str) -> int:
+    """Index of the bracket closing ``text[0]`` (``text`` starts with ``[``)."""
+    depth, quote, escaped = 0, None, False
+    for i, ch in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise BenchConfigError(f"{what}: missing ']'")
+
+
+def normalize_label(label: str) -> str:
+    """The canonical label: no whitespace outside quotes, params in the order given."""
+    name, params = parse_objective(label)
+    return name if not params else f"{name}[{','.join(f'{k}={v}' for k, v in params.items())}]"
+
+
+def base_name(label: str) -> str:
+    """The registry name of an objective label (``arcface[head=chunked]`` -> ``arcface``)."""
+    return parse_objective(label)[0]
+
+
+def variant_params(label: str) -> dict[str, Any]:
+    """The hyperparameters a label sets in its brackets, parsed like ``--set`` values."""
+    return {k: _literal(v) for k, v in parse_objective(label)[1].items()}
+
+
+def file_safe(label: str) -> str:
+    """A file-name stem for ``label``: the label itself when it only has ``A-Za-z0-9._-``;
+    otherwise the other characters become ``_`` and 8 hex digits of the label's SHA-1 are
+    appended, so two labels never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", label)
+    if safe == label and not label.startswith("."):
+        return label
+    return f"{safe.strip('_.') or 'objective'}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+
 def parse_set(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    """Parse ``["arcface.margin=0.4", "arcface.head=chunked"]`` into nested dicts.
+    """Parse ``["arcface.margin=0.4", "arcface[head=chunked].margin=0.3"]`` into nested dicts
+    keyed by objective (a plain name: that objective and all its variants) or by a variant's
+    normalised label (that variant only).
 
     Values are python literals (``0.4``, ``True``, ``(1, 2)``, ``'x'``); a bare
     word that is not a literal is taken as a string.
     """
     out: dict[str, dict[str, Any]] = {}
+    usage = "--set expects OBJECTIVE.PARAM=VALUE (e.g. arcface.margin=0.4)"
     for item in items or []:
-        key, eq, value = item.partition("=")
-        name, dot, param = key.strip().partition(".")
-        if not eq or not dot or not name or not param:
-            raise BenchConfigError(f"--set expects OBJECTIVE.PARAM=VALUE (e.g. arcface.margin=0.4); got {item!r}")
-        out.setdefault(name, {})[param] = _literal(value.strip())
+        eqs = [i for i, ch in _scan(item, f"--set {item!r}", stop="=") if ch == "="]
+        if not eqs:
+            raise BenchConfigError(f"{usage}; got {item!r}")
+        key, value = item[:eqs[0]].strip(), item[eqs[0] + 1:]
+        dots = [i for i, ch in _scan(key, f"--set {item!r}") if ch == "."]
+        if not dots:
+            raise BenchConfigError(f"{usage}; got {item!r}")
+        name, param = key[:dots[-1]].strip(), key[dots[-1] + 1:].strip()
+        if not name or not param:
+            raise BenchConfigError(f"{usage}; got {item!r}")
+        out.setdefault(normalize_label(name), {})[param] = _literal(value.strip())
     return out
 
 
@@ -140,9 +314,15 @@ def _unfillable(name: str) -> list[str]:
 def default_objectives() -> list[str]:
     """``softmax`` first, then every registered embedding objective the bench can build
     (those needing a required argument other than num_classes/embedding_dim are left out;
-    see :func:`unbenchable_objectives`)."""
+    see :func:`unbenchable_objectives`), each followed by its :data:`DEFAULT_VARIANTS`
+    (arcface's dense, chunked and sampled heads)."""
     rest = [n for n in registry.names(task="embedding") if n != "softmax" and not _unfillable(n)]
-    return ["softmax", *rest] if "softmax" in registry.names() else rest
+    names = ["softmax", *rest] if "softmax" in registry.names() else rest
+    out = []
+    for n in names:
+        out.append(n)
+        out += [v for v in DEFAULT_VARIANTS.get(n, ()) if set(parse_objective(v)[1]) <= set(registry.spec(n).hparams)]
+    return out
 
 
 def unbenchable_objectives() -> dict[str, list[str]]:
@@ -150,58 +330,106 @@ def unbenchable_objectives() -> dict[str, list[str]]:
     return {n: _unfillable(n) for n in registry.names(task="embedding") if _unfillable(n)}
 
 
+def _spec(name: str, where: str = ""):
+    try:
+        return registry.spec(name)
+    except KeyError as e:
+        raise BenchConfigError(f"{where}{e.args[0]}") from None
+
+
+def _check_params(where: str, name: str, params, filled_ok: bool = False) -> None:
+    """Every key of ``params`` is a settable hyperparameter of ``name`` (close-match errors)."""
+    valid = list(_spec(name).hparams)
+    for p in params:
+        if p in BENCH_FILLED and not filled_ok:
+            raise BenchConfigError(f"{where}: {p} is set by the bench from the data and model")
+        if p not in valid:
+            raise BenchConfigError(
+                f"{where}: objective {name!r} has no hyperparameter {p!r}.{_closest(p, valid)} "
+                f"Valid: {', '.join(valid) or '(none)'}."
+            )
+
+
 def resolve_objectives(names: list[str]) -> list[str]:
-    """Check names against the registry (close-match errors); keep order, drop repeats."""
+    """Check labels (``NAME`` or ``NAME[param=value,...]``) against the registry (close-match
+    errors); return them normalised, in order, without repeats."""
     out: list[str] = []
-    for n in names or default_objectives():
-        try:
-            s = registry.spec(n)
-        except KeyError as e:
-            raise BenchConfigError(e.args[0]) from None
+    for label in names or default_objectives():
+        n, params = parse_objective(label)
+        s = _spec(n)
         if s.task != "embedding":
             raise BenchConfigError(
                 f"objective {n!r} is a {s.task!r} objective; the bench trains embeddings "
                 f"(choose from: {', '.join(registry.names(task='embedding'))})"
             )
-        if n not in out:
-            out.append(n)
+        label = normalize_label(label)
+        _check_params(f"objective {label!r}", n, params)
+        if label not in out:
+            out.append(label)
     if not out:
         raise BenchConfigError("no embedding objectives are registered")
     return out
 
 
+def _distributed_ready() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
 def resolve_hparams(objectives: list[str], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each objective's hyperparameters: registry defaults updated by ``overrides``."""
-    for name, params in overrides.items():
-        if name not in objectives:
-            try:
-                registry.spec(name)
-            except KeyError as e:
-                raise BenchConfigError(f"--set {name}.…: {e.args[0]}") from None
-            raise BenchConfigError(f"--set {name}.…: objective {name!r} is not among the chosen objectives "
-                                   f"({', '.join(objectives)})")
-        s = registry.spec(name)
-        valid = list(s.hparams)
+    """Each objective's hyperparameters, keyed by its label: registry defaults, updated by
+    ``overrides[NAME]`` (for the objective and all its variants), then by the variant's own
+    bracket params, then by ``overrides[LABEL]`` (that variant only)."""
+    labels = [normalize_label(o) for o in objectives]
+    bases = {label: base_name(label) for label in labels}
+    norm: dict[str, dict[str, Any]] = {}
+    for key, params in overrides.items():
+        label = normalize_label(key)
+        name, own = parse_objective(label)
+        where = f"--set {label}.…"
+        if own:
+            _spec(name, f"{where}: ")
+            if label not in labels:
+                raise BenchConfigError(f"{where}: variant {label!r} is not among the chosen objectives "
+                                       f"({', '.join(labels)}); --set {name}.PARAM=VALUE sets every {name} variant")
+        elif name not in bases.values():
+            _spec(name, f"{where}: ")
+            raise BenchConfigError(f"{where}: objective {name!r} is not among the chosen objectives "
+                                   f"({', '.join(labels)})")
         for p in params:
-            if p in BENCH_FILLED:
-                raise BenchConfigError(f"--set {name}.{p}: {p} is set by the bench from the data and model")
-            if p not in valid:
-                raise BenchConfigError(
-                    f"--set {name}.{p}: objective {name!r} has no hyperparameter {p!r}.{_closest(p, valid)} "
-                    f"Valid: {', '.join(valid) or '(none)'}."
-                )
+            _check_params(f"--set {label}.{p}", name, [p])
+            if p in own:
+                raise BenchConfigError(f"--set {label}.{p}: {label!r} sets {p} in its brackets already; "
+                                       "change it there")
+        norm.setdefault(label, {}).update(params)
     out = {}
-    for name in objectives:
-        s = registry.spec(name)
+    for label in labels:
+        name = bases[label]
+        s = _spec(name)
         missing = [r for r in s.required if r not in BENCH_FILLED]
         if missing:
             raise BenchConfigError(
                 f"objective {name!r} needs {', '.join(missing)} without a default; the bench can only fill "
                 f"{', '.join(BENCH_FILLED)}"
             )
+        own = variant_params(label)
+        _check_params(f"objective {label!r}", name, own)
         hp = {k: v for k, v in s.hparams.items() if k not in BENCH_FILLED}
-        hp.update(overrides.get(name, {}))
-        out[name] = hp
+        hp.update(norm.get(name, {}))
+        hp.update(own)
+        if label != name:
+            hp.update(norm.get(label, {}))
+        if hp.get("head") == "sharded" and not _distributed_ready():
+            raise BenchConfigError(
+                f"objective {label!r}: head='sharded' splits the classes across the ranks of a torch.distributed "
+                "process group, and the bench trains in one process where torch.distributed is not initialised. "
+                "Use head='chunked' (the same numbers in one process) or run the bench inside an initialised "
+                "process group."
+            )
+        out[label] = hp
     return out
 
 

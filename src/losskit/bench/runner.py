@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from .config import (BenchConfig, BenchConfigError, diff_protocol, protocol, resolve_hparams,
-                     resolve_objectives, unbenchable_objectives)
+from .config import (BenchConfig, BenchConfigError, diff_protocol, file_safe, normalize_label, protocol,
+                     resolve_hparams, resolve_objectives, unbenchable_objectives)
 
-__all__ = ["run_bench", "BenchRun", "atomic_write_json", "cell_path", "load_cells", "latest_run",
+__all__ = ["run_bench", "BenchRun", "atomic_write_json", "cell_path", "error_path", "load_cells", "latest_run",
            "resolve_device", "load_split"]
 
 CONFIG_FILE = "config.json"
@@ -84,7 +84,14 @@ def with_suppress_unlink(p: str) -> None:
 
 
 def cell_path(out: Path, objective: str, seed: int) -> Path:
-    return Path(out) / CELLS_DIR / f"{objective}__seed{seed}.json"
+    """``cells/<objective>__seed<k>.json``; a variant label such as ``arcface[head=chunked]`` is
+    made file-safe (:func:`~losskit.bench.config.file_safe`); the JSON keeps the label intact."""
+    return Path(out) / CELLS_DIR / f"{file_safe(objective)}__seed{seed}.json"
+
+
+def error_path(out: Path, objective: str, seed: int) -> Path:
+    """``cells/<objective>__seed<k>.error.txt``: the traceback of a failed cell."""
+    return Path(out) / CELLS_DIR / f"{file_safe(objective)}__seed{seed}.error.txt"
 
 
 def load_cells(out: Path, fingerprint: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -194,6 +201,10 @@ def run_bench(
         for name, lacks in unbenchable_objectives().items():
             log(f"bench: leaving out {name}: it needs {', '.join(lacks)} (no default), which the bench cannot fill")
     cfg.objectives = resolve_objectives(cfg.objectives)
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, params in cfg.overrides.items():
+        overrides.setdefault(normalize_label(key), {}).update(params)
+    cfg.overrides = overrides
     hparams = resolve_hparams(cfg.objectives, cfg.overrides)
     device = resolve_device(cfg.device)
     proto = protocol(cfg, hparams, str(device))
@@ -266,12 +277,12 @@ def run_bench(
                     msg = f"{type(e).__name__}: {e}"
                     run.failed[(objective, seed)] = msg
                     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-                    (out / CELLS_DIR / f"{objective}__seed{seed}.error.txt").write_text(traceback.format_exc())
+                    error_path(out, objective, seed).write_text(traceback.format_exc())
                     bar.write(f"FAILED {objective} seed {seed}: {msg}")
                     continue
                 cell["protocol"] = proto
                 atomic_write_json(cell_path(out, objective, seed), cell)
-                err = out / CELLS_DIR / f"{objective}__seed{seed}.error.txt"
+                err = error_path(out, objective, seed)
                 if err.exists():
                     err.unlink()
                 run.cells.append(cell)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from losskit import registry
 
-from .config import BenchConfig
+from .config import BenchConfig, base_name
 from .model import build_model, choose_model
 
 __all__ = ["PKSampler", "batch_shape", "train_cell", "measure_step_memory", "CellDiverged", "MEMORY_LABELS"]
@@ -176,12 +176,14 @@ def train_cell(
 ) -> dict[str, Any]:
     """Train the network with ``objective`` from ``seed`` and evaluate on the held-out classes.
 
-    Returns the cell's record (JSON-plain): metrics, loss per epoch, time,
-    memory, similarity histograms.
+    ``objective`` is a label: a registry name or a variant ``NAME[param=value,...]``
+    (``hparams`` already holds the variant's params).  Returns the cell's record
+    (JSON-plain): metrics, loss per epoch, time, memory, similarity histograms.
     """
     from losskit import metrics as M
 
-    spec = registry.spec(objective)
+    name = base_name(objective)
+    spec = registry.spec(name)
     input_shape = tuple(split.train_x.shape[1:])
     model = build_model(cfg.model, input_shape, cfg.embedding_dim, seed).to(device)
     kwargs = dict(hparams)
@@ -191,7 +193,7 @@ def train_cell(
         kwargs["embedding_dim"] = cfg.embedding_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7919)
-        loss_fn = registry.get(objective, **kwargs)
+        loss_fn = registry.get(name, **kwargs)
     if isinstance(loss_fn, nn.Module):
         loss_fn = loss_fn.to(device)
         extra = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -273,6 +275,7 @@ def train_cell(
 
     return {
         "objective": objective,
+        "name": name,
         "seed": seed,
         "hparams": {k_: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v))
                     for k_, v in hparams.items()},
