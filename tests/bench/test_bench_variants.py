@@ -238,3 +238,19 @@ def test_chunked_and_sampled_heads_train_like_dense_on_digits(tmp_path):
         assert c["metrics"]["map@r"] == pytest.approx(dense["metrics"]["map@r"], abs=1e-3)
     assert cells["arcface[head=sampled]"]["epoch_loss"] == cells["arcface"]["epoch_loss"]
     assert cells["arcface[head=sampled]"]["metrics"] == cells["arcface"]["metrics"]
+
+
+def test_sharded_head_runs_inside_an_initialised_process_group(tmp_path, tiny):
+    # one gloo rank owns every class: the sharded head then trains like the single-process heads
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        labels = ["arcface[head=sharded]", "arcface[head=dense]"]
+        run = run_bench(_cfg(labels, seeds=1, epochs=1), tmp_path / "r", progress=False, plots=False, log=_quiet,
+                        split=tiny)
+    finally:
+        dist.destroy_process_group()
+    assert run.complete and not run.failed
+    sharded, dense = (next(c for c in run.cells if c["objective"] == lbl) for lbl in labels)
+    assert sharded["epoch_loss"][0] == pytest.approx(dense["epoch_loss"][0], rel=1e-4)
