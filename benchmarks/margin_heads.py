@@ -13,10 +13,22 @@ Contenders (ArcFace, s = 64, m = 0.5, D = 512):
 * ``pml``     -- pytorch-metric-learning's ``ArcFaceLoss``.
 
 Method.  Every (B, C, contender) runs in its own child process, so peaks do
-not mix.  Peak memory = ``ru_maxrss`` (the process's resident high-water
-mark) minus the resident size measured after imports and before any tensor
-is allocated; it therefore counts weights, gradients, embeddings and every
-temporary.  The memory floor is ``W + grad W + embeddings`` (fp32).  Time =
+not mix.  Two memory measures, both against the memory floor
+``W + grad W + embeddings`` (fp32):
+
+* **RSS peak** = ``ru_maxrss`` (the process's resident high-water mark over
+  the warm-up and timed steps) minus the resident size measured after
+  imports and before any tensor is allocated.  It counts weights, gradients,
+  embeddings, every temporary, and also what is not the contender's tensors:
+  the code pages of the kernels a step touches for the first time (the
+  ``file`` column: growth of ``RssFile``), MKL's GEMM workspace and glibc
+  heap retention.
+* **tensor peak** = bytes of the tensors alive before the step (weights,
+  embeddings; the floor's upstream gradient) plus the peak of the running
+  sum of torch's CPU allocation events during one more step, recorded by
+  ``torch.profiler`` after the timed steps (the CPU analogue of
+  ``torch.cuda.max_memory_allocated``; allocator caching, library
+  workspaces and code pages excluded).  Time =
 median over ``--reps`` forward+backward steps after ``--warmup`` steps, with
 gradients reset to None before each step (as ``zero_grad(set_to_none=True)``),
 so each step allocates its gradients like a training step.  Configurations
@@ -53,6 +65,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_file_bytes() -> int:
+    """Resident file-backed pages (shared-library code touched so far)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def estimate_bytes(contender: str, B: int, C: int, D: int, rate: float) -> int:
     """Rough working-set estimate used only to skip configurations."""
     w = C * D * 4
@@ -81,17 +102,21 @@ def child(args) -> None:
     import losskit  # noqa: F401  (import cost before the baseline)
     if args.contender == "pml":
         import pytorch_metric_learning.losses as pml
-    base = _rss_bytes()
+    from losskit.bench.train import measure_step_memory
+
+    base, base_file = _rss_bytes(), _rss_file_bytes()
     B, C, D = args.B, args.C, args.dim
     torch.manual_seed(0)
     x = torch.randn(B, D, requires_grad=True)
     y = torch.randint(0, C, (B,))
     params = [x]
+    extra_live = []
     if args.contender == "floor":
         W = torch.randn(C, D, requires_grad=True) * 1.0
         W = W.detach().requires_grad_(True)
         g = torch.randn(B, C)
         params.append(W)
+        extra_live = [g]
 
         def step():
             (x @ W.t()).backward(g)
@@ -119,7 +144,14 @@ def child(args) -> None:
         if i >= args.warmup:
             times.append(dt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times": times, "peak": peak - base, "threads": torch.get_num_threads()}))
+    file_growth = _rss_file_bytes() - base_file
+    # one more step under the profiler, after the RSS high-water mark was read
+    for p in params:
+        p.grad = None
+    live = sum(t.numel() * t.element_size() for t in params + extra_live)
+    tensor_mb, _ = measure_step_memory(step, live)
+    print(json.dumps({"times": times, "peak": peak - base, "file": file_growth, "tensor_peak": tensor_mb * 2 ** 20,
+                      "threads": torch.get_num_threads()}))
 
 
 def run_child(B, C, contender, args) -> dict:
@@ -171,8 +203,9 @@ def main(argv=None) -> None:
           f"threads: {args.threads or 'torch default'}; warmup {args.warmup}, reps {args.reps} (median); "
           f"chunk {args.chunk or 'auto'}; sample_rate {args.sample_rate}")
     print()
-    print("| B | C | contender | time (s) | x floor time | peak (GiB) | x memory floor | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| B | C | contender | time (s) | x floor time | RSS peak (GiB) | x memory floor | file (MiB) "
+          "| tensor peak (GiB) | x memory floor | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     load0 = f"{os.getloadavg()[0]:.1f}"
     for B in args.batch:
@@ -194,17 +227,19 @@ def main(argv=None) -> None:
                         floor_t = t
                     ratio_t = f"{t / floor_t:.2f}" if floor_t else "-"
                     print(f"| {B} | {C} | {c} | {t:.2f} | {ratio_t} | {res['peak'] / GIB:.3f} | "
-                          f"{res['peak'] / floor_mem:.2f} | |", flush=True)
+                          f"{res['peak'] / floor_mem:.2f} | {res['file'] / 2 ** 20:.0f} | "
+                          f"{res['tensor_peak'] / GIB:.3f} | {res['tensor_peak'] / floor_mem:.2f} | |", flush=True)
                 else:
                     note = res.get("skipped") or res.get("error")
-                    print(f"| {B} | {C} | {c} | - | - | - | - | {note} |", flush=True)
+                    print(f"| {B} | {C} | {c} | - | - | - | - | - | - | - | {note} |", flush=True)
             pm = row.get("pml", {})
             for name in ("chunked", "fused"):
                 ch = row.get(name, {})
                 if "times" in ch and "times" in pm:
                     tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
                     print(f"| {B} | {C} | pml / {name} | {tp / tc:.2f}x time | | "
-                          f"{pm['peak'] / ch['peak']:.2f}x memory | | |", flush=True)
+                          f"{pm['peak'] / ch['peak']:.2f}x RSS | | | "
+                          f"{pm['tensor_peak'] / ch['tensor_peak']:.2f}x tensor | | |", flush=True)
     print(f"\n(memory floor = W + grad W + embeddings in fp32; 1 GiB = 2^30 bytes; "
           f"{os.cpu_count()} CPU cores, shared with other work; load average at start {load0}, "
           f"at end {os.getloadavg()[0]:.1f})")
