@@ -327,3 +327,52 @@ def test_fused_frozen_weight_or_fixed_embeddings(count_fused):
         gw.append(m.weight.grad)
     _close(gw[1], gw[0], "grad W, fixed embeddings")
     assert len(count_fused) == 2
+
+
+@pytest.mark.parametrize("tile", [1, 4, 97])
+def test_fused_class_tiles_equal_dense(tile, monkeypatch, count_fused):
+    """The fixed-reference path works in class tiles: many small tiles, a last partial tile,
+    targets in different tiles, repeated classes and ignored rows give the dense numbers."""
+    monkeypatch.setattr(fused_mod, "_TILE", tile)
+    x, y, w = _data(seed=5)
+    for name, kw in [("arcface", {}), ("cosface", {}), ("unpg", {"whisker": 1.0}), ("elastic-arcface", {"plus": True})]:
+        dense, fused = _pair(name, kw, "mean")
+        for weights in (None, w):
+            a = _run(dense, x, y, weights)
+            b = _run(fused, x, y, weights)
+            for u, v, what in zip(b, a, ("loss", "grad x", "grad W")):
+                _close(u, v, f"tile {tile} {name} w={weights is not None} {what}")
+    assert len(count_fused) == 8
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3])
+def test_fused_underflow_rows_across_tiles(tile, monkeypatch):
+    """Rows whose every non-target logit underflows under the fixed reference are redone with
+    their own maximum; their tiles, row sums and input gradients are all replaced."""
+    monkeypatch.setattr(fused_mod, "_TILE", tile)
+    redone = []
+    orig_block = fused_mod._block
+
+    def block(*a, **k):
+        if a[6] is None:                # ref2=None: the row-maximum recomputation
+            redone.append(a[0].shape[0])
+        return orig_block(*a, **k)
+
+    monkeypatch.setattr(fused_mod, "_block", block)
+    W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.05], [-1.0, -0.05], [-0.6, -0.8]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [-0.6, -0.8]])
+    y = torch.tensor([0, 1, 0, 4])
+    for name in ("cosface", "arcface"):
+        res = []
+        for h in ("dense", "fused"):
+            m = losskit.get(name, num_classes=5, embedding_dim=2, head=h)
+            m.row_chunk_size = 3
+            m.weight.data.copy_(W)
+            xx = x.clone().requires_grad_(True)
+            out = m(xx, y)
+            out.backward()
+            res.append((out.detach(), xx.grad, m.weight.grad))
+        for u, v in zip(*res):
+            assert torch.isfinite(u).all()
+            _close(u, v, f"tile {tile} {name}")
+    assert sum(redone) == 2                 # row 0 of the first block, once per loss
