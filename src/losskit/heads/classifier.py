@@ -46,6 +46,7 @@ __all__ = ["MarginHead", "HEADS", "select_sampled_classes"]
 HEADS = ("auto", "dense", "chunked", "fused", "sampled", "sharded")
 AUTO_DENSE_MAX = 2 ** 22
 AUTO_CHUNK_ELEMS = 2 ** 21
+AUTO_CHUNK_WEIGHT_ELEMS = 2 ** 19
 
 
 def select_sampled_classes(labels: Tensor, num_classes: int, sample_rate: float,
@@ -97,11 +98,16 @@ class MarginHead(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def _chunk(self, batch: int) -> int:
-        """``chunk_size``, or automatically about 2M logits per chunk
-        (``B x chunk``, 8 MiB in fp32), between 1024 and 8192 classes."""
+        """``chunk_size``, or automatically: a weight chunk of at most 2^19
+        elements (2 MiB in fp32, so it stays in cache between the products
+        that read it) and at most 2^21 logits (``B x chunk``, 8 MiB), between
+        256 and 8192 classes.  On the project's CPU (C = 100k, D = 512, one
+        thread) 1024 classes per chunk was the fastest or within 3% of it at
+        B = 64 to 1024 (B = 256: 1.37 s against 1.56 s with 8192)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1024, min(DEFAULT_CHUNK, AUTO_CHUNK_ELEMS // max(batch, 1)))
+        dim = max(self.embedding_dim, 1)
+        return max(256, min(DEFAULT_CHUNK, AUTO_CHUNK_WEIGHT_ELEMS // dim, AUTO_CHUNK_ELEMS // max(batch, 1)))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, head={self.head!r}, "
