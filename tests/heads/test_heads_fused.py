@@ -194,24 +194,29 @@ def test_fused_bf16_autocast_scale64_no_nan():
     assert torch.isfinite(out) and xh.grad.dtype == torch.bfloat16 and torch.isfinite(xh.grad.float()).all()
 
 
+def _fused_matches_dense_on(name, W, x, y, rows):
+    """Loss, grad x and grad W of the fused head equal the dense head's for weights W."""
+    res = []
+    for h in ("dense", "fused"):
+        m = losskit.get(name, num_classes=W.shape[0], embedding_dim=W.shape[1], head=h)
+        m.row_chunk_size = rows
+        m.weight.data.copy_(W)
+        xx = x.clone().requires_grad_(True)
+        out = m(xx, y)
+        out.backward()
+        res.append((out.detach(), xx.grad, m.weight.grad))
+    for u, v in zip(*res):
+        assert torch.isfinite(u).all()
+        _close(u, v, name)
+
+
 def test_fused_underflow_rows_and_huge_logits():
     # every non-target cosine near -1: exp(64 cos - 64) underflows -> row-maximum reference
     W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.05], [-1.0, -0.05]])
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     y = torch.tensor([0, 1, 0])
     for name in ("cosface", "cfcd", "arcface"):
-        res = []
-        for h in ("dense", "fused"):
-            m = losskit.get(name, num_classes=4, embedding_dim=2, head=h)
-            m.row_chunk_size = 2
-            m.weight.data.copy_(W)
-            xx = x.clone().requires_grad_(True)
-            out = m(xx, y)
-            out.backward()
-            res.append((out.detach(), xx.grad, m.weight.grad))
-        for u, v in zip(*res):
-            assert torch.isfinite(u).all()
-            _close(u, v, name)
+        _fused_matches_dense_on(name, W, x, y, rows=2)
     m = losskit.get("cosface", num_classes=50, embedding_dim=50, scale=64.0, margin=0.0, head="fused")
     with torch.no_grad():
         m.weight.copy_(torch.eye(50) * 1e3)
@@ -363,16 +368,5 @@ def test_fused_underflow_rows_across_tiles(tile, monkeypatch):
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [-0.6, -0.8]])
     y = torch.tensor([0, 1, 0, 4])
     for name in ("cosface", "arcface"):
-        res = []
-        for h in ("dense", "fused"):
-            m = losskit.get(name, num_classes=5, embedding_dim=2, head=h)
-            m.row_chunk_size = 3
-            m.weight.data.copy_(W)
-            xx = x.clone().requires_grad_(True)
-            out = m(xx, y)
-            out.backward()
-            res.append((out.detach(), xx.grad, m.weight.grad))
-        for u, v in zip(*res):
-            assert torch.isfinite(u).all()
-            _close(u, v, f"tile {tile} {name}")
+        _fused_matches_dense_on(name, W, x, y, rows=3)
     assert sum(redone) == 2                 # row 0 of the first block, once per loss

@@ -131,12 +131,10 @@ def _literal(text: str) -> Any:
 _CLOSING = {"(": ")", "[": "]", "{": "}"}
 
 
-def _scan(text: str, what: str, stop: str | None = None):
-    """Yield ``(index, char)`` for every character of ``text`` outside quotes and brackets
-    (``()[]{}``); unbalanced brackets or an open quote raise a BenchConfigError naming ``text``.
-    With ``stop``, scanning ends at the first such occurrence of that character (the rest of
-    the text is not checked)."""
-    stack: list[str] = []
+def _walk(text: str, what: str):
+    """Yield ``(index, char, quoted)`` for every character of ``text``; ``quoted`` is True
+    inside a quoted string, its quotes included (backslash escapes honoured).  An unclosed
+    quote raises a BenchConfigError naming ``text`` once the walk reaches the end."""
     quote = None
     escaped = False
     for i, ch in enumerate(text):
@@ -147,10 +145,26 @@ def _scan(text: str, what: str, stop: str | None = None):
                 escaped = True
             elif ch == quote:
                 quote = None
-            continue
-        if ch in "'\"":
+            yield i, ch, True
+        elif ch in "'\"":
             quote = ch
-        elif ch in _CLOSING:
+            yield i, ch, True
+        else:
+            yield i, ch, False
+    if quote:
+        raise BenchConfigError(f"{what}: unclosed quote {quote} in {text!r}")
+
+
+def _scan(text: str, what: str, stop: str | None = None):
+    """Yield ``(index, char)`` for every character of ``text`` outside quotes and brackets
+    (``()[]{}``); unbalanced brackets or an open quote raise a BenchConfigError naming ``text``.
+    With ``stop``, scanning ends at the first such occurrence of that character (the rest of
+    the text is not checked)."""
+    stack: list[str] = []
+    for i, ch, quoted in _walk(text, what):
+        if quoted:
+            continue
+        if ch in _CLOSING:
             stack.append(_CLOSING[ch])
         elif ch in ")]}":
             if not stack or stack.pop() != ch:
@@ -159,8 +173,6 @@ def _scan(text: str, what: str, stop: str | None = None):
             yield i, ch
             if ch == stop:
                 return
-    if quote:
-        raise BenchConfigError(f"{what}: unclosed quote {quote} in {text!r}")
     if stack:
         raise BenchConfigError(f"{what}: missing {stack[-1]!r} in {text!r}")
 
@@ -178,24 +190,9 @@ def split_objectives(text: str) -> list[str]:
     return [part.strip() for part in _split_top(text, ",", "--objectives") if part.strip()]
 
 
-def _squeeze(text: str) -> str:
+def _squeeze(text: str, what: str) -> str:
     """``text`` without whitespace outside quotes."""
-    out, quote, escaped = [], None, False
-    for ch in text:
-        if quote:
-            out.append(ch)
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-            out.append(ch)
-        elif not ch.isspace():
-            out.append(ch)
-    return "".join(out)
+    return "".join(ch for _, ch, quoted in _walk(text, what) if quoted or not ch.isspace())
 
 
 def parse_objective(label: str) -> tuple[str, dict[str, str]]:
@@ -207,7 +204,7 @@ def parse_objective(label: str) -> tuple[str, dict[str, str]]:
     naming the label.
     """
     what = f"objective {label!r}"
-    s = _squeeze(str(label))
+    s = _squeeze(str(label), what)
     usage = f"{what}: expected NAME or NAME[param=value,...] (e.g. arcface[head=chunked,margin=0.4])"
     i = s.find("[")
     name, rest = (s, "") if i < 0 else (s[:i], s[i:])
@@ -236,18 +233,11 @@ def parse_objective(label: str) -> tuple[str, dict[str, str]]:
 
 def _matching_bracket(text: str, what: str) -> int:
     """Index of the bracket closing ``text[0]`` (``text`` starts with ``[``)."""
-    depth, quote, escaped = 0, None, False
-    for i, ch in enumerate(text):
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
+    depth = 0
+    for i, ch, quoted in _walk(text, what):
+        if quoted:
+            continue
+        if ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1
