@@ -82,11 +82,16 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
         ax.set_xlim(-1, 1)
         ax.tick_params(labelsize=7)
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(order):]:
-        ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title + "\ncosine similarity of all held-out pairs, genuine (same class) vs impostor;\n"
-                 "densities, seeds pooled", fontsize=10)
+    _finish_grid(plt, fig, axes, len(order), path, title + "\ncosine similarity of all held-out pairs, genuine "
+                 "(same class) vs impostor;\ndensities, seeds pooled")
+
+
+def _finish_grid(plt, fig, axes, used: int, path: Path, suptitle: str) -> None:
+    """Hide the grid's unused panels, title the figure, save and close it."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(suptitle, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -107,12 +112,8 @@ def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("train loss", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(order):]:
-        ax.axis("off")
-    fig.suptitle(title + "\ntraining loss per epoch (mean over seeds, band = std);\n"
-                 "each objective on its own scale", fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_grid(plt, fig, axes, len(order), path, title + "\ntraining loss per epoch (mean over seeds, "
+                 "band = std);\neach objective on its own scale")
 
 
 def _cost(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -8,24 +8,5 @@ for row-wise values, and ``margin(a, b)`` -- how much ``a`` is farther than
 ``b`` in this distance's direction (``b - a`` for a similarity).
 """
 
-from losskit.distances.base import (
-    BaseDistance,
-    CosineSimilarity,
-    DotProductSimilarity,
-    EuclideanDistance,
-    SquaredEuclideanDistance,
-    get_distance,
-    DISTANCES,
-    default_chunk_size,
-)
-
-__all__ = [
-    "BaseDistance",
-    "CosineSimilarity",
-    "DotProductSimilarity",
-    "EuclideanDistance",
-    "SquaredEuclideanDistance",
-    "get_distance",
-    "DISTANCES",
-    "default_chunk_size",
-]
+from losskit.distances.base import *  # noqa: F401,F403  (the public names are base's __all__)
+from losskit.distances.base import __all__  # noqa: F401

@@ -221,23 +221,14 @@ class MarginHead(nn.Module):
                     lg = (cos[r] * s).scatter(1, yc[r][:, None], float("-inf"))
                     return torch.logsumexp(lg, 1)
 
-            c0 = cos_y.detach()
+            scale = float(self.policy.prepare(cos_y.detach()[valid].clamp(-1.0, 1.0), training=self.training,
+                                              nontarget_lse=nt_lse))
         else:
-            ly = torch.where(valid, yc, torch.full_like(yc, -1))
-            with torch.no_grad():   # phase 1 needs the target cosines without gradient
-                w0 = weight[yc].to(xn.dtype)
-                w0 = w0 / torch.linalg.vector_norm(w0, dim=1, keepdim=True).clamp_min(1e-12)
-                c0 = torch.linalg.vecdot(xn.detach(), w0)
-
-            def nt_lse(rows: Tensor, s: float) -> Tensor:
-                r = vrows[rows]
-                return nontarget_lse_nograd(xn[r], weight, ly[r], s, self._chunk(xn.shape[0]))
-
-        scale = float(self.policy.prepare(c0[valid].clamp(-1.0, 1.0), training=self.training,
-                                          nontarget_lse=nt_lse))
+            scale = self._prepare_chunked(xn, weight, y)
         extra = self._extra(xn, y, scale)
         if mode != "dense":
             # chunked: the kernel returns the non-target LSE and the target cosine
+            ly = torch.where(valid, yc, torch.full_like(yc, -1))
             n, cos_y = nontarget_lse(xn, weight, ly, scale, self._chunk(xn.shape[0]), return_target=True)
             cos_y = cos_y.clamp(-1.0, 1.0)
         psi_v = self.policy.target(cos_y[valid])
