@@ -4,7 +4,10 @@
     >>> loss = losskit.get("softmax", num_classes=10, embedding_dim=64)
 """
 
-from losskit.registry import Paper, get, names, register, spec, specs
+from losskit.core.checks import set_tensor_checks, tensor_checks
+from losskit.core.context import PairReference, PreferenceBatch
+from losskit.core.registry import KINDS, Paper, get, names, register, spec, specs
 
 __version__ = "0.1.0"
-__all__ = ["Paper", "get", "names", "register", "spec", "specs", "__version__"]
+__all__ = ["KINDS", "Paper", "PairReference", "PreferenceBatch", "get", "names", "register", "set_tensor_checks",
+           "spec", "specs", "tensor_checks", "__version__"]

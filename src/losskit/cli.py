@@ -12,7 +12,7 @@ from losskit.docs import add_docs_parser
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = registry.specs(family=args.family)
+    rows = registry.specs(family=args.family, kind=None if args.kind == "all" else args.kind)
     if args.json:
         print(json.dumps([s.to_json() for s in rows], indent=2))
         return 0
@@ -22,13 +22,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def format_table(rows) -> str:
     """The registry as a plain-text table (also used for the docs)."""
-    head = ("name", "family", "task", "paper", "hyperparameters (defaults)")
+    head = ("name", "kind", "family", "paper", "hyperparameters (defaults)")
     body = []
     for s in rows:
         paper = f"{s.paper.title[:48]} ({s.paper.year})" if s.paper else "-"
         hp = ", ".join(f"{k}={v!r}" for k, v in s.hparams.items() if k != "reduction")
         req = ", ".join(s.required)
-        body.append((s.name, s.family, s.task, paper, "; ".join(p for p in (req, hp) if p)))
+        body.append((s.name, s.kind, s.family, paper, "; ".join(p for p in (req, hp) if p)))
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [head, *body]]
     lines.insert(1, "-" * min(140, len(lines[0])))
@@ -38,9 +38,11 @@ def format_table(rows) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="losskit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    pl = sub.add_parser("list", help="print the registry of objectives")
+    pl = sub.add_parser("list", help="print the registry (objectives, weighters, optimizers, schedulers, recipes, ...)")
     pl.add_argument("--json", action="store_true", help="emit the registry as JSON")
     pl.add_argument("--family", default=None, choices=sorted(registry.FAMILIES))
+    pl.add_argument("--kind", default="all", choices=["all", *registry.KINDS],
+                    help="only entries of this kind (default: every kind)")
     pl.set_defaults(func=_cmd_list)
     add_bench_parser(sub)
     add_docs_parser(sub)

@@ -322,7 +322,7 @@ def unbenchable_objectives() -> dict[str, list[str]]:
 
 def _spec(name: str, where: str = ""):
     try:
-        return registry.spec(name)
+        return registry.spec(name, kind="objective")
     except KeyError as e:
         raise BenchConfigError(f"{where}{e.args[0]}") from None
 
