@@ -208,12 +208,14 @@ def test_a_new_loss_is_its_formula_plus_a_registration():
     @registry.register("test-squared-po", family="preference", task="preference")
     class Squared(PreferenceObjective):
         fn = staticmethod(squared)
-
-        def __init__(self, beta: float = 1.0, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                     reduction: str = "mean"):
-            super().__init__()
+        defaults = {"beta": 1.0}
 
     try:
+        s = registry.spec("test-squared-po")
+        assert s.hparams == {"beta": 1.0, "length_normalize": False, "nll_weight": 0.0, "reduction": "mean"}
+        assert Squared(3.0).beta == 3.0 and Squared(reduction="sum").hparams["reduction"] == "sum"
+        with pytest.raises(TypeError, match="Squared: got an unexpected keyword argument 'gamma'"):
+            Squared(gamma=1.0)
         x = pairs()
         h = (x[0] - x[2]) - (x[1] - x[3])
         got = losskit.get("test-squared-po", beta=2.0, reduction="none")(*x)
@@ -247,3 +249,18 @@ def test_forward_makes_no_host_sync_with_checks_off(name, monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, boom)
     with pytest.raises(AssertionError, match="host synchronisation"):
         loss(*x, **lengths, **kw)
+
+
+def test_unregistered_subclass_with_explicit_init_and_plain_construction():
+    class Plain(PreferenceObjective):
+        fn = staticmethod(P.dpo_loss)
+
+        def __init__(self, beta=0.5):
+            super().__init__(beta=beta)
+
+    p = Plain()
+    assert p.hparams == {"beta": 0.5} and p.beta == 0.5
+    x = pairs()
+    torch.testing.assert_close(p(*x), P.dpo_loss(PreferenceBatch(*x), beta=0.5))
+    with pytest.raises(ValueError, match="beta: expected a value > 0.0, got -1.0"):
+        Plain(-1.0)

@@ -238,18 +238,8 @@ class PreferenceBatch:
     def _c(self, t: Tensor) -> Tensor:
         return t.to(self.compute_dtype)
 
-    @property
-    def pc(self) -> Tensor:
-        return self._c(self.policy_chosen_logps)
-
-    @property
-    def pr(self) -> Tensor:
-        return self._c(self.policy_rejected_logps)
-
-    @property
-    def rc(self) -> Tensor:
-        return self._c(self.ref_chosen_logps)
-
-    @property
-    def rr(self) -> Tensor:
-        return self._c(self.ref_rejected_logps)
+    # the four log-probabilities in the compute dtype
+    pc = property(lambda self: self._c(self.policy_chosen_logps))
+    pr = property(lambda self: self._c(self.policy_rejected_logps))
+    rc = property(lambda self: self._c(self.ref_chosen_logps))
+    rr = property(lambda self: self._c(self.ref_rejected_logps))

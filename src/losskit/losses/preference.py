@@ -23,16 +23,19 @@ sample_weight=, reduction=)``) plus::
     @register("my-po", family="preference", task="preference", paper=...)
     class MyPOLoss(PreferenceObjective):
         fn = staticmethod(my_po_loss)
+        defaults = {"beta": 0.1, "gamma": 0.5}     # its own hyperparameters, in signature order
 
-        def __init__(self, beta: float = 0.1, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                     reduction: str = "mean"):
-            super().__init__()   # validates self.hparams (captured by the registry) and stores them
+The class gets ``__init__(self, beta=0.1, gamma=0.5, length_normalize=False,
+nll_weight=0.0, reduction='mean')``: its ``defaults`` followed by
+:data:`SHARED_DEFAULTS` (a loss may override a shared default, as ``ipo``
+does ``length_normalize``).  The registry reads the hyperparameters from that
+signature, so they are written once, here.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +44,7 @@ from losskit.core.context import PreferenceBatch
 from losskit.core.registry import Paper, register
 from losskit.functional import preference as P
 
-__all__ = ["PreferenceObjective", "DPOLoss", "HingePreferenceLoss", "IPOLoss", "RobustDPOLoss", "MADPOLoss",
+__all__ = ["PreferenceObjective", "SHARED_DEFAULTS", "DPOLoss", "HingePreferenceLoss", "IPOLoss", "RobustDPOLoss", "MADPOLoss",
            "BetaDPOLoss"]
 
 DPO_PAPER = Paper("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", 2023, "2305.18290")
@@ -53,32 +56,61 @@ MADPO_PAPER = Paper("Margin Adaptive DPO: Leveraging Reward Model for Granular C
                     2025, "2510.05342")
 
 
+#: the hyperparameters every preference objective has, after its own ``defaults``
+SHARED_DEFAULTS: dict[str, Any] = {"length_normalize": False, "nll_weight": 0.0, "reduction": "mean"}
+
+
+def _init_from(defaults: dict[str, Any]) -> Callable[..., None]:
+    """An ``__init__`` whose signature is ``defaults`` then :data:`SHARED_DEFAULTS`."""
+    merged = {k: v for k, v in defaults.items() if k not in SHARED_DEFAULTS}
+    merged.update({k: defaults.get(k, v) for k, v in SHARED_DEFAULTS.items()})
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    sig = inspect.Signature([inspect.Parameter("self", kind)] +
+                            [inspect.Parameter(k, kind, default=v) for k, v in merged.items()])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        PreferenceObjective.__init__(self, **dict(list(bound.arguments.items())[1:]))
+
+    __init__.__signature__ = sig
+    return __init__
+
+
 class PreferenceObjective(nn.Module):
     """The one forward of every preference objective.
 
     Subclasses set ``fn`` (the functional form, called as
-    ``fn(batch, **hyperparameters, sample_weight=..., **inputs)``), declare
-    their hyperparameters in their ``__init__`` signature and call
-    ``super().__init__()``, which validates them (from ``self.hparams``, which
-    the registry captures, or from the keywords given) with
+    ``fn(batch, **hyperparameters, sample_weight=..., **inputs)``) and
+    ``defaults`` (their own hyperparameters; the class gets an ``__init__``
+    with those and :data:`SHARED_DEFAULTS`).  Construction validates every
+    hyperparameter once with
     :func:`~losskit.functional.preference.check_preference_hparams` and stores
-    each as an attribute.  ``inputs`` maps a loss's own per-call keywords to
-    ``(required, description)``; :meth:`compute` can be overridden for
-    stateful losses.
+    each as an attribute (``self.hparams`` holds the arguments as given).
+    ``inputs`` maps a loss's own per-call keywords to ``(required,
+    description)``; :meth:`compute` can be overridden, and :meth:`build_state`
+    registers the buffers of a stateful loss.
     """
 
-    fn: Callable[..., Tensor] | None = None
-    inputs: dict[str, tuple[bool, str]] = {}
+    fn: ClassVar[Callable[..., Tensor] | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+    inputs: ClassVar[dict[str, tuple[bool, str]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = _init_from(cls.defaults)
 
     def __init__(self, **hparams: Any):
         super().__init__()
-        if hparams:
+        if "hparams" not in self.__dict__:  # the registry captures them for registered classes
             object.__setattr__(self, "hparams", dict(hparams))
-        elif "hparams" not in self.__dict__:
-            raise TypeError(f"{type(self).__qualname__}: register the class (losskit.register) or pass its "
-                            "hyperparameters to PreferenceObjective.__init__(**hparams)")
         for k, v in P.check_preference_hparams(**self.hparams).items():
             setattr(self, k, v)
+        self.build_state()
+
+    def build_state(self) -> None:
+        """Register buffers (called once, after the hyperparameters are set); none by default."""
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -121,28 +153,22 @@ _BATCH_KEYWORDS = tuple(n for n, p in inspect.signature(PreferenceObjective.forw
                         if p.kind == p.KEYWORD_ONLY and n != "sample_weight")
 
 
-class _BetaObjective(PreferenceObjective):
-    """A preference objective whose only own hyperparameter is ``beta``."""
-
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__()
-
-
 @register("dpo", family="preference", task="preference", paper=DPO_PAPER,
           summary="DPO sigmoid loss -log sigma(beta h); ln 2 at zero margin.")
-class DPOLoss(_BetaObjective):
+class DPOLoss(PreferenceObjective):
     """Direct Preference Optimization: ``-log sigma(beta h - margin)`` (+ ``nll_weight`` NLL(y_w), RPO)."""
 
     fn = staticmethod(P.dpo_loss)
+    defaults = {"beta": 0.1}
 
 
 @register("hinge", family="preference", task="preference", paper=SLIC_PAPER,
           summary="SLiC hinge on the DPO log-ratio: max(0, 1 - beta h).")
-class HingePreferenceLoss(_BetaObjective):
+class HingePreferenceLoss(PreferenceObjective):
     """Hinge (SLiC / TRL ``hinge``): ``max(0, 1 - (beta h - margin))``; ``1/beta`` is the log-ratio margin."""
 
     fn = staticmethod(P.hinge_loss)
+    defaults = {"beta": 0.1}
 
 
 @register("ipo", family="preference", task="preference", paper=IPO_PAPER,
@@ -158,10 +184,7 @@ class IPOLoss(PreferenceObjective):
     """
 
     fn = staticmethod(P.ipo_loss)
-
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = None, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__()
+    defaults = {"beta": 0.1, "length_normalize": None}
 
 
 @register("robust", family="preference", task="preference", paper=RDPO_PAPER,
@@ -170,10 +193,7 @@ class RobustDPOLoss(PreferenceObjective):
     """rDPO: ``[-(1-eps) log sigma(z) + eps log sigma(-z)] / (1 - 2 eps)``, ``z = beta h - margin``."""
 
     fn = staticmethod(P.robust_dpo_loss)
-
-    def __init__(self, beta: float = 0.1, epsilon: float = 0.1, length_normalize: bool | None = False,
-                 nll_weight: float = 0.0, reduction: str = "mean"):
-        super().__init__()
+    defaults = {"beta": 0.1, "epsilon": 0.1}
 
 
 @register("madpo", family="preference", task="preference", paper=MADPO_PAPER,
@@ -186,12 +206,8 @@ class MADPOLoss(PreferenceObjective):
     """
 
     fn = staticmethod(P.madpo_loss)
+    defaults = {"beta": 0.1, "c_max": 2.0, "c_min": 0.5, "lam": 1.0, "tau": P.MADPO_TAU}
     inputs = {"reward_margin": (True, "a [B] tensor of reward-model margins r(y_w) - r(y_l)")}
-
-    def __init__(self, beta: float = 0.1, c_max: float = 2.0, c_min: float = 0.5, lam: float = 1.0,
-                 tau: float = P.MADPO_TAU, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__()
 
     def weights(self, reward_margin: Tensor) -> Tensor:
         return P.madpo_weights(reward_margin, self.c_max, self.c_min, self.lam, self.tau)
@@ -214,12 +230,11 @@ class BetaDPOLoss(PreferenceObjective):
     official code).  Pass ``generator=`` to ``forward`` for reproducible filtering.
     """
 
+    defaults = {"beta": 0.1, "alpha": 0.6, "keep_ratio": 0.8, "momentum": 0.1, "min_beta": 1e-3,
+                "official_gap": False}
     inputs = {"generator": (False, "a torch.Generator for reproducible filtering")}
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.6, keep_ratio: float = 0.8, momentum: float = 0.1,
-                 min_beta: float = 1e-3, official_gap: bool = False, length_normalize: bool | None = False,
-                 nll_weight: float = 0.0, reduction: str = "mean"):
-        super().__init__()
+    def build_state(self) -> None:
         self.register_buffer("gap_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("gap_std", torch.zeros((), dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
