@@ -232,8 +232,8 @@ def madpo_loss(batch: PreferenceBatch, reward_margin: Tensor, beta: float = 0.1,
     The NLL term (if any) is added unweighted by ``w``; ``sample_weight`` multiplies the total."""
     beta = check_hparam("beta", beta, **_RANGES["beta"])
     batch = _batch(batch)
-    check_vector(reward_margin, "reward_margin", batch.batch, batch.policy_chosen_logps, finite=False,
-                 what="reward-model margin r(y_w) - r(y_l) per pair")
+    check_vector(reward_margin, "reward_margin", batch.batch, batch.policy_chosen_logps, floating=False,
+                 finite=False, what="reward-model margin r(y_w) - r(y_l) per pair")
     w = madpo_weights(reward_margin, c_max, c_min, lam, tau).to(batch.compute_dtype)
     z = _offset(batch, beta * preference_logratio(batch, length_normalize))
     return _reduce(batch, w * -F.logsigmoid(z), nll_weight, sample_weight, reduction)
