@@ -35,7 +35,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from losskit._checks import reduce_loss
+from losskit.core.reduction import reduce_loss
 
 __all__ = ["EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss", "per_pair_grad_norms"]
 
