@@ -25,6 +25,8 @@ def naive_scores(x, metric):
             s[i] = (x @ x[i]) / (norms * norms[i])
         elif metric == "dot":
             s[i] = x @ x[i]
+        elif metric == "squared-euclidean":
+            s[i] = -((x - x[i]) ** 2).sum(1)
         else:
             s[i] = -np.sqrt(((x - x[i]) ** 2).sum(1))
     return s
@@ -154,7 +156,7 @@ def test_knn_faiss_matches_torch(metric):
     assert not bool((i2 == torch.arange(10)[:, None]).any())
 
 
-@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
 def test_recall_and_map_match_naive(metric):
     x, y = clustered(120, 5, c=15, spread=1.2, seed=3)
     ks = (1, 2, 4, 8)
@@ -164,6 +166,60 @@ def test_recall_and_map_match_naive(metric):
         assert got[k] == pytest.approx(want[k], abs=1e-12)
     assert precision_at_1(x, y, metric=metric) == pytest.approx(want[1], abs=1e-12)
     assert map_at_r(x, y, metric=metric, chunk_size=9) == pytest.approx(naive_map_at_r(x, y, metric), abs=1e-12)
+
+
+class _FakeFlat:
+    """faiss's flat indexes, in numpy: inner products or squared L2, best first."""
+
+    def __init__(self, d, l2):
+        self.l2, self.r = l2, None
+
+    def add(self, r):
+        self.r = r
+
+    def search(self, q, k):
+        if self.l2:
+            d = ((q[:, None, :] - self.r[None, :, :]) ** 2).sum(-1)
+            order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        else:
+            d = q @ self.r.T
+            order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d, order, 1).astype(np.float32), order.astype(np.int64)
+
+
+class _FakeFaiss:
+    @staticmethod
+    def IndexFlatIP(d):
+        return _FakeFlat(d, l2=False)
+
+    @staticmethod
+    def IndexFlatL2(d):
+        return _FakeFlat(d, l2=True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
+def test_knn_faiss_path_converts_every_distance(monkeypatch, metric):
+    import importlib
+
+    knn_mod = importlib.import_module("losskit.metrics.knn")
+    monkeypatch.setattr(knn_mod, "_faiss", lambda: _FakeFaiss)
+    x, _ = clustered(80, 6, seed=6)
+    x = x.float()
+    st, it = knn(x, k=4, metric=metric, backend="torch", chunk_size=16)
+    sf, i_f = knn(x, k=4, metric=metric, backend="faiss")
+    assert torch.equal(it, i_f)
+    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+    from losskit.distances import BaseDistance
+
+    class Manhattan(BaseDistance):  # a distance faiss's flat indexes do not compute
+        def _matrix(self, a, b):
+            return torch.cdist(a, b, p=1)
+
+    with pytest.raises(ValueError, match=r"metric: backend='faiss' supports .*got Manhattan"):
+        knn(x, k=2, metric=Manhattan(), backend="faiss")
+    s_auto, i_auto = knn(x, k=2, metric=Manhattan())  # 'auto' falls back to the torch backend
+    d = torch.cdist(x, x, p=1).fill_diagonal_(float("inf"))
+    torch.testing.assert_close(-s_auto, d.topk(2, largest=False).values)
 
 
 def test_ties_in_retrieval_follow_rule():
