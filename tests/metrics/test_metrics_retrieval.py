@@ -139,15 +139,19 @@ def test_knn_faiss_missing_is_clear():
         knn(torch.randn(5, 3), backend="faiss")
 
 
+def assert_faiss_agrees_with_torch(x, k, metric, chunk_size):
+    st, it = knn(x, k=k, metric=metric, backend="torch", chunk_size=chunk_size)
+    sf, i_f = knn(x, k=k, metric=metric, backend="faiss")
+    assert torch.equal(it, i_f)
+    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
-@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
 def test_knn_faiss_matches_torch(metric):
     x, _ = clustered(300, 12, seed=4)
     x = x.float()
-    st, it = knn(x, k=6, metric=metric, backend="torch", chunk_size=50)
-    sf, i_f = knn(x, k=6, metric=metric, backend="faiss")
-    assert torch.equal(it, i_f)
-    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+    assert_faiss_agrees_with_torch(x, 6, metric, 50)
     q = torch.randn(20, 12)
     assert torch.equal(knn(q, x, k=3, metric=metric, backend="torch")[1], knn(q, x, k=3, metric=metric, backend="faiss")[1])
     # duplicates: the query itself is still removed
@@ -204,17 +208,14 @@ def test_knn_faiss_path_converts_every_distance(monkeypatch, metric):
     knn_mod = importlib.import_module("losskit.metrics.knn")
     monkeypatch.setattr(knn_mod, "_faiss", lambda: _FakeFaiss)
     x, _ = clustered(80, 6, seed=6)
-    x = x.float()
-    st, it = knn(x, k=4, metric=metric, backend="torch", chunk_size=16)
-    sf, i_f = knn(x, k=4, metric=metric, backend="faiss")
-    assert torch.equal(it, i_f)
-    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+    assert_faiss_agrees_with_torch(x.float(), 4, metric, 16)
     from losskit.distances import BaseDistance
 
     class Manhattan(BaseDistance):  # a distance faiss's flat indexes do not compute
         def _matrix(self, a, b):
             return torch.cdist(a, b, p=1)
 
+    x = x.float()
     with pytest.raises(ValueError, match=r"metric: backend='faiss' supports .*got Manhattan"):
         knn(x, k=2, metric=Manhattan(), backend="faiss")
     s_auto, i_auto = knn(x, k=2, metric=Manhattan())  # 'auto' falls back to the torch backend

@@ -96,6 +96,16 @@ def _check_inputs(embeddings: Tensor, labels: Tensor, allow_nota: bool) -> None:
             raise ValueError(f"labels: expected {what}, got {mn}")
 
 
+def _episode_inputs(embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None,
+                    support_mask: Tensor | None, allow_nota: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """A support/query loss's inputs, validated once: ``(embeddings in the
+    working dtype, sample_weight, support mask)``."""
+    _check_inputs(embeddings, labels, allow_nota)
+    support = split_support_query(labels, support_mask)
+    x = embeddings.to(_work_dtype(embeddings))
+    return x, check_sample_weight(sample_weight, x.shape[0], x), support
+
+
 def _zeros(x: Tensor) -> Tensor:
     """``[B]`` zeros connected to the graph (nothing could be scored)."""
     return x.new_zeros(x.shape[0]) + zero_with_graph(x)
@@ -200,12 +210,9 @@ def proto_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5,
 def _proto_triplet(embeddings: Tensor, labels: Tensor, margin: float, negatives: str, dist: BaseDistance,
                    reduction: str, sample_weight: Tensor | None, support_mask: Tensor | None) -> Tensor:
     """:func:`proto_triplet_loss` on validated hyperparameters."""
-    _check_inputs(embeddings, labels, allow_nota=False)
-    support = split_support_query(labels, support_mask)
+    x, sw, support = _episode_inputs(embeddings, labels, sample_weight, support_mask, allow_nota=False)
     query = ~support
     with _no_autocast(embeddings):
-        x = embeddings.to(_work_dtype(embeddings))
-        sw = check_sample_weight(sample_weight, x.shape[0], x)
         classes, protos, _ = class_prototypes(x[support], labels[support])
         C = classes.shape[0]
         if C >= 2:
@@ -428,12 +435,9 @@ def gpam_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5, radius: f
 def _gpam_loss(embeddings, labels, margin, radius, shrinkage, min_var, reduction, sample_weight,
                support_mask) -> Tensor:
     """:func:`gpam_loss` on validated hyperparameters."""
-    _check_inputs(embeddings, labels, allow_nota=True)
-    support = split_support_query(labels, support_mask)
+    x, sw, support = _episode_inputs(embeddings, labels, sample_weight, support_mask, allow_nota=True)
     query = ~support
     with _no_autocast(embeddings):
-        x = embeddings.to(_work_dtype(embeddings))
-        sw = check_sample_weight(sample_weight, x.shape[0], x)
         classes, means, var = gaussian_prototypes(x[support], labels[support], shrinkage, min_var)
         if classes.numel() > 0:
             d, r = gpam_distances(x, means, var, radius)  # [B, C]; support rows are masked below

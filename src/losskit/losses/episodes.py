@@ -34,13 +34,22 @@ SUSANA = Paper(
     2023,
     "2305.09062",
 )
+
+
 GPAM = Paper("Few-shot Open Relation Extraction with Gaussian Prototype and Adaptive Margin", 2024, "2410.20320")
+
+
+class _EpisodeLoss(nn.Module):
+    """The episode losses' shared repr: the captured hyperparameters (``self.hparams``)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
 
 @register("proto-triplet", family="pair", task="embedding", paper=SUSANA,
           summary="Triplet hinge between a query, its class prototype and the other prototypes "
                   "(support/query split inside the batch).")
-class ProtoTripletLoss(nn.Module):
+class ProtoTripletLoss(_EpisodeLoss):
     """Proto-Triplet loss: ``[d(q, c_y) - d(q, c_k) + margin]_+`` averaged over
     the other prototypes ``k`` (``negatives='all'``) or against the nearest one
     (``negatives='hardest'``, the authors' code).  Margin 0.5 is the authors'
@@ -59,14 +68,12 @@ class ProtoTripletLoss(nn.Module):
         return _proto_triplet(embeddings, labels, self.margin, self.negatives, self.distance,
                               self.reduction, sample_weight, support_mask)
 
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, negatives={self.negatives!r}, distance={self.distance!r}"
 
 
 @register("icnn", family="pair", task="embedding", paper=SUSANA,
           summary="1 - ICNN: the inter/intra-class nearest-neighbour score (k = 4) with soft "
                   "neighbour membership.")
-class ICNNLoss(nn.Module):
+class ICNNLoss(_EpisodeLoss):
     """ICNN loss ``1 - ICNN``, ``ICNN = (lambda + gamma + omega) / 3`` over the
     ``k`` nearest neighbours of every anchor, relaxed with sigmoid neighbour
     weights of relative temperature ``tau``.  ``omega=False`` gives the
@@ -88,14 +95,12 @@ class ICNNLoss(nn.Module):
         """The exact ICNN score in [0, 1] (hard neighbours); NaN when no anchor counts."""
         return _icnn_score(embeddings, labels, self.k, 0.0, self.omega, self.anchors, support_mask)
 
-    def extra_repr(self) -> str:
-        return f"k={self.k}, tau={self.tau}, omega={self.omega}, anchors={self.anchors!r}"
 
 
 @register("gpam", family="pair", task="embedding", paper=GPAM,
           summary="Gaussian prototypes (diagonal, shrunk covariance) with class ranges and "
                   "none-of-the-above (label -1) support.")
-class GPAMLoss(nn.Module):
+class GPAMLoss(_EpisodeLoss):
     """GPAM boundary loss ``[d_y - r_y + m]_+ + sum_{k != y} [r_k + m - d_k]_+``
     with Gaussian class distance ``d_k`` and range ``r_k``; rows labelled ``-1``
     (none of the above / negatives) use only the second term.  :meth:`predict`
@@ -116,6 +121,3 @@ class GPAMLoss(nn.Module):
         """Class id per query, or -1 (none of the above)."""
         return _gpam_predict(queries, support, support_labels, self.radius, self.shrinkage, self.min_var)
 
-    def extra_repr(self) -> str:
-        return (f"margin={self.margin}, radius={self.radius}, shrinkage={self.shrinkage}, "
-                f"min_var={self.min_var}")

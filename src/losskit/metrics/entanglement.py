@@ -35,6 +35,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from losskit.core.checks import check_finite
 from losskit.core.reduction import reduce_loss
 
 __all__ = ["EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss", "per_pair_grad_norms"]
@@ -56,8 +57,7 @@ def _check_logps(chosen_logps: Tensor, rejected_logps: Tensor) -> int:
         if not t.requires_grad:
             raise ValueError(f"{name}: expected a tensor attached to the model's graph (requires_grad=True); "
                              "compute it without torch.no_grad()")
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: expected finite log-probabilities, got NaN or inf")
+        check_finite(t, name, "log-probabilities")
     if chosen_logps.shape != rejected_logps.shape:
         raise ValueError(f"rejected_logps: expected shape {list(chosen_logps.shape)} (as chosen_logps), "
                          f"got {list(rejected_logps.shape)}")
