@@ -35,7 +35,6 @@ SUSANA = Paper(
     "2305.09062",
 )
 
-
 GPAM = Paper("Few-shot Open Relation Extraction with Gaussian Prototype and Adaptive Margin", 2024, "2410.20320")
 
 
