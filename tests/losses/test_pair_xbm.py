@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import losskit
+from losskit.core.context import PairReference
 from losskit.functional.multi_similarity import multi_similarity_loss
 from losskit.losses.xbm import CrossBatchMemory
 
@@ -25,7 +26,7 @@ def test_xbm_matches_loss_against_queue():
     mem_labels = torch.cat([y2[4:], y1[4:], y2[:4]])
     self_index = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3])
     want = multi_similarity_loss(x2, y2, lam=0.5) + multi_similarity_loss(
-        x2, y2, lam=0.5, ref_embeddings=mem, ref_labels=mem_labels, self_index=self_index)
+        x2, y2, lam=0.5, reference=PairReference(mem, mem_labels, self_index=self_index))
     torch.testing.assert_close(out2, want)
     torch.testing.assert_close(xbm.memory, mem)
     assert xbm.filled == 12 and xbm.ptr == 4
