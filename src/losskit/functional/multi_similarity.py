@@ -72,10 +72,11 @@ def multi_similarity_loss(
     if b.empty:
         return b.zeros()
     q = dist.prepare(embeddings)
-    r = q if b.ref.is_batch else dist.prepare(b.ref.embeddings)
     ref = b.ref
+    # the batch as its own reference goes in once (r None): one gradient buffer, and torch.compile can trace it
+    r, r_labels = (None, None) if ref.is_batch else (dist.prepare(ref.embeddings), ref.labels)
     if reduction == "none":
-        per = multi_similarity_rows(q, r, labels, ref.labels, ref.self_index, cfg)
+        per = multi_similarity_rows(q, r, labels, r_labels, ref.self_index, cfg)
         return reduce_loss(per, "none", b.weight, checked=True)
     coef = row_coefficients(b.B, reduction, b.weight, dtype=compute_dtype(q), device=q.device)
-    return multi_similarity_rows(q, r, labels, ref.labels, ref.self_index, cfg, coef)
+    return multi_similarity_rows(q, r, labels, r_labels, ref.self_index, cfg, coef)

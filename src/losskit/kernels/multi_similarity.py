@@ -148,9 +148,50 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _grad_buffers(qc: Tensor, rc: Tensor, need_q: bool, need_r: bool, self_ref: bool):
+    """Gradient accumulators; one shared buffer when the reference is the batch itself."""
+    if self_ref:
+        g = torch.zeros_like(qc) if need_q else None
+        return g, g
+    return (torch.zeros_like(qc) if need_q else None), (torch.zeros_like(rc) if need_r else None)
+
+
+def _walk_blocks(qc: Tensor, rc: Tensor, q_labels: Tensor, r_labels: Tensor, self_index: Tensor, cfg: MSConfig,
+                 gq: Tensor | None, gr: Tensor | None, *, row_scale: Tensor | None = None,
+                 stats_in=None, stats_out=None, losses: Tensor | None = None, want_grad: bool = True) -> None:
+    """Walk blocks of ``cfg.chunk`` anchor rows: per-row losses into ``losses``,
+    thresholds/normalisers into ``stats_out`` (or taken from ``stats_in``),
+    ``dL/dq`` into ``gq`` and ``dL/dr`` into ``gr`` (``gq is gr``: one buffer)."""
+    B, M = qc.shape[0], rc.shape[0]
+    step = cfg.chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
+    ws = _Workspace(min(step, B), M, qc.dtype, qc.device)
+    for s in range(0, B, step):
+        e = min(B, s + step)
+        qb = qc[s:e]
+        sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], cfg.official, ws)
+        loss, grad, st = ms_block_loss_and_grad(
+            sim, same, cfg.alpha, cfg.beta, cfg.lam, cfg.epsilon, cfg.mining,
+            stats=None if stats_in is None else tuple(t[s:e] for t in stats_in),
+            row_scale=None if row_scale is None else row_scale[s:e], want_grad=want_grad, ws=ws)
+        if losses is not None:
+            losses[s:e] = loss
+        if stats_out is not None:
+            for dst, src in zip(stats_out, st):
+                dst[s:e] = src
+        if want_grad:
+            if gq is not None and gq is gr:
+                gq[s:e].addmm_(grad, rc)
+            elif gq is not None:
+                torch.mm(grad, rc, out=gq[s:e])
+            if gr is not None:
+                gr.addmm_(grad.T, qb)
+        del sim, grad, same
+
+
 class MultiSimilarityFunction(torch.autograd.Function):
-    """Inputs: prepared anchors ``q`` [B, D] and references ``r`` [M, D],
-    labels, ``self_index`` [B] (``-1``: none), ``coef`` and an :class:`MSConfig`.
+    """Inputs: prepared anchors ``q`` [B, D] and references ``r`` [M, D]
+    (``r``/``r_labels`` None: the batch itself), labels, ``self_index`` [B]
+    (``-1``: none), ``coef`` and an :class:`MSConfig`.
 
     ``coef is None``: output the per-anchor loss [B] (backward recomputes).
     ``coef`` [B]: output ``sum_i coef_i l_i`` (gradients built in forward).
@@ -158,80 +199,50 @@ class MultiSimilarityFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, self_index, coef, cfg):
-        alpha, beta, lam, epsilon, mining, official, chunk = cfg
-        out_dtype = q.dtype
-        cd = compute_dtype(q)
+        self_ref = r is None
+        out_dtype, cd = q.dtype, compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
-            qc, rc = q.to(cd), r.to(cd)
-            B, M = qc.shape[0], rc.shape[0]
-            step = chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
-            need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            qc = q.to(cd)
+            rc, rl = (qc, q_labels) if self_ref else (r.to(cd), r_labels)
+            need_q = ctx.needs_input_grad[0]
+            need_r = need_q if self_ref else ctx.needs_input_grad[1]
             eager = coef is not None and (need_q or need_r)
-            gq = torch.zeros_like(qc) if eager and need_q else None
-            gr = torch.zeros_like(rc) if eager and need_r else None
-            losses = qc.new_empty(B)
-            ws = _Workspace(min(step, B), M, cd, qc.device)
-            stats = [qc.new_empty(B) for _ in range(4)] if coef is None else None
-            for s in range(0, B, step):
-                e = min(B, s + step)
-                qb = qc[s:e]
-                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official, ws)
-                loss, grad, st = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining,
-                                                        row_scale=coef[s:e].to(cd) if eager else None,
-                                                        want_grad=eager, ws=ws)
-                losses[s:e] = loss
-                if stats is not None:
-                    for dst, src in zip(stats, st):
-                        dst[s:e] = src
-                if eager:
-                    if gq is not None:
-                        torch.mm(grad, rc, out=gq[s:e])
-                    if gr is not None:
-                        gr.addmm_(grad.T, qb)
-                del sim, grad, same
-        ctx.cfg = cfg
-        ctx.eager = coef is not None
+            gq, gr = _grad_buffers(qc, rc, eager and need_q, eager and need_r, self_ref)
+            losses = qc.new_empty(qc.shape[0])
+            stats = [qc.new_empty(qc.shape[0]) for _ in range(4)] if coef is None else None
+            _walk_blocks(qc, rc, q_labels, rl, self_index, cfg, gq, gr, row_scale=coef.to(cd) if eager else None,
+                         stats_out=stats, losses=losses, want_grad=eager)
+        ctx.cfg, ctx.eager, ctx.self_ref = cfg, coef is not None, self_ref
         if coef is not None:
-            ctx.grads = (gq, gr)
+            ctx.grads = (gq, None if self_ref else gr)
             return (losses * coef.to(cd)).sum().to(out_dtype)
         ctx.save_for_backward(q, r, q_labels, r_labels, self_index, *stats)
         return losses.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        alpha, beta, lam, epsilon, mining, official, chunk = ctx.cfg
         if ctx.eager:
             gq, gr = ctx.grads
-            go = grad_out.to(gq.dtype if gq is not None else gr.dtype) if (gq is not None or gr is not None) else None
-            out_q = (gq * go) if gq is not None else None
-            out_r = (gr * go) if gr is not None else None
+            out_q = None if gq is None else gq * grad_out.to(gq.dtype)
+            out_r = None if gr is None else gr * grad_out.to(gr.dtype)
             return out_q, out_r, None, None, None, None, None
-        q, r, q_labels, r_labels, self_index, min_pos, max_neg, Lp, Ln = ctx.saved_tensors
+        q, r, q_labels, r_labels, self_index, *stats = ctx.saved_tensors
+        self_ref = ctx.self_ref
         cd = compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
-            qc, rc = q.to(cd), r.to(cd)
-            go = grad_out.to(cd)
-            B, M = qc.shape[0], rc.shape[0]
-            step = chunk or default_chunk_size(B, M, MS_BLOCK_ELEMENTS)
-            gq = torch.zeros_like(qc) if ctx.needs_input_grad[0] else None
-            gr = torch.zeros_like(rc) if ctx.needs_input_grad[1] else None
-            ws = _Workspace(min(step, B), M, cd, qc.device)
-            for s in range(0, B, step):
-                e = min(B, s + step)
-                qb = qc[s:e]
-                sim, same = _block_similarity(qb, rc, q_labels[s:e], r_labels, self_index[s:e], official, ws)
-                st = (min_pos[s:e], max_neg[s:e], Lp[s:e], Ln[s:e])
-                _, grad, _ = ms_block_loss_and_grad(sim, same, alpha, beta, lam, epsilon, mining, stats=st,
-                                                    row_scale=go[s:e], ws=ws)
-                if gq is not None:
-                    torch.mm(grad, rc, out=gq[s:e])
-                if gr is not None:
-                    gr.addmm_(grad.T, qb)
-        return (gq.to(q.dtype) if gq is not None else None, gr.to(r.dtype) if gr is not None else None,
+            qc = q.to(cd)
+            rc, rl = (qc, q_labels) if self_ref else (r.to(cd), r_labels)
+            need_q = ctx.needs_input_grad[0]
+            need_r = need_q if self_ref else ctx.needs_input_grad[1]
+            gq, gr = _grad_buffers(qc, rc, need_q, need_r, self_ref)
+            _walk_blocks(qc, rc, q_labels, rl, self_index, ctx.cfg, gq, gr, row_scale=grad_out.to(cd),
+                         stats_in=stats)
+        return (None if gq is None else gq.to(q.dtype), None if self_ref or gr is None else gr.to(r.dtype),
                 None, None, None, None, None)
 
 
-def multi_similarity_rows(q: Tensor, r: Tensor, q_labels: Tensor, r_labels: Tensor, self_index: Tensor,
-                          cfg: MSConfig, coef: Tensor | None = None) -> Tensor:
-    """The per-anchor losses ``[B]`` (``coef is None``) or ``sum_i coef_i l_i``."""
+def multi_similarity_rows(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Tensor | None,
+                          self_index: Tensor, cfg: MSConfig, coef: Tensor | None = None) -> Tensor:
+    """The per-anchor losses ``[B]`` (``coef is None``) or ``sum_i coef_i l_i``
+    (``r``/``r_labels`` None: the anchors are their own reference)."""
     return MultiSimilarityFunction.apply(q, r, q_labels, r_labels, self_index, coef, cfg)
