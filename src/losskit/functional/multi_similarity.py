@@ -42,22 +42,11 @@ def check_multi_similarity_hparams(alpha, beta, lam, epsilon, distance, mining, 
     return dist, cfg
 
 
-def multi_similarity_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    alpha: float = 2.0,
-    beta: float = 50.0,
-    lam: float = 1.0,
-    epsilon: float = 0.1,
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    distance: str | BaseDistance = "cosine",
-    mining: bool = True,
-    official_positive_filter: bool = False,
-    chunk_size: int | None = None,
-    reference: PairReference | None = None,
-) -> Tensor:
+def multi_similarity_loss(embeddings: Tensor, labels: Tensor, alpha: float = 2.0, beta: float = 50.0, lam: float = 1.0,
+                          epsilon: float = 0.1, reduction: str = "mean", sample_weight: Tensor | None = None, *,
+                          distance: str | BaseDistance = "cosine", mining: bool = True,
+                          official_positive_filter: bool = False, chunk_size: int | None = None,
+                          reference: PairReference | None = None) -> Tensor:
     """Multi-Similarity loss with the paper's mining (``mining=True``) and pair weighting.
 
     ``lam`` is the paper's lambda (PML: ``base``; official code: ``thresh``).

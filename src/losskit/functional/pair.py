@@ -66,13 +66,12 @@ class PairInputs:
         """The reference embeddings, or None when the reference is the batch itself."""
         return None if self.ref.is_batch else self.ref.embeddings
 
-    def matrix(self, distance: BaseDistance) -> Tensor:
-        """``[B, M]`` distances (or similarities) between anchors and reference."""
-        return distance.pairwise(self.embeddings, self.others)
-
-    def masks(self) -> tuple[Tensor, Tensor]:
-        """``(pos, neg)`` ``[B, M]``: same label but not the anchor itself / another label."""
-        return block_pair_masks(self.labels, self.ref.labels, self.ref.self_index)
+    def pairs(self, distance: BaseDistance) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mat, pos, neg)``, each ``[B, M]``: distances (or similarities)
+        between anchors and reference, and the masks of positives (same label,
+        not the anchor itself) and negatives (another label)."""
+        pos, neg = block_pair_masks(self.labels, self.ref.labels, self.ref.self_index)
+        return distance.pairwise(self.embeddings, self.others), pos, neg
 
     def count(self, n: Tensor, dtype: torch.dtype) -> Tensor:
         """A pair count, summed over processes when the reference says so, at least 1."""
@@ -98,29 +97,23 @@ def _hinge(x: Tensor, smooth: bool) -> Tensor:
 
 # ---------------------------------------------------------------- contrastive
 
+def _distance_and_average(distance, normalize, pair_average) -> BaseDistance:
+    check_choice("pair_average", pair_average, PAIR_AVERAGES)
+    return get_distance(distance, normalize=check_bool("normalize", normalize))
+
+
 def check_contrastive_hparams(pos_margin, neg_margin, distance, normalize, squared_hinge, pair_average):
     """Validate the contrastive hyperparameters; returns the distance object."""
     check_hparam("pos_margin", pos_margin)
     check_hparam("neg_margin", neg_margin)
     check_bool("squared_hinge", squared_hinge)
-    check_choice("pair_average", pair_average, PAIR_AVERAGES)
-    return get_distance(distance, normalize=check_bool("normalize", normalize))
+    return _distance_and_average(distance, normalize, pair_average)
 
 
-def contrastive_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    pos_margin: float = 0.0,
-    neg_margin: float = 1.0,
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    distance: str | BaseDistance = "euclidean",
-    normalize: bool = True,
-    squared_hinge: bool = False,
-    pair_average: str = "nonzero",
-    reference: PairReference | None = None,
-) -> Tensor:
+def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0, neg_margin: float = 1.0,
+                     reduction: str = "mean", sample_weight: Tensor | None = None, *,
+                     distance: str | BaseDistance = "euclidean", normalize: bool = True, squared_hinge: bool = False,
+                     pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) with PML's two margins.
 
     Per ordered pair: positives ``[d - pos_margin]_+``, negatives
@@ -134,8 +127,7 @@ def contrastive_loss(
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
-    mat = b.matrix(dist)
-    pos, neg = b.masks()
+    mat, pos, neg = b.pairs(dist)
     lp = F.relu(dist.margin(mat, pos_margin)) * pos
     ln = F.relu(dist.margin(neg_margin, mat)) * neg
     if squared_hinge:
@@ -156,24 +148,13 @@ def check_triplet_hparams(margin, mining, distance, normalize, smooth, pair_aver
     check_hparam("margin", margin, low=0)
     check_choice("mining", mining, TRIPLET_MINING)
     check_bool("smooth", smooth)
-    check_choice("pair_average", pair_average, PAIR_AVERAGES)
-    return get_distance(distance, normalize=check_bool("normalize", normalize))
+    return _distance_and_average(distance, normalize, pair_average)
 
 
-def triplet_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    margin: float = 0.2,
-    mining: str = "semi-hard",
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    distance: str | BaseDistance = "squared-euclidean",
-    normalize: bool = True,
-    smooth: bool = False,
-    pair_average: str = "nonzero",
-    reference: PairReference | None = None,
-) -> Tensor:
+def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2, mining: str = "semi-hard",
+                 reduction: str = "mean", sample_weight: Tensor | None = None, *,
+                 distance: str | BaseDistance = "squared-euclidean", normalize: bool = True, smooth: bool = False,
+                 pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
     """Triplet loss (FaceNet): ``[d(a,p) - d(a,n) + margin]_+`` over mined triplets.
 
     FaceNet uses squared Euclidean distances of L2-normalised embeddings and
@@ -188,8 +169,7 @@ def triplet_loss(
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
-    mat = b.matrix(dist)
-    pos, neg = b.masks()
+    mat, pos, neg = b.pairs(dist)
     if mining == "hard":  # one triplet per anchor that has a positive and a negative
         p, n, has = hard_triplets(mat.detach(), pos, neg, dist)
         viol = dist.margin(mat.gather(1, p.unsqueeze(1)), mat.gather(1, n.unsqueeze(1))).squeeze(1) + margin
@@ -217,18 +197,9 @@ def check_tcm_hparams(lambda_plus, lambda_minus, margin_plus, margin_minus):
     check_hparam("margin_minus", margin_minus, low=-1, high=1)
 
 
-def tcm_regularizer(
-    embeddings: Tensor,
-    labels: Tensor,
-    lambda_plus: float = 1.0,
-    lambda_minus: float = 1.0,
-    margin_plus: float = 0.9,
-    margin_minus: float = 0.5,
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    reference: PairReference | None = None,
-) -> Tensor:
+def tcm_regularizer(embeddings: Tensor, labels: Tensor, lambda_plus: float = 1.0, lambda_minus: float = 1.0,
+                    margin_plus: float = 0.9, margin_minus: float = 0.5, reduction: str = "mean",
+                    sample_weight: Tensor | None = None, *, reference: PairReference | None = None) -> Tensor:
     """The TCM regulariser (Zhang et al., ICLR 2024, arXiv 2307.04047), on cosine similarities S::
 
         lambda+ * sum_{pos, S <= m+} (m+ - S) / #{pos, S <= m+}
@@ -240,8 +211,7 @@ def tcm_regularizer(
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
-    sim = b.matrix(CosineSimilarity())
-    pos, neg = b.masks()
+    sim, pos, neg = b.pairs(CosineSimilarity())
     sel_p = pos & (sim <= margin_plus)
     sel_n = neg & (sim >= margin_minus)
     tp = b.share(((margin_plus - sim) * sel_p).sum(1), b.count(sel_p.sum(), sim.dtype))
