@@ -52,6 +52,10 @@ def naive_margin_loss(x, W, y, psi_fn, s):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _target_cos(x, W, y):
+    return torch.nn.functional.normalize(x, dim=1).mul(torch.nn.functional.normalize(W[y.clamp_min(0)], dim=1)).sum(1)
+
+
 def _setup(B=6, seed=0, ignore=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
@@ -105,9 +109,10 @@ def test_elastic_matches_naive_with_drawn_margins_and_sigma0_reduces():
             m = _module(name, plus=plus)
             torch.manual_seed(5)
             out = m(x, y)
-            drawn = m.policy.last_margins
-            valid = (y >= 0).nonzero().squeeze(1).tolist()
-            mi = {i: float(drawn[k]) for k, i in enumerate(valid)}
+            torch.manual_seed(5)                      # the same draws, from the policy's phase 1
+            drawn = m.policy.prepare(_target_cos(x, m.weight.detach(), y), y >= 0).margin
+            assert drawn.shape == (8,) and drawn[1] == 0
+            mi = {i: float(drawn[i]) for i in range(8)}
             if base == "arcface":
                 psi = lambda c, i: arc_psi(c, mi[i])  # noqa: E731
             else:
@@ -123,11 +128,8 @@ def test_elastic_plus_gives_larger_margins_to_smaller_cosines():
     x, y = _setup(B=32, ignore=False)
     for name in ("elastic-arcface", "elastic-cosface"):
         m = _module(name, plus=True, std=0.1)
-        torch.manual_seed(0)
-        m(x, y)
-        marg = m.policy.last_margins
-        cos_y = torch.nn.functional.normalize(x, dim=1).mul(
-            torch.nn.functional.normalize(m.weight.detach()[y], dim=1)).sum(1)
+        cos_y = _target_cos(x, m.weight.detach(), y)
+        marg = m.policy.prepare(cos_y, y >= 0).margin
         order = torch.argsort(cos_y)
         assert bool((marg[order][1:] <= marg[order][:-1]).all())
         assert marg.std() > 0.01

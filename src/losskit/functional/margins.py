@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from losskit._checks import check_labels, reduce_loss
+from losskit.core.checks import check_labels
+from losskit.core.reduction import reduce_loss
 
 __all__ = [
     "SIN_EPS",

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from losskit.kernels.constants import FIXED_REF_MAX_SCALE, LOG2E, NORM_EPS, UNDERFLOW
+
 __all__ = ["nontarget_lse", "NonTargetLSE", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 8192
-_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-_LOG2E = 1.4426950408889634
 
 
 class _Plan:
@@ -43,7 +43,7 @@ class _Plan:
         self.weight, self.chunk, self.dtype = weight, chunk, dtype
         C, D = weight.shape
         self.C, self.D = C, D
-        self.inv = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min_(_NORM_EPS).reciprocal_()
+        self.inv = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min_(NORM_EPS).reciprocal_()
         self.targets: dict[int, tuple[Tensor, Tensor]] = {}
         valid = (labels >= 0) & (labels < C)
         rows = valid.nonzero().squeeze(1)
@@ -70,14 +70,6 @@ class _Plan:
         t = self.targets.get(a)
         if t is not None:
             p.index_put_(t, torch.tensor(value, dtype=p.dtype, device=p.device))
-
-
-#: below this sum of exp(logit - scale) the fixed reference may have lost
-#: precision; such rows are recomputed with an online maximum
-_UNDERFLOW = 1e-25
-#: the fixed reference (the logits' upper bound ``scale``) is used up to this
-#: scale; beyond it (CFCD can reach hundreds) the online maximum is used
-_FIXED_REF_MAX_SCALE = 80.0
 
 
 @torch.no_grad()
@@ -111,12 +103,12 @@ def _forward(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk: in
     log2(e) folded into the same GEMM.  Rows whose sum underflows (all
     non-target cosines far below 1) are recomputed with an online maximum."""
     B, C = xn.shape[0], weight.shape[0]
-    if scale > _FIXED_REF_MAX_SCALE or B == 0 or C == 0:
+    if scale > FIXED_REF_MAX_SCALE or B == 0 or C == 0:
         return _forward_online(xn, weight, labels, scale, chunk)
     plan = _Plan(weight, labels, chunk, xn.dtype)
     xa = torch.empty(B, xn.shape[1] + 1, dtype=xn.dtype, device=xn.device)
-    torch.mul(xn, scale * _LOG2E, out=xa[:, :-1])
-    xa[:, -1] = -scale * _LOG2E
+    torch.mul(xn, scale * LOG2E, out=xa[:, :-1])
+    xa[:, -1] = -scale * LOG2E
     s = torch.zeros(B, dtype=xn.dtype, device=xn.device)
     ones = torch.ones(min(chunk, C), dtype=xn.dtype, device=xn.device)
     for a, b in plan.chunks():
@@ -125,7 +117,7 @@ def _forward(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk: in
         s.addmv_(p, ones[: b - a])
     out = torch.log(s).add_(scale)
     n_classes = torch.full_like(s, C) - ((labels >= 0) & (labels < C)).to(s.dtype)
-    bad = ((s < _UNDERFLOW) & (n_classes > 0)).nonzero().squeeze(1)
+    bad = ((s < UNDERFLOW) & (n_classes > 0)).nonzero().squeeze(1)
     if bad.numel():
         out[bad] = _forward_online(xn[bad], weight, labels[bad], scale, chunk)
     return out
@@ -173,8 +165,8 @@ class NonTargetLSE(torch.autograd.Function):
                 gc = torch.where(valid, grad_cos.to(dtype), torch.zeros_like(out))
             plan = _Plan(weight, labels, chunk, dtype)
             xa = torch.empty(B, D + 1, dtype=dtype, device=x.device)
-            torch.mul(x, scale * _LOG2E, out=xa[:, :-1])
-            torch.mul(n_safe, -_LOG2E, out=xa[:, -1])
+            torch.mul(x, scale * LOG2E, out=xa[:, :-1])
+            torch.mul(n_safe, -LOG2E, out=xa[:, -1])
             empty_rows = (~finite).nonzero().squeeze(1)        # no non-target class (C = 1)
             xg = x * g[:, None] if need_w else None
             gx = torch.zeros_like(x) if need_x else None
@@ -219,7 +211,7 @@ def _target_rows_normalised(weight: Tensor, labels: Tensor, like: Tensor) -> Ten
     if C == 0:
         return torch.zeros_like(like)
     w = weight[labels.clamp(0, C - 1)].to(like.dtype)
-    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
     return w * valid[:, None].to(like.dtype)
 
 
