@@ -47,6 +47,10 @@ __all__ = ["MarginHead", "HEADS", "select_sampled_classes"]
 
 AUTO_CHUNK_ELEMS = 2 ** 21
 AUTO_CHUNK_WEIGHT_ELEMS = 2 ** 19
+#: with several torch threads: at most this many class chunks ...
+THREADED_MAX_CHUNKS = 6
+#: ... of at most this many logits each (B x chunk; 64 MiB in fp32)
+THREADED_CHUNK_ELEMS = 2 ** 24
 
 
 class MarginHead(nn.Module):
@@ -80,17 +84,31 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)
 
-    def chunk_for(self, batch: int) -> int:
-        """``chunk_size``, or automatically: a weight chunk of at most 2^19
-        elements (2 MiB in fp32, so it stays in cache between the products
-        that read it) and at most 2^21 logits (``B x chunk``, 8 MiB), between
-        256 and 8192 classes.  On the project's CPU (C = 100k, D = 512, one
-        thread) 1024 classes per chunk was the fastest or within 3% of it at
-        B = 64 to 1024 (B = 256: 1.37 s against 1.56 s with 8192)."""
+    def chunk_for(self, batch: int, num_classes: int | None = None) -> int:
+        """``chunk_size``, or automatically.
+
+        One torch thread: a weight chunk of at most 2^19 elements (2 MiB in
+        fp32, so it stays in cache between the products that read it) and
+        at most 2^21 logits (``B x chunk``, 8 MiB), between 256 and 8192
+        classes (C = 100k, D = 512: 1024 classes per chunk was the fastest
+        or within 3% of it at B = 64 to 1024).
+
+        Several threads: every op of the chunk loop is an OpenMP parallel
+        region that ends in a barrier, and on a loaded machine (more runnable
+        threads than cores) a barrier waits for a descheduled thread.  The
+        chunk loop's cost then grows with the number of chunks, not with the
+        work (docs/margin.md, "Threads and contention"), so the classes are
+        split into at most ``THREADED_MAX_CHUNKS`` chunks, up to 2^24 logits
+        per chunk."""
         if self.chunk_size is not None:
             return self.chunk_size
         dim = max(self.embedding_dim, 1)
-        return max(256, min(DEFAULT_CHUNK, AUTO_CHUNK_WEIGHT_ELEMS // dim, AUTO_CHUNK_ELEMS // max(batch, 1)))
+        b = max(batch, 1)
+        chunk = max(256, min(DEFAULT_CHUNK, AUTO_CHUNK_WEIGHT_ELEMS // dim, AUTO_CHUNK_ELEMS // b))
+        if torch.get_num_threads() > 1:
+            C = self.weight.shape[0] if num_classes is None else num_classes
+            chunk = max(chunk, min(-(-C // THREADED_MAX_CHUNKS), THREADED_CHUNK_ELEMS // b))
+        return chunk
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, head={self.head!r}, "

@@ -55,6 +55,7 @@ class _Plan:
                 self.targets[k * chunk] = (rows[sel], lab[sel] - k * chunk)
         self._buf = torch.empty(min(chunk, C), D + 1, dtype=dtype, device=weight.device)
         self._buf[:, -1] = 1.0
+        self._logits: Tensor | None = None
 
     def chunks(self):
         for a in range(0, self.C, self.chunk):
@@ -65,6 +66,20 @@ class _Plan:
         out = self._buf[: b - a]
         torch.mul(self.weight[a:b], self.inv[a:b, None], out=out[:, :-1])
         return out
+
+    def wa_view(self, a: int, b: int) -> Tensor:
+        """The rows ``[a, b)`` that :meth:`wa` wrote last (no recomputation)."""
+        return self._buf[: b - a]
+
+    def logits(self, xa: Tensor, a: int, b: int) -> Tensor:
+        """``xa [w_hat, 1]^T`` for the chunk ``[a, b)`` into one ``[B, chunk]``
+        buffer reused by every chunk (a fresh block per chunk is mapped and
+        page-faulted anew by glibc above its mmap threshold)."""
+        n = xa.shape[0] * (b - a)
+        if self._logits is None:
+            self._logits = torch.empty(xa.shape[0] * min(self.chunk, self.C), dtype=self.dtype, device=xa.device)
+        out = self._logits[:n].view(xa.shape[0], b - a)
+        return torch.mm(xa, self.wa(a, b).t(), out=out)
 
     def mask(self, p: Tensor, a: int, value: float) -> None:
         t = self.targets.get(a)
@@ -83,7 +98,7 @@ def _forward_online(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, ch
     m = torch.full((B,), float("-inf"), dtype=xn.dtype, device=xn.device)
     s = torch.zeros(B, dtype=xn.dtype, device=xn.device)
     for a, b in plan.chunks():
-        logit = torch.mm(xa, plan.wa(a, b).t())
+        logit = plan.logits(xa, a, b)
         plan.mask(logit, a, float("-inf"))
         m_new = torch.maximum(m, logit.amax(dim=1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -112,7 +127,7 @@ def _forward(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk: in
     s = torch.zeros(B, dtype=xn.dtype, device=xn.device)
     ones = torch.ones(min(chunk, C), dtype=xn.dtype, device=xn.device)
     for a, b in plan.chunks():
-        p = torch.mm(xa, plan.wa(a, b).t()).exp2_()
+        p = plan.logits(xa, a, b).exp2_()
         plan.mask(p, a, 0.0)
         s.addmv_(p, ones[: b - a])
     out = torch.log(s).add_(scale)
@@ -175,9 +190,8 @@ class NonTargetLSE(torch.autograd.Function):
             if gc is not None and need_w:
                 tgt_rows_w = x * gc[:, None]                     # target cosine's grad w.r.t. w_hat_y
             for a, b in plan.chunks():
-                wa = plan.wa(a, b)
-                wn = wa[:, :-1]
-                p = torch.mm(xa, wa.t()).exp2_()                # softmax over non-targets
+                p = plan.logits(xa, a, b).exp2_()               # softmax over non-targets
+                wn = plan.wa_view(a, b)[:, :-1]
                 plan.mask(p, a, 0.0)
                 if empty_rows.numel():
                     p[empty_rows] = 0.0

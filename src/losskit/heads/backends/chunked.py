@@ -19,7 +19,7 @@ class ChunkedBackend(HeadBackend):
     def per_row(self, head, xn: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         valid = labels >= 0
         ly = torch.where(valid, labels, torch.full_like(labels, -1))
-        chunk = head.chunk_for(xn.shape[0])
+        chunk = head.chunk_for(xn.shape[0], weight.shape[0])
 
         def nt_lse(rows: Tensor, s: float) -> Tensor:
             return nontarget_lse_nograd(xn[rows], weight, ly[rows], s, chunk)

@@ -40,7 +40,7 @@ class FusedBackend(HeadBackend):
                                 dtype=xn.dtype, device=xn.device)
         valid = labels >= 0
         ly = torch.where(valid, labels, torch.full_like(labels, -1))
-        chunk = head.chunk_for(B)
+        chunk = head.chunk_for(B, weight.shape[0])
         policy = head.policy
 
         def nt_lse(rows: Tensor, s: float) -> Tensor:

@@ -95,7 +95,7 @@ class ShardedBackend(HeadBackend):
         valid = Y >= 0
         owned = valid & (Y >= lo) & (Y < lo + weight.shape[0])
         ly = torch.where(owned, Y - lo, torch.full_like(Y, -1))
-        chunk = head.chunk_for(X.shape[0])
+        chunk = head.chunk_for(X.shape[0], weight.shape[0])
         with torch.no_grad():   # phase 1: detached target cosines, the owner's value summed over ranks
             if weight.shape[0]:
                 w0 = weight[ly.clamp_min(0)].to(X.dtype)
