@@ -20,6 +20,7 @@ C, D_IN, D = 11, 5, 6
 EQUAL = [4, 4]
 UNEQUAL = [3, 5]
 LR = 0.5
+START_METHOD = "spawn"
 CASES = [
     ("arcface", {}),
     ("cosface", {"scale": 16.0}),
@@ -92,8 +93,9 @@ def _free_port():
 
 
 def _run_two(fn, *args, timeout=120.0):
-    """Start 2 processes (fork: no re-import of torch), join them, and kill them on timeout or failure."""
-    ctx = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method="fork")
+    """Start 2 processes (spawn: a fresh interpreter, no lock inherited from the test process), join
+    them, and kill them on timeout or failure."""
+    ctx = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method=START_METHOD)
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):

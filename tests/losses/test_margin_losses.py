@@ -423,3 +423,20 @@ def test_policies_keep_no_batch_state_between_calls():
     cf.prepare(c * 0.5, nontarget_lse=lambda rows, s: torch.full((len(rows),), 5.0, dtype=torch.float64))
     torch.testing.assert_close(cf.target(c, ba), c - ba.margin)
     assert cf.last_margin != ba.margin
+
+
+@pytest.mark.parametrize("head", ["dense", "chunked", "fused", "sampled", "auto"])
+def test_one_reduction_on_every_head(head):
+    """'none' is [B] aligned with the rows (0 on the ignored row); 'mean' divides by B, ignored rows included."""
+    x, y = _setup()
+    w = torch.rand(6, dtype=torch.float64)
+    kw = {"sample_rate": 1.0} if head == "sampled" else {}
+    m = _module("arcface", head=head, chunk_size=4, **kw)
+    ref = _module("arcface", head="dense")(x, y)
+    xx = x.clone().requires_grad_(True)
+    per = m(xx, y, reduction="none")
+    assert per.shape == (6,) and per[1] == 0
+    torch.testing.assert_close(per, ref)
+    torch.testing.assert_close(m(xx, y, reduction="mean", sample_weight=w), (ref * w).sum() / 6)
+    torch.testing.assert_close(m(xx, y, reduction="sum", sample_weight=w), (ref * w).sum())
+    torch.testing.assert_close(m(xx, y, reduction="none", sample_weight=w), ref * w)
