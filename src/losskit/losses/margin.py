@@ -39,7 +39,7 @@ HEAD_OPTIONS = ("head", "chunk_size", "sample_rate", "process_group", "reduction
 class _MarginLoss(MarginHead):
     """A registered margin loss: its signature (read once by the registry and
     captured in ``self.hparams``) is the policy's hyperparameters plus
-    :data:`HEAD_OPTIONS`; ``policy()`` builds the policy from ``self.hparams``."""
+    :data:`HEAD_OPTIONS`; ``policy_from(self.hparams)`` builds the policy."""
 
     def __init__(self, num_classes: int, embedding_dim: int):
         hp = self.hparams

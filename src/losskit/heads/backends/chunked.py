@@ -3,9 +3,8 @@ log-sum-exp kernel (:mod:`losskit.kernels.chunked_lse`); same numbers as dense."
 
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from losskit.heads.backends.base import HeadBackend, prepare_policy, row_loss, target_cosines, target_logits
 from losskit.kernels.chunked_lse import nontarget_lse, nontarget_lse_nograd
