@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from losskit import registry
+from losskit.core import registry
 from losskit.docs import family_table, render, update_docs
 from losskit.cli import main
 

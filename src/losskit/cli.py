@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from losskit import registry
+from losskit.core import registry
 from losskit.bench.cli import add_bench_parser
 from losskit.docs import add_docs_parser
 

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from losskit import registry
+from losskit.core import registry
 
 __all__ = ["family_table", "render", "update_docs", "add_docs_parser", "main"]
 

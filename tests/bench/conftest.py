@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losskit import registry
+from losskit.core import registry
 
 
 @dataclass

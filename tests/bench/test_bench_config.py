@@ -121,7 +121,7 @@ def test_leaderboard_sorted_by_recall_with_mean_and_std():
 
 
 def test_default_list_leaves_out_objectives_the_bench_cannot_build(fakes):
-    from losskit import registry
+    from losskit.core import registry
     from losskit.bench.objectives import unbenchable_objectives
 
     class NeedsQueue:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losskit import registry
+from losskit.core import registry
 from losskit.bench.cli import config_from_args
 from losskit.bench.config import BenchConfig, BenchConfigError, cli_fields, flag_of
 from losskit.bench.objectives import default_objectives

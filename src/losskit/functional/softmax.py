@@ -8,6 +8,8 @@ from torch import Tensor
 from losskit.core.checks import check_labels
 from losskit.core.reduction import reduce_loss
 
+__all__ = ["softmax_cross_entropy"]
+
 
 def softmax_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean",
                           sample_weight: Tensor | None = None) -> Tensor:

@@ -1,5 +1,15 @@
-"""Thin ``nn.Module`` objectives over ``losskit.functional``.
+"""Registered ``nn.Module`` objectives over ``losskit.functional``, one
+module per family; each module registers its classes, and everything each
+lists in its ``__all__`` is re-exported here (``losskit.losses.ArcFaceLoss``,
+...).  A new family file must be added to the imports below (a test checks
+that every submodule is re-exported)."""
 
-Every submodule of this package is imported by the registry on first use, so
-a new objective only needs its own file with ``@register(...)``.
-"""
+from losskit.losses import baseline, episodes, margin, pair, preference, xbm
+from losskit.losses.baseline import *  # noqa: F401,F403
+from losskit.losses.episodes import *  # noqa: F401,F403
+from losskit.losses.margin import *  # noqa: F401,F403
+from losskit.losses.pair import *  # noqa: F401,F403
+from losskit.losses.preference import *  # noqa: F401,F403
+from losskit.losses.xbm import *  # noqa: F401,F403
+
+__all__ = [*baseline.__all__, *episodes.__all__, *margin.__all__, *pair.__all__, *preference.__all__, *xbm.__all__]

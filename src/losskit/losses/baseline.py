@@ -9,6 +9,8 @@ from losskit.core.checks import check_embeddings, check_int, check_reduction, sh
 from losskit.core.registry import register
 from losskit.functional.softmax import softmax_cross_entropy
 
+__all__ = ["SoftmaxLoss"]
+
 
 @register("softmax", family="baseline", task="embedding",
           summary="Linear classifier (with bias) on the embeddings and cross-entropy.")

@@ -28,6 +28,8 @@ from losskit.functional.episodes import (
     _proto_triplet_hparams,
 )
 
+__all__ = ["ProtoTripletLoss", "ICNNLoss", "GPAMLoss"]
+
 SUSANA = Paper(
     "SuSana Distancia is all you need: Enforcing class separability in metric learning via two "
     "novel distance-based loss functions for few-shot image classification",

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from losskit._checks import check_labels, check_sample_weight, reduce_loss, zero_with_graph
+from losskit.core.checks import check_labels, check_sample_weight
+from losskit.core.reduction import reduce_loss, zero_with_graph
 
 
 def test_reduce_loss_rules():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 import losskit
-from losskit import registry
+from losskit.core import registry
 from losskit.cli import main
 
 
