@@ -3,7 +3,7 @@
 Each (method, N) runs in a fresh child process (same run, same machine) so its
 peak resident memory can be read from ru_maxrss; "extra MB" is that peak minus
 the resident size just before the search (data already in memory).  CPU only,
-float32, cosine, leave-one-out, k = 8, D = 128, torch threads = --threads.
+float32, cosine, leave-one-out, k = 8, D = 128, torch threads = --threads (default: 1 and torch's default).
 Allocator: PyTorch's default CPU allocator (no env overrides).
 
     PYTHONPATH=src python benchmarks/knn_eval.py                 # N = 20,000 (a few seconds)
@@ -30,7 +30,8 @@ def _child(method, n, d, k, chunk, threads, out):
 
     from losskit.metrics import knn
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     c = max(n // 20, 2)
     y = torch.randint(0, c, (n,), generator=g)
@@ -50,10 +51,10 @@ def _child(method, n, d, k, chunk, threads, out):
     out.put((method, n, dt, max(peak - before, 0.0), r1, idx[:, 0].clone().numpy().tobytes()))
 
 
-def run(method, n, args):
+def run(method, n, args, threads):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(method, n, args.dim, args.k, args.chunk, args.threads, q))
+    p = ctx.Process(target=_child, args=(method, n, args.dim, args.k, args.chunk, threads, q))
     p.start()
     res = q.get()
     p.join()
@@ -67,7 +68,8 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                    help="torch thread counts; 0 = torch's default (default: 1 and the default)")
     args = ap.parse_args()
     try:
         import faiss  # noqa: F401
@@ -75,25 +77,25 @@ def main():
     except ImportError:
         methods = ["torch"]
     rows = []
-    for n in args.sizes:
-        base = run("naive", n, args) if n <= args.naive_max else None
+    for threads, n in ((t, n) for t in args.threads for n in args.sizes):
+        base = run("naive", n, args, threads) if n <= args.naive_max else None
         if base:
-            rows.append(base + ("1.00x",))
+            rows.append(base + ("1.00x", threads))
         for m in methods:
-            r = run(m, n, args)
+            r = run(m, n, args, threads)
             same = "" if base is None else (" (top-1 == naive)" if r[5] == base[5] else " (top-1 DIFFERS from naive)")
             ratio = f"{r[2] / base[2]:.2f}x" if base else "n/a"
-            rows.append(r[:5] + (ratio + same,))
+            rows.append(r[:5] + (b"", ratio + same, threads))
         if base is None:
             rows.append(("naive", n, float("nan"), n * n * 4 / 2**20, float("nan"),
-                         b"", f"not run: the N x N float32 matrix alone is {n * n * 4 / 2**30:.1f} GiB"))
+                         b"", f"not run: the N x N float32 matrix alone is {n * n * 4 / 2**30:.1f} GiB", threads))
     print(f"\nkNN leave-one-out, cosine, k={args.k}, D={args.dim}, chunk={args.chunk}, "
-          f"torch threads={args.threads}, CPU float32\n")
-    print("| N | method | time (s) | peak extra RSS (MB) | Recall@1 | time vs naive |")
-    print("|---|---|---|---|---|---|")
+          f"CPU float32 (threads 0 = torch's default)\n")
+    print("| threads | N | method | time (s) | peak extra RSS (MB) | Recall@1 | time vs naive |")
+    print("|---|---|---|---|---|---|---|")
     for m, n, t, mb, r1, *_rest in rows:
-        note = _rest[-1]
-        print(f"| {n:,} | {m} | {t:.2f} | {mb:,.0f} | {r1:.4f} | {note} |")
+        note, th = _rest[-2], _rest[-1]
+        print(f"| {th or 'default'} | {n:,} | {m} | {t:.2f} | {mb:,.0f} | {r1:.4f} | {note} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Multi-Similarity forward+backward: losskit vs pytorch-metric-learning vs the floor.
 
+    PYTHONPATH=src python benchmarks/multi_similarity.py              # one thread and torch's default
     PYTHONPATH=src python benchmarks/multi_similarity.py --threads 1
 
 Contenders (same inputs: B x D normal embeddings, labels = a random
@@ -65,7 +66,8 @@ def _reset_peak() -> bool:
 def worker(args) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     B, D = args.batch, args.dim
     x = torch.randn(B, D)
@@ -141,13 +143,13 @@ def _tensor_peak_mib(step) -> float:
     return peak / 2**20
 
 
-def run_one(contender, B, args, env_extra):
+def run_one(contender, B, args, env_extra, threads):
     env = dict(os.environ)
     for k in KEEP_MEMORY:
         env.pop(k, None)
     env.update(env_extra)
     cmd = [sys.executable, __file__, "--worker", contender, "--batch", str(B), "--dim", str(args.dim),
-           "--classes", str(args.classes), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--classes", str(args.classes), "--threads", str(threads), "--repeats", str(args.repeats)]
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
     if args.tensor_memory:
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--classes", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                   help="torch thread counts to run at; 0 = torch's default (default: 1 and the default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=None, help="losskit chunk_size (default: automatic)")
     p.add_argument("--allocator", choices=["default", "keep", "both"], default="both")
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        args.threads = args.threads[0]
         args.contender = args.worker
         worker(args)
         return 0
@@ -187,38 +191,39 @@ def main(argv=None) -> int:
         load = None
     print(f"# Multi-Similarity forward+backward, D={args.dim}, {args.classes} classes")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load}; "
-          f"torch {torch.__version__}, threads {args.threads}, median of {args.repeats} after one warm-up")
+          f"torch {torch.__version__} (default threads {torch.get_num_threads()}), threads "
+          f"{', '.join('default' if t == 0 else str(t) for t in args.threads)}, median of {args.repeats} after one warm-up")
     print("memory: extra resident memory of one forward+backward (peak RSS - RSS before), inputs in place\n")
     tcols = " floor tensor peak | losskit tensor peak | PML tensor peak |" if args.tensor_memory else ""
-    print("| allocator | B | floor time | losskit time | losskit / floor | PML time | PML / floor "
+    print("| threads | allocator | B | floor time | losskit time | losskit / floor | PML time | PML / floor "
           "| floor extra mem | losskit extra mem | PML extra mem |" + tcols)
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.tensor_memory else ""))
-    for name in chosen:
-        for B in args.sizes:
-            r = {c: run_one(c, B, args, settings[name]) for c in args.contenders}
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.tensor_memory else ""))
+    for threads, name, B in ((th, n, b) for th in args.threads for n in chosen for b in args.sizes):
+        r = {c: run_one(c, B, args, settings[name], threads) for c in args.contenders}
 
-            def t(c):
-                v = r.get(c)
-                return "-" if v is None else (v.get("error", "")[:40] if "error" in v else f"{v['median_s']:.3f} s")
+        def t(c):
+            v = r.get(c)
+            return "-" if v is None else (v.get("error", "")[:40] if "error" in v else f"{v['median_s']:.3f} s")
 
-            def m(c):
-                v = r.get(c)
-                return "-" if v is None or "error" in v else f"{v['extra_mib']:.0f} MiB"
+        def m(c):
+            v = r.get(c)
+            return "-" if v is None or "error" in v else f"{v['extra_mib']:.0f} MiB"
 
-            def tm(c):
-                v = r.get(c)
-                return "-" if v is None or "error" in v or v.get("tensor_mib") is None else f"{v['tensor_mib']:.0f} MiB"
+        def tm(c):
+            v = r.get(c)
+            return "-" if v is None or "error" in v or v.get("tensor_mib") is None else f"{v['tensor_mib']:.0f} MiB"
 
-            def ratio(c):
-                a, f = r.get(c), r.get("floor")
-                if not a or not f or "error" in a or "error" in f:
-                    return "-"
-                return f"{a['median_s'] / f['median_s']:.2f}x"
+        def ratio(c):
+            a, f = r.get(c), r.get("floor")
+            if not a or not f or "error" in a or "error" in f:
+                return "-"
+            return f"{a['median_s'] / f['median_s']:.2f}x"
 
-            label = "glibc default" if name == "default" else "MALLOC_* keep"
-            print(f"| {label} | {B} | {t('floor')} | {t('losskit')} | {ratio('losskit')} | {t('pml')} | "
-                  f"{ratio('pml')} | {m('floor')} | {m('losskit')} | {m('pml')} |"
-                  + (f" {tm('floor')} | {tm('losskit')} | {tm('pml')} |" if args.tensor_memory else ""), flush=True)
+        label = "glibc default" if name == "default" else "MALLOC_* keep"
+        th = "default" if threads == 0 else threads
+        print(f"| {th} | {label} | {B} | {t('floor')} | {t('losskit')} | {ratio('losskit')} | {t('pml')} | "
+              f"{ratio('pml')} | {m('floor')} | {m('losskit')} | {m('pml')} |"
+              + (f" {tm('floor')} | {tm('losskit')} | {tm('pml')} |" if args.tensor_memory else ""), flush=True)
     return 0
 
 
