@@ -325,6 +325,8 @@ def kind_hparams(s, extra: dict | None = None) -> dict[str, Any]:
     hp = dict(KIND_HPARAMS.get(s.name, {}))
     if s.kind == "memory" and "memory_size" in s.hparams:
         hp.setdefault("memory_size", 16)  # wraps around within a few steps of B = 6
+    if s.kind == "memory" and "start_iteration" in s.hparams:
+        hp.setdefault("start_iteration", 2)  # a warm-up, so that a lost iteration count shows
     for r in s.required:
         if r in hp:
             continue

@@ -185,12 +185,12 @@ def test_memory_state_dict_round_trip(s, device):
     losses afterwards (queue, pointer and warm-up count restored)."""
     a = _memory(s, device)
     a.train()
-    for step in range(3):  # 18 rows into a memory of 16: it wraps
+    for step in range(5):  # 2 warm-up steps, then 18 rows into a memory of 16: it wraps
         a(*_emb(6, seed=step, device=device))
     b = _memory(s, device, seed=1)
     b.train()
     b.load_state_dict(_round_trip(a.state_dict()))
-    for step in range(3, 5):
+    for step in range(5, 7):
         x, y = _emb(6, seed=step, device=device)
         torch.testing.assert_close(b(x, y), a(x, y), msg=lambda m: f"step {step}: {m}")
 
