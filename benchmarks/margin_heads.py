@@ -102,7 +102,7 @@ def child(args) -> None:
     import losskit  # noqa: F401  (import cost before the baseline)
     if args.contender == "pml":
         import pytorch_metric_learning.losses as pml
-    from losskit.bench.train import measure_step_memory
+    from losskit.bench.measure import measure_step_memory
 
     base, base_file = _rss_bytes(), _rss_file_bytes()
     B, C, D = args.B, args.C, args.dim

@@ -18,8 +18,10 @@ Reported: the true expected reward of the trained policy on held-out contexts
 ``dpo+norm`` policies on held-out pairs, plus how the chosen/rejected
 log-probabilities moved on the training pairs.
 
-    PYTHONPATH=src python benchmarks/preference_bandit.py            # full table (a few minutes)
+    PYTHONPATH=src python benchmarks/preference_bandit.py            # full table
     PYTHONPATH=src python benchmarks/preference_bandit.py --quick    # smoke run
+
+Measured run times and results: docs/preference.md.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_unknown_family_and_empty_family():
     with pytest.raises(ValueError, match="unknown family"):
         render("<!-- registry-table: nosuch -->\n<!-- /registry-table -->")
     if not registry.specs(family="optim"):
-        assert "No objectives" in family_table("optim")
+        assert "Nothing is registered" in family_table("optim")
 
 
 def test_cli_docs_check_and_write(tmp_path, capsys):

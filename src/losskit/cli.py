@@ -20,13 +20,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(v) -> str:
+    """A default as a person reads it (a function by its name, not its address)."""
+    if callable(v) and hasattr(v, "__qualname__"):
+        return v.__qualname__
+    return repr(v)
+
+
 def format_table(rows) -> str:
     """The registry as a plain-text table (also used for the docs)."""
     head = ("name", "kind", "family", "paper", "hyperparameters (defaults)")
     body = []
     for s in rows:
         paper = f"{s.paper.title[:48]} ({s.paper.year})" if s.paper else "-"
-        hp = ", ".join(f"{k}={v!r}" for k, v in s.hparams.items() if k != "reduction")
+        hp = ", ".join(f"{k}={_show(v)}" for k, v in s.hparams.items() if k != "reduction")
         req = ", ".join(s.required)
         body.append((s.name, s.kind, s.family, paper, "; ".join(p for p in (req, hp) if p)))
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]

@@ -45,9 +45,15 @@ def _paper(s: registry.ObjectiveSpec) -> str:
     return f"{title} ({s.paper.year})"
 
 
-def _hparams(s: registry.ObjectiveSpec) -> str:
+def _show(v) -> str:
+    if callable(v) and hasattr(v, "__qualname__"):
+        return v.__qualname__
+    return repr(v)
+
+
+def _hparams(s: registry.Spec) -> str:
     parts = [f"`{r}` (required)" for r in s.required]
-    parts += [f"`{k}={v!r}`" for k, v in s.hparams.items()]
+    parts += [f"`{k}={_show(v)}`" for k, v in s.hparams.items()]
     return _cell(", ".join(parts)) or "—"
 
 
@@ -56,12 +62,13 @@ def family_table(family: str) -> str:
     if family not in registry.FAMILIES:
         raise ValueError(f"unknown family {family!r} in a registry-table marker; "
                          f"families: {', '.join(registry.FAMILIES)}")
-    rows = registry.specs(family=family)
+    rows = registry.specs(family=family, kind=None)
     if not rows:
-        return f"_No objectives are registered in the {family} family yet._"
-    lines = ["| name | task | paper | hyperparameters (defaults) | summary |", "|---|---|---|---|---|"]
+        return f"_Nothing is registered in the {family} family yet._"
+    lines = ["| name | kind | task | paper | hyperparameters (defaults) | summary |", "|---|---|---|---|---|---|"]
     for s in rows:
-        lines.append(f"| `{s.name}` | {s.task} | {_paper(s)} | {_hparams(s)} | {_cell(s.summary) or '—'} |")
+        lines.append(f"| `{s.name}` | {s.kind} | {s.task} | {_paper(s)} | {_hparams(s)} | "
+                     f"{_cell(s.summary) or '—'} |")
     return "\n".join(lines)
 
 

@@ -2,9 +2,12 @@ import math
 
 import pytest
 
-from losskit.bench.config import (BenchConfig, BenchConfigError, default_objectives, diff_protocol, parse_set,
-                                  protocol, resolve_hparams, resolve_objectives)
+from losskit.bench.config import BenchConfig, BenchConfigError
+from losskit.bench.labels import parse_set
+from losskit.bench.objectives import default_objectives, resolve_hparams, resolve_objectives
+from losskit.bench.protocol import diff_protocol, protocol
 from losskit.bench.report import aggregate, format_leaderboard
+from losskit.bench.tasks import get_task
 from losskit.cli import build_parser
 from losskit.bench.cli import config_from_args
 
@@ -100,11 +103,11 @@ def _cell(obj, seed, r1, t=1.0):
 
 def test_leaderboard_sorted_by_recall_with_mean_and_std():
     cells = [_cell("a", 0, 0.5), _cell("a", 1, 0.7), _cell("b", 0, 0.9), _cell("b", 1, 0.8), _cell("c", 0, float("nan"))]
-    rows = aggregate(cells, ["a", "b", "c"])
+    rows = aggregate(cells, ["a", "b", "c"], get_task("embedding"))
     assert [r["objective"] for r in rows] == ["b", "a", "c"]
     a = rows[1]["metrics"]["recall@1"]
     assert math.isclose(a["mean"], 0.6) and math.isclose(a["std"], 0.1414213562, rel_tol=1e-6) and a["n"] == 2
-    text = format_leaderboard(rows, "title")
+    text = format_leaderboard(rows, get_task("embedding"), "title")
     lines = text.splitlines()
     assert lines[0] == "title"
     assert "R@1 %" in lines[1] and "EER %" in lines[1] and "OPIS" in lines[1] and "mem MB" in lines[1]
@@ -119,7 +122,7 @@ def test_leaderboard_sorted_by_recall_with_mean_and_std():
 
 def test_default_list_leaves_out_objectives_the_bench_cannot_build(fakes):
     from losskit import registry
-    from losskit.bench.config import unbenchable_objectives
+    from losskit.bench.objectives import unbenchable_objectives
 
     class NeedsQueue:
         def __init__(self, queue_size: int, margin: float = 0.1):

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from losskit.bench.config import default_objectives
+from losskit.bench.objectives import default_objectives
 from losskit.cli import main
 
 

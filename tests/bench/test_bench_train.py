@@ -1,22 +1,11 @@
-import numpy as np
+import pytest
 import torch
 
 from losskit.bench.config import BenchConfig
+from losskit.bench.errors import BenchConfigError
+from losskit.bench.measure import measure_step_memory
 from losskit.bench.model import build_model
-from losskit.bench.train import PKSampler, _shift, batch_shape, measure_step_memory
-
-
-def test_pk_sampler_gives_p_classes_of_k_each_and_is_seeded():
-    y = torch.arange(6).repeat_interleave(torch.tensor([10, 10, 10, 3, 10, 10]))
-    s = PKSampler(y, p=4, k=5, seed=0)
-    for _ in range(20):
-        idx = s.batch()
-        labels = y[idx].numpy()
-        classes, counts = np.unique(labels, return_counts=True)
-        assert len(classes) == 4 and (counts == 5).all()  # class 3 (3 images) is drawn with replacement
-    a, b = PKSampler(y, 4, 5, seed=1), PKSampler(y, 4, 5, seed=1)
-    assert all((a.batch() == b.batch()).all() for _ in range(5))
-    assert s.steps_per_epoch == int(np.ceil(len(y) / 20))
+from losskit.bench.tasks.embedding import batch_shape, shift
 
 
 def test_batch_shape_auto_and_explicit():
@@ -25,12 +14,14 @@ def test_batch_shape_auto_and_explicit():
     y = torch.arange(100).repeat_interleave(20)
     assert batch_shape(BenchConfig(), y) == (16, 5)
     assert batch_shape(BenchConfig(batch_classes=3, batch_samples=2), y) == (3, 2)
+    with pytest.raises(BenchConfigError, match=r"--batch-classes 101.*101 classes per batch exceeds the 100"):
+        batch_shape(BenchConfig(batch_classes=101), y)
 
 
 def test_shift_translates_by_at_most_one_pixel():
     x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).reshape(2, 1, 5, 5)
     g = torch.Generator().manual_seed(0)
-    out = _shift(x, g)
+    out = shift(x, g)
     g = torch.Generator().manual_seed(0)
     dy, dx = torch.randint(0, 3, (2,), generator=g), torch.randint(0, 3, (2,), generator=g)
     pad = torch.nn.functional.pad(x, (1, 1, 1, 1))
@@ -58,8 +49,6 @@ def test_profiler_memory_sees_a_transient_allocation():
 
 
 def test_profiled_step_keeps_warnings():
-    import pytest
-
     def step():
         import warnings
 

@@ -6,10 +6,12 @@ import json
 import pytest
 
 from losskit.bench.cli import config_from_args
-from losskit.bench.config import (BenchConfig, BenchConfigError, default_objectives, file_safe, normalize_label,
-                                  parse_objective, parse_set, resolve_hparams, resolve_objectives,
-                                  split_objectives, variant_params)
-from losskit.bench.runner import cell_path, run_bench
+from losskit.bench.config import BenchConfig, BenchConfigError
+from losskit.bench.labels import (file_safe, normalize_label, parse_objective, parse_set, split_objectives,
+                                  variant_params)
+from losskit.bench.objectives import default_objectives, resolve_hparams, resolve_objectives
+from losskit.bench.runner import run_bench
+from losskit.bench.store import cell_path
 from losskit.cli import build_parser, main
 
 
@@ -165,7 +167,7 @@ def test_file_names_are_safe_and_distinct():
 def test_variants_get_their_own_labels_cells_and_files(tmp_path, tiny, fakes):
     labels = ["fake-pair", "fake-pair[margin=0.2]", "fake-pair[margin=0.9, scale=2.0]"]
     out = tmp_path / "run"
-    run = run_bench(_cfg(labels, seeds=1), out, progress=False, log=_quiet, split=tiny)
+    run = run_bench(_cfg(labels, seeds=1), out, progress=False, log=_quiet, data=tiny)
     norm = ["fake-pair", "fake-pair[margin=0.2]", "fake-pair[margin=0.9,scale=2.0]"]
     assert run.complete and sorted(run.computed) == sorted((n, 0) for n in norm)
     proto = json.loads((out / "config.json").read_text())["protocol"]
@@ -190,15 +192,15 @@ def test_resume_with_variant_labels(tmp_path, tiny, fakes):
     trap.exc, trap.after = KeyboardInterrupt(), 2  # the trap variant's seed-1 cell is "Ctrl-C"
     labels = ["fake-pair[margin=0.2]", "fake-trap[margin=0.3]"]
     out = tmp_path / "run"
-    run = run_bench(_cfg(labels), out, progress=False, plots=False, log=_quiet, split=tiny)
+    run = run_bench(_cfg(labels), out, progress=False, plots=False, log=_quiet, data=tiny)
     assert run.interrupted and run.computed == [("fake-pair[margin=0.2]", 0), ("fake-trap[margin=0.3]", 0),
                                                 ("fake-pair[margin=0.2]", 1)]
     trap.exc = None
     with pytest.raises(BenchConfigError, match=r"hparams\[fake-trap\[margin=0.4\]\]: run has None"):
         run_bench(_cfg(["fake-pair[margin=0.2]", "fake-trap[margin=0.4]"]), out, resume=True, log=_quiet,
-                  split=tiny)
+                  data=tiny)
     run2 = run_bench(_cfg([" fake-pair[ margin=0.2 ]", "fake-trap[margin = 0.3]"]), out, resume=True,
-                     progress=False, plots=False, log=_quiet, split=tiny)
+                     progress=False, plots=False, log=_quiet, data=tiny)
     assert run2.computed == [("fake-trap[margin=0.3]", 1)] and run2.complete
     assert len(list((out / "cells").glob("*.json"))) == 4
 
@@ -248,7 +250,7 @@ def test_sharded_head_runs_inside_an_initialised_process_group(tmp_path, tiny):
     try:
         labels = ["arcface[head=sharded]", "arcface[head=dense]"]
         run = run_bench(_cfg(labels, seeds=1, epochs=1), tmp_path / "r", progress=False, plots=False, log=_quiet,
-                        split=tiny)
+                        data=tiny)
     finally:
         dist.destroy_process_group()
     assert run.complete and not run.failed

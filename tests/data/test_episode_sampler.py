@@ -85,7 +85,7 @@ def test_masks_and_use_with_episode_losses():
     for idx in s:
         for name in ("proto-triplet", "gpam"):
             per = losskit.get(name, reduction="none")(feats[idx], y[idx], support_mask=s.support_mask)
-            assert per.shape == (6,) and torch.isfinite(per).all()
+            assert per.shape == (12,) and torch.isfinite(per).all() and (per[s.support_mask] == 0).all()
         # k_shot == ceil((k_shot + n_query) / 2): the default split is the episode's own split
         a = losskit.get("proto-triplet")(feats[idx], y[idx])
         b = losskit.get("proto-triplet")(feats[idx], y[idx], support_mask=s.support_mask)

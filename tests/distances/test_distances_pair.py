@@ -69,3 +69,32 @@ def test_bad_input():
         CosineSimilarity(normalize=False)
     with pytest.raises(ValueError, match="chunk_size"):
         list(CosineSimilarity().chunks(torch.randn(3, 2), chunk_size=-1))
+
+
+@pytest.mark.parametrize("name", ["cosine", "dot", "euclidean", "squared-euclidean"])
+def test_scores_are_higher_is_closer_and_reuse_norms(name):
+    torch.manual_seed(1)
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    d = get_distance(name)
+    ref = naive(name, x, y, False)
+    want = ref if d.is_similarity else -ref
+    xp, yp = d.prepare(x), d.prepare(y)
+    torch.testing.assert_close(d.scores(xp, yp), want)
+    torch.testing.assert_close(d.scores(xp, yp, d.sq_norms(yp)), want)
+    assert (d.sq_norms(yp) is None) == d.is_similarity
+
+
+def test_one_resolver_one_message():
+    from losskit.distances import DISTANCE_NAMES
+
+    assert DISTANCE_NAMES == ("cosine", "dot", "euclidean", "squared-euclidean")
+    names = r"\('cosine', 'dot', 'euclidean', 'squared-euclidean'\) or a BaseDistance"
+    with pytest.raises(ValueError, match=rf"^distance: expected one of {names}, got 'manhattan'$"):
+        get_distance("manhattan")
+    with pytest.raises(ValueError, match=rf"^metric: expected one of {names}, got 3$"):
+        get_distance(3, name="metric")
+    d = EuclideanDistance(normalize=True)
+    assert get_distance(d) is d
+    assert get_distance("euclidean", normalize=True).normalize and not get_distance("dot").normalize
+    with pytest.warns(DeprecationWarning, match="distance='squared' is deprecated; use 'squared-euclidean'"):
+        assert type(get_distance("squared")) is SquaredEuclideanDistance

@@ -45,9 +45,10 @@ def naive_gpam(x, y, support, margin=0.5, radius=1.0, shrinkage=0.5, min_var=1e-
     xs = [rows[i] for i in range(len(y)) if support[i]]
     ys = [y[i] for i in range(len(y)) if support[i]]
     g = naive_gaussians(xs, ys, shrinkage, min_var) if xs else {}
-    out = []
+    out = []  # one loss per batch row, support rows 0
     for i in range(len(y)):
         if support[i]:
+            out.append(0.0)
             continue
         total = 0.0
         for c, (mu, var) in g.items():
@@ -76,9 +77,13 @@ def test_matches_naive_loop_with_nota(seed):
     ref = naive_gpam(x, y, naive_split(y))
     m = losskit.get("gpam", reduction="none")
     out = m(x, y)
+    assert out.shape == (len(y),)
     torch.testing.assert_close(out, ref)
     q = ~torch.tensor(naive_split(y))
-    assert (y[q] == -1).sum() == 2 and (out > 0).any()
+    assert (y[q] == -1).sum() == 2 and (out > 0).any() and (out[~q] == 0).all()
+    # 'mean' divides by the number of query rows, 'sum' sums
+    torch.testing.assert_close(gpam_loss(x, y), ref.sum() / q.sum())
+    torch.testing.assert_close(gpam_loss(x, y, reduction="sum"), ref.sum())
 
 
 def test_hyperparameters_and_support_mask_match_naive():
@@ -90,7 +95,7 @@ def test_hyperparameters_and_support_mask_match_naive():
     ref = naive_gpam(x, y, mask.tolist(), **kw)
     torch.testing.assert_close(gpam_loss(x, y, reduction="none", support_mask=mask, **kw), ref)
     w = torch.rand(len(y), dtype=torch.float64)
-    torch.testing.assert_close(gpam_loss(x, y, sample_weight=w, support_mask=mask, **kw), (ref * w[~mask]).mean())
+    torch.testing.assert_close(gpam_loss(x, y, sample_weight=w, support_mask=mask, **kw), (ref * w).sum() / (~mask).sum())
 
 
 def test_nota_rows_use_only_the_push_term():
@@ -170,16 +175,38 @@ def test_bad_input_errors():
         gpam_loss(x, torch.tensor([0, 0, 1, -2]))
     with pytest.raises(ValueError, match="support_mask: rows labelled -1"):
         gpam_loss(x, y, support_mask=torch.ones(4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"shrinkage: expected a value in \[0, 1\], got 2"):
-        losskit.get("gpam", shrinkage=2)
-    with pytest.raises(ValueError, match="min_var: expected"):
-        gpam_loss(x, y, min_var=0.0)
+    with pytest.raises(ValueError, match=r"embeddings: expected finite values, got -inf at index \(0, 1\)"):
+        gpam_loss(x.index_put((torch.tensor(0), torch.tensor(1)), torch.tensor(-float("inf"))), y)
+    with pytest.raises(ValueError, match=r"support: expected finite values, got nan"):
+        gpam_predict(torch.randn(2, 3), torch.full((4, 3), float("nan")), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match=r"queries: expected shape \[Q, 3\]"):
         gpam_predict(torch.randn(2, 5), x, torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match="support_labels: expected class ids >= 0"):
         gpam_predict(torch.randn(2, 3), x, y)
 
 
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(shrinkage=2), ValueError, r"shrinkage: expected a value in \[0.0, 1.0\], got 2.0"),
+    (dict(shrinkage=-0.1), ValueError, r"shrinkage: expected a value in \[0.0, 1.0\], got -0.1"),
+    (dict(min_var=0.0), ValueError, r"min_var: expected a value > 0.0, got 0.0"),
+    (dict(radius=0.0), ValueError, r"radius: expected a value > 0.0, got 0.0"),
+    (dict(radius=float("nan")), ValueError, r"radius: expected a finite number > 0.0, got nan"),
+    (dict(margin=-0.5), ValueError, r"margin: expected a value >= 0.0, got -0.5"),
+    (dict(margin=float("inf")), ValueError, r"margin: expected a finite number >= 0.0, got inf"),
+])
+def test_hyperparameters_checked_at_construction_and_by_the_function(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        losskit.get("gpam", **kw)
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, -1])
+    with pytest.raises(err, match=msg):
+        gpam_loss(x, y, **kw)
+    if "margin" not in kw:
+        with pytest.raises(err, match=msg):
+            gpam_predict(x, x, torch.tensor([0, 0, 1, 1]), **kw)
+
+
 def test_registry_entry():
     s = losskit.spec("gpam")
     assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2410.20320")
+    assert losskit.get("gpam", radius=2.0).hparams == {"margin": 0.5, "radius": 2.0, "shrinkage": 0.5,
+                                                       "min_var": 1e-4, "reduction": "mean"}

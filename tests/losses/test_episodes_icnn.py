@@ -124,13 +124,17 @@ def test_sample_weight_and_reductions():
     w = torch.rand(16, dtype=torch.float64)
     torch.testing.assert_close(icnn_loss(x, y, sample_weight=w), (per * w).mean())
     torch.testing.assert_close(icnn_loss(x, y, reduction="sum", sample_weight=w), (per * w).sum())
-    # anchors='query': one loss per query row, weights of the query rows
+    torch.testing.assert_close(icnn_loss(x, y, reduction="none", sample_weight=w), per * w)
+    # anchors='query': [B] aligned with the rows, support rows 0; the mean divides by the query rows
     from losskit.functional.episodes import split_support_query
 
     q = ~split_support_query(y)
     perq = icnn_loss(x, y, anchors="query", reduction="none")
-    assert perq.shape == (int(q.sum()),)
-    torch.testing.assert_close(icnn_loss(x, y, anchors="query", sample_weight=w), (perq * w[q]).mean())
+    assert perq.shape == (16,) and (perq[~q] == 0).all() and (perq[q] > 0).all()
+    torch.testing.assert_close(icnn_loss(x, y, anchors="query", sample_weight=w), (perq * w).sum() / q.sum())
+    torch.testing.assert_close(icnn_loss(x, y, anchors="query", reduction="sum", sample_weight=w), (perq * w).sum())
+    # the query anchors' mean share is the query-anchor score
+    torch.testing.assert_close(1.0 - perq.sum() / q.sum(), icnn_score(x, y, tau=0.05, anchors="query"))
 
 
 def test_no_valid_anchor_is_zero_with_graph():
@@ -162,14 +166,49 @@ def test_bf16_and_duplicate_points():
     assert torch.isfinite(out) and torch.isfinite(dup.grad).all()
 
 
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(k=0), ValueError, r"k: expected an integer >= 1, got 0"),
+    (dict(k=2.5), TypeError, r"k: expected an integer >= 1, got float 2.5"),
+    (dict(tau=-0.1), ValueError, r"tau: expected a value >= 0.0, got -0.1"),
+    (dict(tau=float("nan")), ValueError, r"tau: expected a finite number >= 0.0, got nan"),
+    (dict(omega="yes"), TypeError, r"omega: expected True or False, got 'yes'"),
+    (dict(anchors="support"), ValueError, r"anchors: expected one of \('all', 'query'\), got 'support'"),
+])
+def test_hyperparameters_checked_at_construction_and_by_the_function(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        losskit.get("icnn", **kw)
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(err, match=msg):
+        icnn_loss(x, y, **kw)
+    with pytest.raises(err, match=msg):
+        icnn_score(x, y, **kw)
+
+
+def test_no_host_sync_with_value_checks_off(monkeypatch):
+    # anchors='all' without a support mask is mask arithmetic only: no .item(), bool() or int() of a tensor
+    x, y = batch(seed=10)
+    x.requires_grad_(True)
+    ref = icnn_loss(x, y)
+
+    def sync(*a, **k):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    with losskit.tensor_checks(False):
+        out = losskit.get("icnn")(x, y)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(AssertionError, match="host synchronisation"):  # the spy works: checks on do sync
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            monkeypatch.setattr(torch.Tensor, name, sync)
+        icnn_loss(x, y)
+
+
 def test_bad_input_errors():
     x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match=r"k: expected an integer >= 1.*got 0"):
-        losskit.get("icnn", k=0)
-    with pytest.raises(ValueError, match="tau: expected"):
-        icnn_loss(x, y, tau=-0.1)
-    with pytest.raises(ValueError, match="anchors: expected 'all' or 'query', got 'support'"):
-        icnn_loss(x, y, anchors="support")
+    with pytest.raises(ValueError, match=r"embeddings: expected finite values, got nan at index \(2, 0\)"):
+        icnn_loss(x.index_put((torch.tensor(2), torch.tensor(0)), torch.tensor(float("nan"))), y)
     with pytest.raises(ValueError, match=r"labels: expected class ids >= 0, got -1"):
         icnn_loss(x, torch.tensor([0, 0, 1, -1]))
     with pytest.raises(TypeError, match="labels: expected an integer dtype"):
@@ -182,3 +221,5 @@ def test_registry_entry():
     s = losskit.spec("icnn")
     assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2305.09062")
     assert s.hparams["k"] == 4
+    assert losskit.get("icnn", k=3).hparams == {"k": 3, "tau": 0.05, "omega": True, "anchors": "all",
+                                                "reduction": "mean"}

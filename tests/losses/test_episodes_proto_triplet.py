@@ -21,7 +21,9 @@ def naive_split(y):
     return support
 
 
-def naive_proto_triplet(x, y, support, margin, negatives="all", squared=False):
+def naive_proto_triplet(x, y, support, margin, negatives="all", distance="euclidean", normalize=False):
+    """One loss per batch row (support rows 0), from the paper's equations.
+    ``normalize``: the distance L2-normalises both the query and the prototype."""
     rows = range(len(y))
     protos = {}
     for c in sorted({int(y[i]) for i in rows if support[i]}):
@@ -29,12 +31,23 @@ def naive_proto_triplet(x, y, support, margin, negatives="all", squared=False):
         protos[c] = [sum(float(m[d]) for m in members) / len(members) for d in range(x.shape[1])]
 
     def dist(a, p):
-        s = sum((float(a[d]) - p[d]) ** 2 for d in range(len(p)))
-        return s if squared else math.sqrt(s)
+        # returned as a distance (larger = farther): similarities are negated
+        a = [float(v) for v in a]
+        if normalize:
+            na, n_p = math.sqrt(sum(u * u for u in a)), math.sqrt(sum(v * v for v in p))
+            a, p = [u / na for u in a], [v / n_p for v in p]
+        if distance in ("cosine", "dot"):
+            dot = sum(u * v for u, v in zip(a, p))
+            if distance == "cosine":
+                dot /= math.sqrt(sum(u * u for u in a)) * math.sqrt(sum(v * v for v in p))
+            return -dot
+        s = sum((a[d] - p[d]) ** 2 for d in range(len(p)))
+        return s if distance == "squared-euclidean" else math.sqrt(s)
 
     out = []
     for i in rows:
         if support[i]:
+            out.append(0.0)
             continue
         c = int(y[i])
         others = [k for k in protos if k != c]
@@ -63,37 +76,64 @@ def test_split_is_first_half_of_each_class_in_batch_order():
 
 
 @pytest.mark.parametrize("negatives", ["all", "hardest"])
-@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared-euclidean", "cosine", "dot"])
 def test_matches_naive_loop(negatives, distance):
     x, y = batch()
-    ref = naive_proto_triplet(x, y, naive_split(y), 0.5, negatives, distance == "squared")
-    m = losskit.get("proto-triplet", negatives=negatives, distance=distance, reduction="none")
-    torch.testing.assert_close(m(x, y), ref)
+    margin = 0.1 if distance == "cosine" else 0.5
+    ref = naive_proto_triplet(x, y, naive_split(y), margin, negatives, distance)
+    m = losskit.get("proto-triplet", margin=margin, negatives=negatives, distance=distance, reduction="none")
+    out = m(x, y)
+    assert out.shape == (len(y),)  # aligned with the input rows; support rows hold 0
+    torch.testing.assert_close(out, ref)
     assert (ref > 0).any()  # the reference is not trivially zero
+    assert (out[torch.tensor(naive_split(y))] == 0).all()
+
+
+def test_distance_vocabulary_is_the_losses_one():
+    from losskit.distances import DISTANCE_NAMES, EuclideanDistance
+
+    x, y = batch(seed=4)
+    with pytest.raises(ValueError, match=r"distance: expected one of \('cosine', 'dot', 'euclidean', "
+                                         r"'squared-euclidean'\) or a BaseDistance, got 'l2'"):
+        losskit.get("proto-triplet", distance="l2")
+    with pytest.raises(ValueError, match=r"distance: expected one of \('cosine', 'dot'"):
+        proto_triplet_loss(x, y, distance="squared_euclidean")
+    assert DISTANCE_NAMES == ("cosine", "dot", "euclidean", "squared-euclidean")
+    # an object is accepted where a name is: Euclidean between normalised queries and prototypes
+    torch.testing.assert_close(proto_triplet_loss(x, y, distance=EuclideanDistance(normalize=True), reduction="none"),
+                               naive_proto_triplet(x, y, naive_split(y), 0.5, normalize=True))
+    # the old spelling still works, with a warning
+    with pytest.warns(DeprecationWarning, match="'squared' is deprecated; use 'squared-euclidean'"):
+        old = losskit.get("proto-triplet", distance="squared")
+    torch.testing.assert_close(old(x, y), proto_triplet_loss(x, y, distance="squared-euclidean"))
 
 
 def test_reductions_sample_weight_and_support_mask():
     x, y = batch(P=3, K=4, seed=1)
     support = naive_split(y)
     ref = naive_proto_triplet(x, y, support, 0.7)
+    n_query = len(y) - sum(support)
     w = torch.rand(len(y), dtype=torch.float64)
-    wq = w[~torch.tensor(support)]
     out_sum = proto_triplet_loss(x, y, margin=0.7, reduction="sum", sample_weight=w)
-    torch.testing.assert_close(out_sum, (ref * wq).sum())
-    torch.testing.assert_close(proto_triplet_loss(x, y, margin=0.7, sample_weight=w), (ref * wq).mean())
+    torch.testing.assert_close(out_sum, (ref * w).sum())
+    # the mean's denominator is the number of query rows, not B
+    torch.testing.assert_close(proto_triplet_loss(x, y, margin=0.7, sample_weight=w), (ref * w).sum() / n_query)
+    torch.testing.assert_close(proto_triplet_loss(x, y, margin=0.7, reduction="none", sample_weight=w), ref * w)
     # explicit support mask: one support row per class, the rest are queries
     mask = torch.zeros(len(y), dtype=torch.bool)
     for c in range(3):
         mask[(y == c).nonzero()[0]] = True
     ref2 = naive_proto_triplet(x, y, mask.tolist(), 0.7)
     torch.testing.assert_close(proto_triplet_loss(x, y, 0.7, reduction="none", support_mask=mask), ref2)
+    torch.testing.assert_close(proto_triplet_loss(x, y, 0.7, support_mask=mask), ref2.sum() / (len(y) - 3))
 
 
 def test_gradcheck_float64():
     x, y = batch(P=3, K=4, D=4, seed=2)
     x.requires_grad_(True)
     for neg in ("all", "hardest"):
-        assert torch.autograd.gradcheck(lambda e: proto_triplet_loss(e, y, 2.0, negatives=neg), (x,))
+        for dist, margin in (("euclidean", 2.0), ("cosine", 0.5)):
+            assert torch.autograd.gradcheck(lambda e: proto_triplet_loss(e, y, margin, neg, dist), (x,))
 
 
 def test_no_valid_query_is_zero_with_graph():
@@ -114,7 +154,7 @@ def test_class_without_prototype_gets_zero():
     y = torch.tensor([0, 1, 0, 1, 2])
     mask = torch.tensor([True, True, False, False, False])  # class 2 has no support row
     out = proto_triplet_loss(x, y, reduction="none", support_mask=mask)
-    assert out.shape == (3,) and out[2] == 0
+    assert out.shape == (5,) and out[4] == 0 and (out[:2] == 0).all()
 
 
 def test_huge_distances_and_bf16():
@@ -150,13 +190,36 @@ def test_bad_input_errors():
         m(x, y, support_mask=torch.ones(4))
     with pytest.raises(ValueError, match=r"sample_weight: expected shape \[4\]"):
         m(x, y, sample_weight=torch.ones(2))
-    with pytest.raises(ValueError, match="negatives: expected 'all' or 'hardest', got 'semi'"):
-        losskit.get("proto-triplet", negatives="semi")
-    with pytest.raises(ValueError, match="margin: expected"):
-        proto_triplet_loss(x, y, margin=-1.0)
+    with pytest.raises(ValueError, match=r"embeddings: expected finite values, got inf at index \(1, 2\)"):
+        m(x.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("inf"))), y)
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(negatives="semi"), ValueError, r"negatives: expected one of \('all', 'hardest'\), got 'semi'"),
+    (dict(margin=-1.0), ValueError, r"margin: expected a value >= 0.0, got -1.0"),
+    (dict(margin=float("nan")), ValueError, r"margin: expected a finite number >= 0.0, got nan"),
+    (dict(margin=float("inf")), ValueError, r"margin: expected a finite number >= 0.0, got inf"),
+    (dict(margin="0.5"), TypeError, r"margin: expected a real number >= 0.0, got str '0.5'"),
+    (dict(reduction="avg"), ValueError, r"reduction: expected one of \('mean', 'sum', 'none'\), got 'avg'"),
+])
+def test_hyperparameters_checked_at_construction_and_by_the_function(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        losskit.get("proto-triplet", **kw)
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(err, match=msg):
+        proto_triplet_loss(x, y, **kw)
+
+
+def test_hparams_captured_and_value_checks_switch():
+    m = losskit.get("proto-triplet", margin=0.3, distance="cosine")
+    assert m.hparams == {"margin": 0.3, "negatives": "all", "distance": "cosine", "reduction": "mean"}
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, -1])
+    with losskit.tensor_checks(False):  # the label range is a value check: skipped
+        assert torch.isfinite(m(x, y))
 
 
 def test_registry_entry():
     s = losskit.spec("proto-triplet")
+    assert s.kind == "objective"
     assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2305.09062")
     assert s.hparams["margin"] == 0.5

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import losskit
+from losskit import PreferenceBatch
 from losskit.functional import preference as P
 
 NAMES = ["dpo", "hinge", "ipo", "robust", "beta-dpo", "madpo"]
@@ -146,8 +147,9 @@ def test_ipo_length_normalisation_modes():
 def test_nll_term_rpo():
     x = rand_pairs()
     lc = torch.randint(1, 30, (7,)).double()
+    lr = torch.randint(1, 30, (7,)).double()
     base = losskit.get("dpo", reduction="none")(*x)
-    with_nll = losskit.get("dpo", reduction="none", nll_weight=0.5)(*x, chosen_lengths=lc)
+    with_nll = losskit.get("dpo", reduction="none", nll_weight=0.5)(*x, chosen_lengths=lc, rejected_lengths=lr)
     torch.testing.assert_close(with_nll, base + 0.5 * (-x[0] / lc))
     nll = torch.rand(7, dtype=torch.float64)
     torch.testing.assert_close(losskit.get("dpo", reduction="none", nll_weight=2.0)(*x, chosen_nll=nll),
@@ -272,7 +274,7 @@ def test_beta_dpo_matches_naive_and_updates_state():
     x = rand_pairs(b=10)
     loss = losskit.get("beta-dpo")
     h = (x[0] - x[2]) - (x[1] - x[3])
-    out, beta_b, keep = P.beta_dpo_loss(*x, gap_mean=0.3, gap_std=0.5, generator=torch.Generator().manual_seed(0),
+    out, beta_b, keep = P.beta_dpo_loss(PreferenceBatch(*x), gap_mean=0.3, gap_std=0.5, generator=torch.Generator().manual_seed(0),
                                         return_details=True)
     assert int(keep.sum()) == 8
     ref, b_ref = naive_beta_dpo(h.tolist(), 0.3, 0.5, keep.tolist())
@@ -312,12 +314,12 @@ def test_beta_dpo_filtering_prefers_typical_pairs():
     x[0][0] = 100.0  # h_0 = 100, others 0
     drops = 0
     for s in range(50):
-        _, _, keep = P.beta_dpo_loss(*x, gap_mean=0.0, gap_std=0.5, keep_ratio=0.9,
+        _, _, keep = P.beta_dpo_loss(PreferenceBatch(*x), gap_mean=0.0, gap_std=0.5, keep_ratio=0.9,
                                      generator=torch.Generator().manual_seed(s), return_details=True)
         drops += int(not keep[0])
     assert drops == 50
     # keep_ratio = 1 keeps everyone and equals DPO with the adapted beta
-    out, bb, keep = P.beta_dpo_loss(*rand_pairs(), gap_mean=0.0, gap_std=1.0, keep_ratio=1.0, return_details=True)
+    out, bb, keep = P.beta_dpo_loss(PreferenceBatch(*rand_pairs()), gap_mean=0.0, gap_std=1.0, keep_ratio=1.0, return_details=True)
     assert keep.all()
     torch.testing.assert_close(out, losskit.get("dpo", beta=float(bb))(*rand_pairs()))
 
@@ -337,7 +339,7 @@ def test_beta_dpo_reductions_and_weights():
     kw = dict(gap_mean=0.1, gap_std=0.4)
 
     def run(red, sw=None):
-        return P.beta_dpo_loss(*x, **kw, reduction=red, sample_weight=sw,
+        return P.beta_dpo_loss(PreferenceBatch(*x), **kw, reduction=red, sample_weight=sw,
                                generator=torch.Generator().manual_seed(4), return_details=True)
 
     per, bb, keep = run("none", w)

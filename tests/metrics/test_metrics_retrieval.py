@@ -25,6 +25,8 @@ def naive_scores(x, metric):
             s[i] = (x @ x[i]) / (norms * norms[i])
         elif metric == "dot":
             s[i] = x @ x[i]
+        elif metric == "squared-euclidean":
+            s[i] = -((x - x[i]) ** 2).sum(1)
         else:
             s[i] = -np.sqrt(((x - x[i]) ** 2).sum(1))
     return s
@@ -137,15 +139,19 @@ def test_knn_faiss_missing_is_clear():
         knn(torch.randn(5, 3), backend="faiss")
 
 
+def assert_faiss_agrees_with_torch(x, k, metric, chunk_size):
+    st, it = knn(x, k=k, metric=metric, backend="torch", chunk_size=chunk_size)
+    sf, i_f = knn(x, k=k, metric=metric, backend="faiss")
+    assert torch.equal(it, i_f)
+    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
-@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
 def test_knn_faiss_matches_torch(metric):
     x, _ = clustered(300, 12, seed=4)
     x = x.float()
-    st, it = knn(x, k=6, metric=metric, backend="torch", chunk_size=50)
-    sf, i_f = knn(x, k=6, metric=metric, backend="faiss")
-    assert torch.equal(it, i_f)
-    torch.testing.assert_close(sf, st, rtol=1e-4, atol=1e-4)
+    assert_faiss_agrees_with_torch(x, 6, metric, 50)
     q = torch.randn(20, 12)
     assert torch.equal(knn(q, x, k=3, metric=metric, backend="torch")[1], knn(q, x, k=3, metric=metric, backend="faiss")[1])
     # duplicates: the query itself is still removed
@@ -154,7 +160,7 @@ def test_knn_faiss_matches_torch(metric):
     assert not bool((i2 == torch.arange(10)[:, None]).any())
 
 
-@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
 def test_recall_and_map_match_naive(metric):
     x, y = clustered(120, 5, c=15, spread=1.2, seed=3)
     ks = (1, 2, 4, 8)
@@ -164,6 +170,57 @@ def test_recall_and_map_match_naive(metric):
         assert got[k] == pytest.approx(want[k], abs=1e-12)
     assert precision_at_1(x, y, metric=metric) == pytest.approx(want[1], abs=1e-12)
     assert map_at_r(x, y, metric=metric, chunk_size=9) == pytest.approx(naive_map_at_r(x, y, metric), abs=1e-12)
+
+
+class _FakeFlat:
+    """faiss's flat indexes, in numpy: inner products or squared L2, best first."""
+
+    def __init__(self, d, l2):
+        self.l2, self.r = l2, None
+
+    def add(self, r):
+        self.r = r
+
+    def search(self, q, k):
+        if self.l2:
+            d = ((q[:, None, :] - self.r[None, :, :]) ** 2).sum(-1)
+            order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        else:
+            d = q @ self.r.T
+            order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d, order, 1).astype(np.float32), order.astype(np.int64)
+
+
+class _FakeFaiss:
+    @staticmethod
+    def IndexFlatIP(d):
+        return _FakeFlat(d, l2=False)
+
+    @staticmethod
+    def IndexFlatL2(d):
+        return _FakeFlat(d, l2=True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
+def test_knn_faiss_path_converts_every_distance(monkeypatch, metric):
+    import importlib
+
+    knn_mod = importlib.import_module("losskit.metrics.knn")
+    monkeypatch.setattr(knn_mod, "_faiss", lambda: _FakeFaiss)
+    x, _ = clustered(80, 6, seed=6)
+    assert_faiss_agrees_with_torch(x.float(), 4, metric, 16)
+    from losskit.distances import BaseDistance
+
+    class Manhattan(BaseDistance):  # a distance faiss's flat indexes do not compute
+        def _matrix(self, a, b):
+            return torch.cdist(a, b, p=1)
+
+    x = x.float()
+    with pytest.raises(ValueError, match=r"metric: backend='faiss' supports .*got Manhattan"):
+        knn(x, k=2, metric=Manhattan(), backend="faiss")
+    s_auto, i_auto = knn(x, k=2, metric=Manhattan())  # 'auto' falls back to the torch backend
+    d = torch.cdist(x, x, p=1).fill_diagonal_(float("inf"))
+    torch.testing.assert_close(-s_auto, d.topk(2, largest=False).values)
 
 
 def test_ties_in_retrieval_follow_rule():
@@ -216,22 +273,17 @@ def test_retrieval_accumulator_equals_function():
 
 
 def test_no_block_larger_than_chunk_squared(monkeypatch):
-    import importlib
-
+    from losskit.distances import CosineSimilarity
     from losskit.metrics import evaluate_embeddings
 
-    # (losskit.metrics.knn / .opis are also function names: fetch the modules themselves)
-    common, knn_mod, opis_mod, ver_mod = (importlib.import_module(f"losskit.metrics.{m}")
-                                          for m in ("_common", "knn", "opis", "verification"))
-
     sizes = []
+    scores = CosineSimilarity.scores
 
-    def spy(q, r, metric, r_sqnorm=None):
+    def spy(self, q, r, r_sqnorm=None):
         sizes.append(q.shape[0] * r.shape[0])
-        return common.block_scores(q, r, metric, r_sqnorm)
+        return scores(self, q, r, r_sqnorm)
 
-    for mod in (knn_mod, ver_mod, opis_mod):
-        monkeypatch.setattr(mod, "block_scores", spy)
+    monkeypatch.setattr(CosineSimilarity, "scores", spy)  # every block of every metric goes through it
     x, y = clustered(200, 6, c=3, seed=8)  # big classes: MAP@R needs k of about 70
     evaluate_embeddings(x, y, chunk_size=16)
     assert sizes and max(sizes) <= 16 * 16

@@ -36,6 +36,10 @@ def naive_pairs(x, y, metric="cosine"):
         for j in range(i + 1, len(x)):
             if metric == "cosine":
                 s = x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
+            elif metric == "dot":
+                s = x[i] @ x[j]
+            elif metric == "squared-euclidean":
+                s = -((x[i] - x[j]) ** 2).sum()
             else:
                 s = -np.linalg.norm(x[i] - x[j])
             (gen if y[i] == y[j] else imp).append(s)
@@ -46,7 +50,7 @@ def sk_inputs(g, i):
     return np.r_[np.ones(len(g)), np.zeros(len(i))], np.r_[g, i]
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared-euclidean"])
 def test_pair_scores_match_naive(metric):
     x, y = clustered(60, 5, c=6, seed=1)
     g, i = pair_scores(x, y, metric=metric, chunk_size=13)
@@ -245,3 +249,35 @@ def test_evaluate_equals_separate_functions():
     assert out["opis"] == pytest.approx(opis(x, y), abs=1e-15)
     g, i = pair_scores(x, y)
     assert out["tar@far=0.001"] == tar_at_far(g, i, 1e-3)
+
+
+def test_metric_takes_the_distance_vocabulary():
+    from losskit.distances import DISTANCE_NAMES, DotProductSimilarity, get_distance
+    from losskit.metrics import class_utilities, knn, recall_at_k
+    from losskit.metrics import RetrievalMetrics
+
+    x, y = clustered(60, 5, c=6, seed=2)
+    # one message, from the one resolver, naming the keyword
+    msg = r"metric: expected one of \('cosine', 'dot', 'euclidean', 'squared-euclidean'\) or a BaseDistance, got 'l1'"
+    for call in (lambda: knn(x, metric="l1"), lambda: recall_at_k(x, y, metric="l1"),
+                 lambda: pair_scores(x, y, metric="l1"), lambda: pair_histograms(x, y, metric="l1"),
+                 lambda: class_utilities(x, y, torch.zeros(3), metric="l1"), lambda: opis(x, y, metric="l1"),
+                 lambda: evaluate_embeddings(x, y, metric="l1"), lambda: RetrievalMetrics(metric="l1"),
+                 lambda: VerificationMetrics(metric="l1")):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    with pytest.raises(ValueError, match=msg.replace("metric:", "distance:")):
+        get_distance("l1")
+    # every name is accepted; squared Euclidean ranks as Euclidean does
+    for name in DISTANCE_NAMES:
+        out = evaluate_embeddings(x, y, ks=(1, 4), metric=name)
+        assert all(math.isfinite(v) for v in out.values())
+    a, b = evaluate_embeddings(x, y, metric="euclidean"), evaluate_embeddings(x, y, metric="squared-euclidean")
+    for key in ("recall@1", "recall@4", "map@r", "tar@far=0.001", "tar@far=0.01", "eer"):
+        assert a[key] == pytest.approx(b[key], abs=1e-12)
+    # an object works where a name does: dot on normalised rows is cosine
+    cos = evaluate_embeddings(x, y, metric="cosine")
+    dotn = evaluate_embeddings(x, y, metric=DotProductSimilarity(normalize=True))
+    assert dotn == pytest.approx(cos, abs=1e-12)
+    e, gc, ic = pair_histograms(x, y, metric=DotProductSimilarity(normalize=True), bins=8)
+    assert (float(e[0]), float(e[-1])) == (-1.0, 1.0)  # a normalised similarity is binned over [-1, 1]

@@ -114,3 +114,18 @@ def test_entanglement_bad_input():
         gradient_entanglement(logps(m, x, a), logps(m, x[:2], a[:2]), m)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         pairwise_normalized_loss(logps(m, x, a), logps(m, x, a), m)
+
+
+def test_bad_values_and_hyperparameters_by_message():
+    from losskit.metrics.entanglement import pairwise_normalized_loss
+
+    lp = torch.tensor([-1.0, float("-inf")], requires_grad=True)
+    ok = torch.tensor([-1.0, -2.0], requires_grad=True)
+    norms = (torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="chosen_logps: expected finite log-probabilities, got -inf at index 1"):
+        pairwise_normalized_loss(lp, ok, None, dpo_weight=False, grad_norms=norms)
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0.0, got nan"):
+        pairwise_normalized_loss(ok, ok, None, ok.detach(), ok.detach(), beta=float("nan"), grad_norms=norms)
+    with pytest.raises(ValueError, match="beta: expected a value > 0.0, got -1.0"):
+        pairwise_normalized_loss(ok, ok, None, ok.detach(), ok.detach(), beta=-1.0, grad_norms=norms)
+    assert pairwise_normalized_loss(ok, ok, None, dpo_weight=False, grad_norms=norms, reduction="none").shape == (2,)

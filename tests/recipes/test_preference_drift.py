@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from losskit.recipes.drift import DSATRecord, SamplingPolicy, drift
+from losskit.recipes.drift import DSATRecord, SamplingPolicy, run_drift
 
 
 class TabularPolicy(nn.Module):
@@ -55,7 +55,7 @@ def test_drift_improves_toy_policy_and_keeps_margin():
             return float(torch.softmax(policy.logits, -1)[:, :2].sum(-1).mean())
 
     r0, d0 = true_reward(pol), p_dsat(pol)
-    logs = drift(pol, records, iterations=3, steps_per_iteration=40, batch_size=16, beta=0.5,
+    logs = run_drift(pol, records, iterations=3, steps_per_iteration=40, batch_size=16, beta=0.5,
                  callback=lambda t, m: {"reward": true_reward(m)}, seed=0)
     assert [lg.iteration for lg in logs] == [1, 2, 3]
     assert all(lg.pairs == len(records) for lg in logs)
@@ -80,7 +80,7 @@ def test_drift_reference_is_previous_iterate_and_seed_stage():
     TabularPolicy.logprobs = spy
     try:
         recs = [DSATRecord(0, 0), DSATRecord(1, 0)]
-        logs = drift(pol, recs, iterations=2, steps_per_iteration=5, batch_size=2,
+        logs = run_drift(pol, recs, iterations=2, steps_per_iteration=5, batch_size=2,
                      seed_pairs=[(0, 3, 0), (1, 3, 0)],
                      callback=lambda t, m: snaps.append(m.logits.detach().clone()))
     finally:
@@ -95,4 +95,48 @@ def test_drift_reference_is_previous_iterate_and_seed_stage():
 
 def test_drift_rejects_non_policy():
     with pytest.raises(TypeError, match="sample"):
-        drift(nn.Linear(2, 2), [DSATRecord(0, 0)])
+        run_drift(nn.Linear(2, 2), [DSATRecord(0, 0)])
+
+
+def test_import_gives_the_module_and_the_registry_lists_the_recipe():
+    import importlib
+    import types
+
+    import losskit
+    import losskit.recipes
+    import losskit.recipes.drift
+
+    mod = importlib.import_module("losskit.recipes.drift")
+    assert isinstance(mod, types.ModuleType) and mod.__name__ == "losskit.recipes.drift"
+    assert losskit.recipes.drift is mod
+    assert losskit.recipes.run_drift is mod.run_drift
+    with pytest.raises(AttributeError, match="renamed run_drift"):
+        mod.drift  # noqa: B018
+    s = losskit.spec("drift")
+    assert (s.kind, s.family, s.cls) == ("recipe", "preference", mod.run_drift)
+    assert "drift" in losskit.names(kind="recipe") and "drift" not in losskit.names()
+    assert s.hparams["iterations"] == 3 and s.hparams["nll_weight"] == 0.001
+
+
+def test_registry_binds_the_options():
+    import losskit
+
+    recipe = losskit.get("drift", iterations=1, steps_per_iteration=3, batch_size=2, seed=1)
+    pol = TabularPolicy(2, 4)
+    logs = recipe(pol, [DSATRecord(0, 0), DSATRecord(1, 0)])
+    assert [lg.iteration for lg in logs] == [1] and logs[0].pairs == 2
+    with pytest.raises(TypeError, match="has no hyperparameter 'iteration'"):
+        losskit.get("drift", iteration=1)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"iterations": -1}, r"iterations: expected an integer >= 0, got -1"),
+    ({"steps_per_iteration": 0}, r"steps_per_iteration: expected an integer >= 1, got 0"),
+    ({"batch_size": 0}, r"batch_size: expected an integer >= 1, got 0"),
+    ({"beta": float("nan")}, r"beta: expected a finite number > 0.0, got nan"),
+    ({"beta": 0.0}, r"beta: expected a value > 0.0, got 0.0"),
+    ({"nll_weight": -0.1}, r"nll_weight: expected a value >= 0.0, got -0.1"),
+])
+def test_drift_options_are_checked(kw, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        run_drift(TabularPolicy(2, 4), [DSATRecord(0, 0)], **kw)

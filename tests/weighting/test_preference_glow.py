@@ -75,8 +75,9 @@ def test_state_dict_resume_reproduces_weights():
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = GLOW()
-    b.load_state_dict(torch.load(buf))
+    state = torch.load(buf)
+    b = GLOW(**state["hparams"])
+    b.load_state_dict(state)
     assert (b.alpha, b.beta, b.epoch) == (2.0, 5.0, 2)
     cur = torch.rand(10)
     a.step(); b.step()
@@ -94,3 +95,58 @@ def test_glow_bad_input():
     with pytest.raises(ValueError, match="alpha"):
         GLOW(alpha=0)
     assert g(torch.zeros(0, requires_grad=True), []).item() == 0.0
+
+
+def test_load_state_dict_never_overrides_constructor_arguments():
+    a = GLOW(alpha=2.0, beta=5.0, warmup_epochs=0)
+    a.weights(torch.tensor([1.0, 2.0]), [3, 4])
+    a.end_epoch()
+    state = a.state_dict()
+    assert state["hparams"] == {"alpha": 2.0, "beta": 5.0, "w_min": 0.5, "w_max": 5.0, "warmup_epochs": 0}
+    fresh = GLOW()
+    with pytest.raises(ValueError, match=r"saved with alpha=2.0 \(constructed 1.0\), beta=5.0 \(constructed 20.0\), "
+                                         r"warmup_epochs=0 \(constructed 1\); hyperparameters are not loaded"):
+        fresh.load_state_dict(state)
+    assert (fresh.alpha, fresh.beta, fresh.epoch, fresh.history) == (1.0, 20.0, 0, {})  # untouched by the failure
+    fresh.load_state_dict(state, strict=False)
+    assert (fresh.alpha, fresh.beta, fresh.warmup_epochs) == (1.0, 20.0, 1)  # constructor arguments kept
+    assert fresh.epoch == 1 and fresh.history == {3: 1.0, 4: 2.0}
+    # same hyperparameters: a fresh object continues exactly where the saved one stopped
+    same = GLOW(alpha=2.0, beta=5.0, warmup_epochs=0)
+    same.load_state_dict(state)
+    cur = torch.tensor([0.5, 2.5])
+    torch.testing.assert_close(same.weights(cur, [3, 4]), a.weights(cur, [3, 4]))
+    torch.testing.assert_close(same.weights(cur, [3, 4]), torch.tensor([naive_w(1.0, 0.5, 2.0, 5.0),
+                                                                        naive_w(2.0, 2.5, 2.0, 5.0)]))
+    with pytest.raises(KeyError, match="the state has no history"):
+        same.load_state_dict({"epoch": 0, "pending": state["pending"]})
+
+
+def test_glow_is_a_registered_weighter():
+    import losskit
+
+    s = losskit.spec("glow")
+    assert (s.kind, s.family, s.cls) == ("weighter", "robust", GLOW)
+    assert "glow" in losskit.names(kind="weighter")
+    g = losskit.get("glow", beta=5.0)
+    assert isinstance(g, GLOW) and g.hparams["beta"] == 5.0 and g.beta == 5.0
+    w = g.weights(torch.rand(4), torch.arange(4))
+    assert w.shape == (4,)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"alpha": 0.0}, r"alpha: expected a value > 0.0, got 0.0"),
+    ({"alpha": float("nan")}, r"alpha: expected a finite number > 0.0, got nan"),
+    ({"beta": -1.0}, r"beta: expected a value > 0.0, got -1.0"),
+    ({"beta": float("nan")}, r"beta: expected a finite number > 0.0, got nan"),
+    ({"w_min": -0.1}, r"w_min: expected a value >= 0.0, got -0.1"),
+    ({"w_min": float("nan")}, r"w_min: expected a finite number >= 0.0, got nan"),
+    ({"w_max": 0.1}, r"w_max: expected a value >= 0.5, got 0.1"),
+    ({"w_max": float("inf")}, r"w_max: expected a finite number >= 0.5, got inf"),
+    ({"w_max": float("nan")}, r"w_max: expected a finite number >= 0.5, got nan"),
+    ({"warmup_epochs": -1}, r"warmup_epochs: expected an integer >= 0, got -1"),
+    ({"warmup_epochs": 1.5}, r"warmup_epochs: expected an integer >= 0, got float 1.5"),
+])
+def test_glow_hyperparameters_checked_at_construction(kw, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        GLOW(**kw)

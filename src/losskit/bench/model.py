@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLPEmbedder", "CNNEmbedder", "build_model", "choose_model"]
+__all__ = ["MLPEmbedder", "CNNEmbedder", "build_model", "choose_model", "MODELS"]
+
+#: the networks ``--model`` chooses from (``auto``: :func:`choose_model`)
+MODELS = ("auto", "mlp", "cnn")
 
 
 class MLPEmbedder(nn.Module):

@@ -1,5 +1,6 @@
-"""PNG plots of a bench run (matplotlib, Agg backend): metric bars, similarity histograms,
-training curves, cost."""
+"""PNG plots of a bench run (matplotlib, Agg backend), for every task: metric bars, training
+curves, cost; then the task's own plots (:meth:`Task.plots`; embedding: similarity histograms).
+:func:`grid` and :func:`finish_grid` lay out one panel per objective for those."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .report import LOWER_IS_BETTER, aggregate, metric_label
+from .report import aggregate
 
-__all__ = ["write_plots"]
-
-BAR_METRICS = ("recall@1", "recall@4", "map@r", "tar@far=0.001", "tar@far=0.01", "eer")
+__all__ = ["write_plots", "grid", "finish_grid"]
 
 
 def _plt():
@@ -25,15 +24,14 @@ def _plt():
     return plt
 
 
-def _grid(n: int) -> tuple[int, int]:
+def grid(n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``n`` panels."""
     cols = min(n, 4 if n <= 12 else 5)
     return math.ceil(n / cols), cols
 
 
-def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    metrics = [m for m in BAR_METRICS if any(m in r["metrics"] for r in rows)]
-    if any("opis" in r["metrics"] for r in rows):
-        metrics.append("opis")
+def _bars(plt, task, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    metrics = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
     n = len(rows)
     nr, nc = math.ceil(len(metrics) / 3), min(3, len(metrics))
     fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, 0.9 + (0.32 * n + 0.9) * nr),
@@ -42,52 +40,28 @@ def _bars(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     y = np.arange(n)
     colors = plt.cm.tab20(np.linspace(0, 1, max(n, 2)))[:n]
     for ax, m in zip(axes.flat, metrics):
-        mean = np.array([r["metrics"].get(m, {}).get("mean", np.nan) for r in rows], dtype=float)
-        std = np.array([r["metrics"].get(m, {}).get("std", np.nan) for r in rows], dtype=float)
-        scale = 1.0 if m == "opis" else 100.0
+        mean = np.array([r["metrics"].get(m.key, {}).get("mean", np.nan) for r in rows], dtype=float)
+        std = np.array([r["metrics"].get(m.key, {}).get("std", np.nan) for r in rows], dtype=float)
+        scale = 100.0 if m.percent else 1.0
         ax.barh(y, np.nan_to_num(mean * scale), xerr=np.nan_to_num(std * scale), color=colors,
                 error_kw={"capsize": 3, "elinewidth": 1})
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        better = "lower" if m in LOWER_IS_BETTER else "higher"
-        ax.set_title(f"{metric_label(m)}{'' if m == 'opis' else ' (%)'} ({better} is better)", fontsize=10)
+        better = "lower" if m.lower_is_better else "higher"
+        ax.set_title(f"{m.label}{' (%)' if m.percent else ''} ({better} is better)", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         for yi, v in zip(y, mean):
             if np.isfinite(v):
                 ax.text(0, yi, f" {v * scale:.3g}", va="center", ha="left", fontsize=7, color="black")
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.suptitle(title + "\nmean over seeds, error bars = std over seeds; sorted by R@1", fontsize=11)
+    primary = task.metric(task.primary).label
+    fig.suptitle(title + f"\nmean over seeds, error bars = std over seeds; sorted by {primary}", fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title: str) -> None:
-    nr, nc = _grid(len(order))
-    fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.7 * nr + 1.0),
-                             squeeze=False, layout="constrained")
-    for ax, name in zip(axes.flat, order):
-        mine = [c for c in cells if c["objective"] == name]
-        h = mine[0]["hist"]
-        edges = np.linspace(h["range"][0], h["range"][1], h["bins"] + 1)
-        centers = (edges[:-1] + edges[1:]) / 2
-        width = edges[1] - edges[0]
-        for key, color in (("impostor", "tab:red"), ("genuine", "tab:blue")):
-            counts = np.sum([c["hist"][key] for c in mine], axis=0).astype(float)
-            dens = counts / max(counts.sum() * width, 1e-12)
-            ax.fill_between(centers, dens, step="mid", alpha=0.45, color=color, label=key)
-        eers = [c["metrics"].get("eer") for c in mine if c["metrics"].get("eer") is not None]
-        sub = f"EER {100 * np.mean(eers):.1f}%" if eers else ""
-        ax.set_title(f"{name}\n{sub} ({len(mine)} seed{'s' if len(mine) > 1 else ''})", fontsize=9)
-        ax.set_xlim(-1, 1)
-        ax.tick_params(labelsize=7)
-        ax.set_yticks([])
-    axes.flat[0].legend(fontsize=7, loc="upper left")
-    _finish_grid(plt, fig, axes, len(order), path, title + "\ncosine similarity of all held-out pairs, genuine "
-                 "(same class) vs impostor;\ndensities, seeds pooled")
-
-
-def _finish_grid(plt, fig, axes, used: int, path: Path, suptitle: str) -> None:
+def finish_grid(plt, fig, axes, used: int, path: Path, suptitle: str) -> None:
     """Hide the grid's unused panels, title the figure, save and close it."""
     for ax in list(axes.flat)[used:]:
         ax.axis("off")
@@ -98,7 +72,7 @@ def _finish_grid(plt, fig, axes, used: int, path: Path, suptitle: str) -> None:
 
 def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     order = [r["objective"] for r in rows]
-    nr, nc = _grid(len(order))
+    nr, nc = grid(len(order))
     fig, axes = plt.subplots(nr, nc, figsize=(max(3.6 * nc, 7.5), 2.5 * nr + 1.0),
                              squeeze=False, layout="constrained")
     for ax, r in zip(axes.flat, rows):
@@ -112,7 +86,7 @@ def _curves(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("train loss", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    _finish_grid(plt, fig, axes, len(order), path, title + "\ntraining loss per epoch (mean over seeds, "
+    finish_grid(plt, fig, axes, len(order), path, title + "\ntraining loss per epoch (mean over seeds, "
                  "band = std);\neach objective on its own scale")
 
 
@@ -139,16 +113,16 @@ def _cost(plt, rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def write_plots(run) -> list[Path]:
-    """Write plots/metrics.png, plots/similarity_hist.png, plots/training_curves.png, plots/cost.png."""
+    """Write plots/metrics.png, plots/training_curves.png, plots/cost.png and the task's plots
+    (embedding: plots/similarity_hist.png)."""
     plt = _plt()
-    cfg = run.config
-    rows = aggregate(run.cells, cfg.objectives)
+    cfg, task = run.config, run.task
+    rows = aggregate(run.cells, cfg.objectives, task)
     out = Path(run.out) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    title = f"losskit bench on {cfg.dataset} (held-out classes)"
-    paths = [out / "metrics.png", out / "similarity_hist.png", out / "training_curves.png", out / "cost.png"]
-    _bars(plt, rows, paths[0], title)
-    _hists(plt, run.cells, [r["objective"] for r in rows], paths[1], title)
-    _curves(plt, rows, paths[2], title)
-    _cost(plt, rows, paths[3], title)
-    return paths
+    title = task.plot_title(cfg)
+    paths = [out / "metrics.png", out / "training_curves.png", out / "cost.png"]
+    _bars(plt, task, rows, paths[0], title)
+    _curves(plt, rows, paths[1], title)
+    _cost(plt, rows, paths[2], title)
+    return paths + task.plots(plt, run, rows, out, title)

@@ -1,4 +1,9 @@
-"""Aggregating cells over seeds; the leaderboard; results as JSON and CSV."""
+"""Aggregating cells over seeds; the leaderboard; results as JSON and CSV.
+
+The same for every task: the columns, their labels, their format and the
+metric the leaderboard is sorted by come from the task (``task.metrics``,
+``task.primary``).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .train import MEMORY_LABELS
+from .measure import MEMORY_LABELS
+from .store import atomic_write_json
 
-__all__ = ["aggregate", "format_leaderboard", "write_results", "metric_label", "LEADERBOARD_METRICS"]
-
-#: Metrics shown on the leaderboard, in order (when present in the cells).
-LEADERBOARD_METRICS = ("recall@1", "recall@4", "map@r", "tar@far=0.001", "tar@far=0.01", "eer", "opis")
-#: Metrics where lower is better.
-LOWER_IS_BETTER = {"eer", "opis", "epsilon_opis"}
-_PERCENT = {"eer"}  # everything in [0, 1] except OPIS is printed in percent
-
-
-def metric_label(key: str) -> str:
-    if key.startswith("recall@"):
-        return "R@" + key.split("@")[1]
-    if key.startswith("tar@far="):
-        far = float(key.split("=")[1])
-        return f"TAR@{far:.0e}".replace("e-0", "e-")
-    return {"map@r": "MAP@R", "eer": "EER", "opis": "OPIS", "precision@1": "P@1"}.get(key, key)
+__all__ = ["aggregate", "format_leaderboard", "write_results"]
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -38,8 +29,9 @@ def _stats(values: list[float]) -> dict[str, float]:
             "n": int(len(finite))}
 
 
-def aggregate(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
-    """One row per objective (in ``objectives`` order, those with cells): mean/std/n of every number."""
+def aggregate(cells: list[dict[str, Any]], objectives: list[str], task) -> list[dict[str, Any]]:
+    """One row per objective (those with cells): mean/std/n of every number; sorted by the
+    task's primary metric, best first (``objectives`` order among equals; undefined last)."""
     rows = []
     for name in objectives:
         mine = sorted((c for c in cells if c["objective"] == name), key=lambda c: c["seed"])
@@ -56,37 +48,45 @@ def aggregate(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[s
         row["epoch_loss_mean"] = curves.mean(0).tolist()
         row["epoch_loss_std"] = (curves.std(0, ddof=1) if len(mine) > 1 else np.zeros(epochs)).tolist()
         rows.append(row)
-    rows.sort(key=lambda r: -_nan_low(r["metrics"].get("recall@1", {}).get("mean", math.nan)))
+    lower = task.metric(task.primary).lower_is_better
+    rows.sort(key=lambda r: _rank(r["metrics"].get(task.primary, {}).get("mean", math.nan), lower))
     return rows
 
 
-def _nan_low(x: float) -> float:
-    return -math.inf if x is None or not math.isfinite(x) else x
+def _rank(x: float, lower_is_better: bool) -> float:
+    """Sort key: best first, an undefined value last."""
+    if x is None or not math.isfinite(x):
+        return math.inf
+    return x if lower_is_better else -x
 
 
-def _fmt(stat: dict[str, float], key: str) -> str:
+def _fmt(stat: dict[str, float], how: str) -> str:
+    """``how``: ``percent`` (x100, one decimal), ``plain`` (3 significant digits), ``fixed`` (2 decimals)."""
     m, s = stat["mean"], stat["std"]
     if not math.isfinite(m):
         return "-"
-    if key == "opis":
+    if how == "plain":
         return f"{m:.3g}" + ("" if not math.isfinite(s) else f"±{s:.1g}")
-    if key in ("train_time_s", "eval_time_s"):
-        return f"{m:.2f}" + ("" if not math.isfinite(s) else f"±{s:.2f}")
-    if key == "peak_memory_mb":
+    if how == "fixed":
         return f"{m:.2f}" + ("" if not math.isfinite(s) else f"±{s:.2f}")
     return f"{100 * m:.1f}" + ("" if not math.isfinite(s) else f"±{100 * s:.1f}")
 
 
-def format_leaderboard(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
-    """The terminal leaderboard: mean±std over seeds, sorted by Recall@1 (best first)."""
-    present = [k for k in LEADERBOARD_METRICS if any(k in r["metrics"] for r in rows)]
-    head = ["#", "objective", "seeds"] + [metric_label(k) + (" %" if k != "opis" else "") for k in present]
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def format_leaderboard(rows: list[dict[str, Any]], task, title: str = "", notes: list[str] | None = None) -> str:
+    """The terminal leaderboard: mean±std over seeds of the task's metrics, sorted by its primary one."""
+    present = [m for m in task.metrics if any(m.key in r["metrics"] for r in rows)]
+    head = ["#", "objective", "seeds"] + [m.label + (" %" if m.percent else "") for m in present]
     head += ["train s", "mem MB"]
     body = []
     for i, r in enumerate(rows, 1):
         line = [str(i), r["objective"], str(len(r["seeds"]))]
-        line += [_fmt(r["metrics"][k], k) if k in r["metrics"] else "-" for k in present]
-        line += [_fmt(r["train_time_s"], "train_time_s"), _fmt(r["peak_memory_mb"], "peak_memory_mb")]
+        line += [_fmt(r["metrics"][m.key], "percent" if m.percent else "plain") if m.key in r["metrics"] else "-"
+                 for m in present]
+        line += [_fmt(r["train_time_s"], "fixed"), _fmt(r["peak_memory_mb"], "fixed")]
         body.append(line)
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     left = {0, 1}
@@ -96,8 +96,11 @@ def format_leaderboard(rows: list[dict[str, Any]], title: str = "", notes: list[
 
     lines = [title] if title else []
     lines += [render(head), "-" * len(render(head))] + [render(b) for b in body]
-    lines.append("mean±std over seeds (std is blank with one seed); sorted by R@1; "
-                 "all metrics on the held-out classes; EER and OPIS: lower is better.")
+    said = [f"sorted by {task.metric(task.primary).label}", *([task.leaderboard_note] if task.leaderboard_note else [])]
+    lower = [m.label for m in task.metrics if m.lower_is_better]
+    if lower:
+        said.append(f"{_and(lower)}: lower is better")
+    lines.append("mean±std over seeds (std is blank with one seed); " + "; ".join(said) + ".")
     kinds = sorted({k for r in rows for k in r["memory_kind"]})
     for k in kinds:
         lines.append(f"mem MB = {MEMORY_LABELS.get(k, k)}.")
@@ -138,12 +141,10 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_results(run) -> str:
     """Write results.json, cells.csv, summary.csv, leaderboard.txt; return the leaderboard text."""
-    from .runner import atomic_write_json
-
-    cfg = run.config
+    cfg, task = run.config, run.task
     cells = sorted(run.cells, key=lambda c: (cfg.objectives.index(c["objective"])
                                              if c["objective"] in cfg.objectives else 1e9, c["seed"]))
-    rows = aggregate(cells, cfg.objectives)
+    rows = aggregate(cells, cfg.objectives, task)
     missing = [(o, s) for o in cfg.objectives for s in range(cfg.seeds)
                if not any(c["objective"] == o and c["seed"] == s for c in cells)]
     notes = []
@@ -153,9 +154,7 @@ def write_results(run) -> str:
     if missing:
         notes.append(f"INCOMPLETE: {len(missing)} of {len(cfg.objectives) * cfg.seeds} cells missing; "
                      f"finish with: losskit bench --resume {run.out}")
-    title = (f"losskit bench: {cfg.dataset}, {len(cfg.objectives)} objectives x {cfg.seeds} seeds, "
-             f"{cfg.epochs} epochs, embedding dim {cfg.embedding_dim}")
-    board = format_leaderboard(rows, title, notes)
+    board = format_leaderboard(rows, task, task.title(cfg, len(cfg.objectives)), notes)
     atomic_write_json(run.out / "results.json", {
         "complete": not missing,
         "missing": [list(m) for m in missing],

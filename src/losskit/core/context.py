@@ -113,13 +113,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class PreferenceBatch:
-    """The four ``[B]`` summed log-probabilities of a preference batch, with
-    optional completion lengths (token counts).
+    """Everything a preference loss reads per pair, validated once at construction.
 
-    Validated once at construction: same shape and device, floating dtype,
-    finite values, lengths positive and given both or neither.  ``pc``,
-    ``pr``, ``rc``, ``rr`` are the same tensors in the compute dtype (float32,
-    float64 for float64 input); ``out_dtype`` is the input dtype.
+    * the four ``[B]`` summed log-probabilities (``policy_chosen_logps``,
+      ``policy_rejected_logps``, ``ref_chosen_logps``, ``ref_rejected_logps``):
+      same shape and device, floating, finite;
+    * ``chosen_lengths``/``rejected_lengths``: completion token counts ``[B]``,
+      positive, **both or neither** (length normalisation and RPO's NLL read them);
+    * ``margin``: a per-pair offset in reward units, a float or ``[B]``, finite;
+    * ``chosen_nll``: ``[B]`` NLL of the chosen completion for the RPO term, finite.
+
+    ``pc``, ``pr``, ``rc``, ``rr`` are the log-probabilities in the compute
+    dtype (float32, float64 for float64 input); lengths, ``margin`` and
+    ``chosen_nll`` are stored in it.  ``out_dtype`` is the input dtype.
+    Value checks (finite, positive) follow :func:`losskit.tensor_checks`.
     """
 
     policy_chosen_logps: Tensor
@@ -128,8 +135,29 @@ class PreferenceBatch:
     ref_rejected_logps: Tensor
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
+    margin: Tensor | float | None = None
+    chosen_nll: Tensor | None = None
+
+    @classmethod
+    def of(cls, *logps, **fields) -> "PreferenceBatch":
+        """A :class:`PreferenceBatch` from one given as the single positional
+        argument (no other field may be set then) or from its fields."""
+        if logps and isinstance(logps[0], cls):
+            extra = [k for k, v in fields.items() if v is not None] + [_LOGP_NAMES[i] for i, v in
+                                                                         enumerate(logps) if i and v is not None]
+            if extra:
+                raise TypeError(f"a PreferenceBatch was given together with {', '.join(extra)}; set those fields "
+                                "on the PreferenceBatch instead")
+            return logps[0]
+        missing = [n for n, v in zip(_LOGP_NAMES, logps + (None,) * (4 - len(logps))) if v is None]
+        if missing:
+            raise TypeError(f"expected a PreferenceBatch or the four log-probability tensors "
+                            f"{', '.join(_LOGP_NAMES)}; missing {', '.join(missing)}")
+        return cls(*logps, **fields)
 
     def __post_init__(self):
+        import math
+
         ts = self.logps
         for name, t in zip(_LOGP_NAMES, ts):
             if not isinstance(t, Tensor):
@@ -157,9 +185,9 @@ class PreferenceBatch:
         if (self.chosen_lengths is None) != (self.rejected_lengths is None):
             given = "chosen_lengths" if self.rejected_lengths is None else "rejected_lengths"
             other = "rejected_lengths" if given == "chosen_lengths" else "chosen_lengths"
-            raise ValueError(f"{given}: given without {other}; length normalisation needs the token counts of "
-                             "both completions (pass both or neither)")
-        ct = _compute_dtype(ts[0].dtype)
+            raise ValueError(f"{given}: given without {other}; pass the token counts of both completions or "
+                             "neither (length normalisation divides each log-ratio by its own completion's length)")
+        ct = self.compute_dtype
         for name in ("chosen_lengths", "rejected_lengths"):
             v = getattr(self, name)
             if v is None:
@@ -171,6 +199,21 @@ class PreferenceBatch:
             if tensor_checks_enabled() and v.numel() and not bool((v > 0).all() & torch.isfinite(v).all()):
                 raise ValueError(f"{name}: expected positive finite lengths (token counts), got min {float(v.min())}")
             object.__setattr__(self, name, v)
+        m = self.margin
+        if m is not None:
+            if not isinstance(m, Tensor):
+                if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                    raise ValueError(f"margin: expected a finite float or a [{b}] tensor (one offset per pair), "
+                                     f"got {m!r}")
+                m = torch.tensor(float(m), dtype=ct, device=dev)
+            elif m.dim() != 0 and (m.dim() != 1 or m.shape[0] != b):
+                raise ValueError(f"margin: expected a float or shape [{b}] (one offset per pair), got {shape_str(m)}")
+            elif m.device != dev and m.dim():
+                raise ValueError(f"margin: expected device {dev}, got {m.device}")
+            object.__setattr__(self, "margin", check_finite(m.to(device=dev, dtype=ct), "margin"))
+        if self.chosen_nll is not None:
+            v = check_vector(self.chosen_nll, "chosen_nll", b, ts[0], what="NLL of the chosen completion per pair")
+            object.__setattr__(self, "chosen_nll", v.to(ct))
 
     @property
     def logps(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -195,18 +238,8 @@ class PreferenceBatch:
     def _c(self, t: Tensor) -> Tensor:
         return t.to(self.compute_dtype)
 
-    @property
-    def pc(self) -> Tensor:
-        return self._c(self.policy_chosen_logps)
-
-    @property
-    def pr(self) -> Tensor:
-        return self._c(self.policy_rejected_logps)
-
-    @property
-    def rc(self) -> Tensor:
-        return self._c(self.ref_chosen_logps)
-
-    @property
-    def rr(self) -> Tensor:
-        return self._c(self.ref_rejected_logps)
+    # the four log-probabilities in the compute dtype
+    pc = property(lambda self: self._c(self.policy_chosen_logps))
+    pr = property(lambda self: self._c(self.policy_rejected_logps))
+    rc = property(lambda self: self._c(self.ref_chosen_logps))
+    rr = property(lambda self: self._c(self.ref_rejected_logps))

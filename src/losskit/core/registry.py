@@ -151,6 +151,8 @@ class Spec:
                 return v
             if isinstance(v, (list, tuple)):
                 return [plain(x) for x in v]
+            if callable(v) and hasattr(v, "__qualname__"):
+                return f"{v.__module__}.{v.__qualname__}"
             return repr(v)
 
         return {

@@ -1,6 +1,8 @@
 """losskit.data: open-set data sets (test classes disjoint from training classes).
 
 Every loader returns an :class:`OpenSetSplit`; see docs/data.md for each split rule.
+Batch samplers: :class:`PKSampler` (class-balanced P x K) in ``losskit.data.samplers``,
+:class:`~losskit.data.episodes.EpisodeSampler` (N-way K-shot) in ``losskit.data.episodes``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import inspect
 from losskit.data.digits import load_digits
 from losskit.data.folder import load_image_folder
 from losskit.data.omniglot import load_omniglot
+from losskit.data.samplers import PKSampler, pk_batch_shape
 from losskit.data.split import OpenSetSplit
 
 DATASETS = {"digits": load_digits, "folder": load_image_folder, "omniglot": load_omniglot}
@@ -42,4 +45,5 @@ def load_dataset(name: str, data_dir: str | None = None, **kw) -> OpenSetSplit:
     return fn(data_dir, **kw)
 
 
-__all__ = ["OpenSetSplit", "load_digits", "load_image_folder", "load_omniglot", "load_dataset", "DATASETS"]
+__all__ = ["OpenSetSplit", "load_digits", "load_image_folder", "load_omniglot", "load_dataset", "DATASETS", "PKSampler",
+           "pk_batch_shape"]

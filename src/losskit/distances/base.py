@@ -1,7 +1,13 @@
-"""Distance and similarity objects with row-chunked evaluation."""
+"""Distance and similarity objects with row-chunked evaluation.
+
+The one distance vocabulary of losskit (losses, episode losses, miners and
+metrics all resolve names through :func:`get_distance`); see
+:mod:`losskit.distances` for the table.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -16,6 +22,7 @@ __all__ = [
     "SquaredEuclideanDistance",
     "get_distance",
     "DISTANCES",
+    "DISTANCE_NAMES",
     "default_chunk_size",
 ]
 
@@ -105,6 +112,19 @@ class BaseDistance:
         """A value farther than anything (``-inf`` for a similarity, ``+inf`` for a distance)."""
         return float("-inf") if self.is_similarity else float("inf")
 
+    # --- evaluation (metrics): higher = closer, no autograd bookkeeping ---
+    def sq_norms(self, y: Tensor) -> Tensor | None:
+        """What :meth:`scores` can reuse across query blocks of one reference
+        set (the squared row norms for the Euclidean distances; ``None`` here)."""
+        return None
+
+    def scores(self, x: Tensor, y: Tensor, y_sqnorm: Tensor | None = None) -> Tensor:
+        """``[n, m]`` scores of *prepared* rows where higher means closer: the
+        similarity itself, or minus the distance.  For evaluation (may work
+        in place on its own temporaries); ``y_sqnorm`` is ``sq_norms(y)``."""
+        s = self._matrix(x, y)
+        return s if self.is_similarity else s.neg_()
+
 
 class DotProductSimilarity(BaseDistance):
     """``x . y`` (a similarity; unnormalised unless ``normalize=True``)."""
@@ -113,6 +133,9 @@ class DotProductSimilarity(BaseDistance):
     is_similarity = True
 
     def _matrix(self, x, y):
+        return x @ y.transpose(0, 1)
+
+    def scores(self, x, y, y_sqnorm=None):
         return x @ y.transpose(0, 1)
 
     def _paired(self, x, y):
@@ -142,10 +165,21 @@ class SquaredEuclideanDistance(BaseDistance):
     name = "squared-euclidean"
     is_similarity = False
 
-    def _matrix(self, x, y):
+    @staticmethod
+    def _expanded(x: Tensor, y: Tensor, y_sqnorm: Tensor | None = None) -> Tensor:
+        # |x|^2 + |y|^2 - 2 x.y, not yet clamped (may be slightly negative)
         xx = (x * x).sum(-1, keepdim=True)
-        yy = (y * y).sum(-1).unsqueeze(0)
-        return (xx + yy - 2.0 * (x @ y.transpose(0, 1))).clamp_min(0)
+        yy = ((y * y).sum(-1) if y_sqnorm is None else y_sqnorm).unsqueeze(0)
+        return xx + yy - 2.0 * (x @ y.transpose(0, 1))
+
+    def _matrix(self, x, y):
+        return self._expanded(x, y).clamp_min(0)
+
+    def sq_norms(self, y):
+        return (y * y).sum(-1)
+
+    def scores(self, x, y, y_sqnorm=None):
+        return self._expanded(x, y, y_sqnorm).clamp_min_(0).neg_()
 
     def _paired(self, x, y):
         return ((x - y) ** 2).sum(-1)
@@ -162,6 +196,9 @@ class EuclideanDistance(SquaredEuclideanDistance):
     def _paired(self, x, y):
         return _safe_sqrt(super()._paired(x, y))
 
+    def scores(self, x, y, y_sqnorm=None):
+        return self._expanded(x, y, y_sqnorm).clamp_min_(0).sqrt_().neg_()
+
 
 DISTANCES = {
     "cosine": CosineSimilarity,
@@ -171,13 +208,30 @@ DISTANCES = {
 }
 
 
-def get_distance(distance: str | BaseDistance, normalize: bool | None = None) -> BaseDistance:
-    """A distance object from its name (``cosine``, ``dot``, ``euclidean``,
-    ``squared-euclidean``) or the object itself."""
+#: the vocabulary, in the order the error message lists it
+DISTANCE_NAMES = tuple(DISTANCES)
+
+#: old spellings still accepted, with a DeprecationWarning (not part of the vocabulary)
+_DEPRECATED = {"squared": "squared-euclidean"}
+
+
+def get_distance(distance: str | BaseDistance, normalize: bool | None = None, *,
+                 name: str = "distance") -> BaseDistance:
+    """The one resolver: a distance object from its name (``cosine``,
+    ``dot``, ``euclidean``, ``squared-euclidean``) or the object itself.
+
+    ``normalize`` (ignored for an object, always on for ``cosine``):
+    L2-normalise the embeddings first.  ``name`` is the keyword the value
+    came from, used in the error (``metric`` for the metrics).
+    """
     if isinstance(distance, BaseDistance):
         return distance
-    if distance not in DISTANCES:
-        raise ValueError(f"distance: expected one of {sorted(DISTANCES)} or a BaseDistance, got {distance!r}")
+    if isinstance(distance, str) and distance in _DEPRECATED:
+        new = _DEPRECATED[distance]
+        warnings.warn(f"{name}={distance!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+        distance = new
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(f"{name}: expected one of {DISTANCE_NAMES} or a BaseDistance, got {distance!r}")
     cls = DISTANCES[distance]
     if cls is CosineSimilarity:
         return cls()

@@ -11,36 +11,50 @@ in batch order, are support; the rest are queries), or by an explicit
 
 Conventions shared by the three losses
 
-* ``reduction='none'`` returns one loss per *query* sample (for ICNN: per
-  anchor), in batch order; ``query_mask`` / :func:`split_support_query` tells
-  which rows they are.  Queries that cannot be scored (their class has no
-  prototype, or there is no other class) get loss 0 and still count in the
-  ``'mean'`` denominator, which is the number of query rows.
-* ``sample_weight`` has one entry per *batch* row (shape ``[B]``, like every
-  embedding objective); the weights of the query rows multiply their losses,
-  the weights of support rows are not used.
+* ``reduction`` goes through :func:`losskit.core.reduction.reduce_loss`, the
+  one reduction.  ``'none'`` returns ``[B]``, aligned with the input rows:
+  support rows (ICNN with ``anchors='query'``: non-anchor rows) and rows that
+  cannot be scored (their class has no prototype, or there is no other
+  class) hold 0.  ``'sum'`` sums the rows.  ``'mean'`` divides that sum by the
+  number of *query* rows (ICNN: of anchor rows) -- the rows that could be
+  scored, counting those that got 0 -- not by ``B``.
+* ``sample_weight`` has one entry per batch row (``[B]``, like every
+  embedding objective) and multiplies that row's loss, so the weights of
+  support rows have no effect.
+* Distances: Proto-Triplet takes any name of the distance vocabulary
+  (:mod:`losskit.distances`, resolved by :func:`~losskit.distances.get_distance`);
+  ICNN is defined on the Euclidean distance; GPAM uses its own Gaussian class
+  distance (:func:`gpam_distances`), which is not a pairwise distance.
 * Distances are computed in float32 when the input is float16/bfloat16
   (autocast is switched off inside); the result has the input's dtype.
 * Nothing to score (empty batch, one sample per class, a single class) gives
   a zero that is still connected to the graph.
+* Hyperparameters are validated by the public functions here and once at
+  construction by the modules (:mod:`losskit.losses.episodes`), which call the
+  unchecked cores; tensors are validated once per call.  The support/query
+  split and the prototypes need ``torch.unique`` and boolean indexing, which
+  synchronise with the host whatever :func:`losskit.tensor_checks` says
+  (ICNN with ``anchors='all'`` and no ``support_mask`` does not).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from losskit._checks import (
+from losskit.core.checks import (
+    check_bool,
+    check_choice,
     check_embeddings,
-    check_finite,
+    check_hparam,
+    check_int,
     check_labels,
     check_reduction,
     check_sample_weight,
-    reduce_loss,
-    zero_with_graph,
+    tensor_checks_enabled,
 )
+from losskit.core.reduction import reduce_loss, zero_with_graph
+from losskit.distances import BaseDistance, EuclideanDistance, get_distance
 
 __all__ = [
     "split_support_query",
@@ -55,6 +69,9 @@ __all__ = [
 ]
 
 _TINY = 1e-12
+_EUCLIDEAN = EuclideanDistance()
+NEGATIVES = ("all", "hardest")
+ANCHORS = ("all", "query")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -68,23 +85,10 @@ def _no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
-    """``||a_i - b_j||^2`` as ``[len(a), len(b)]`` (no ``[n, m, D]`` temporary)."""
-    aa = (a * a).sum(1, keepdim=True)
-    bb = (b * b).sum(1, keepdim=True).transpose(0, 1)
-    return (aa + bb - 2.0 * (a @ b.transpose(0, 1))).clamp_min(0.0)
-
-
-def _euclid(a: Tensor, b: Tensor) -> Tensor:
-    # clamp keeps the sqrt's gradient finite at zero distance (it is 0 there)
-    return _sq_dists(a, b).clamp_min(_TINY).sqrt()
-
-
 def _check_inputs(embeddings: Tensor, labels: Tensor, allow_nota: bool) -> None:
-    check_embeddings(embeddings)
-    check_finite(embeddings, "embeddings")
+    check_embeddings(embeddings)  # shape, dtype, finite values
     check_labels(labels, embeddings.shape[0], device=embeddings.device)
-    if labels.numel():
+    if tensor_checks_enabled() and labels.numel() and labels.device.type != "meta":
         lo = -1 if allow_nota else 0
         mn = int(labels.min())
         if mn < lo:
@@ -92,11 +96,19 @@ def _check_inputs(embeddings: Tensor, labels: Tensor, allow_nota: bool) -> None:
             raise ValueError(f"labels: expected {what}, got {mn}")
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+def _episode_inputs(embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None,
+                    support_mask: Tensor | None, allow_nota: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """A support/query loss's inputs, validated once: ``(embeddings in the
+    working dtype, sample_weight, support mask)``."""
+    _check_inputs(embeddings, labels, allow_nota)
+    support = split_support_query(labels, support_mask)
+    x = embeddings.to(_work_dtype(embeddings))
+    return x, check_sample_weight(sample_weight, x.shape[0], x), support
+
+
+def _zeros(x: Tensor) -> Tensor:
+    """``[B]`` zeros connected to the graph (nothing could be scored)."""
+    return x.new_zeros(x.shape[0]) + zero_with_graph(x)
 
 
 def split_support_query(labels: Tensor, support_mask: Tensor | None = None) -> Tensor:
@@ -121,7 +133,7 @@ def split_support_query(labels: Tensor, support_mask: Tensor | None = None) -> T
                              f"got {list(support_mask.shape)}")
         if support_mask.device != labels.device:
             raise ValueError(f"support_mask: expected device {labels.device}, got {support_mask.device}")
-        if B and bool((support_mask & (labels < 0)).any()):
+        if B and tensor_checks_enabled() and bool((support_mask & (labels < 0)).any()):
             raise ValueError("support_mask: rows labelled -1 (none of the above) cannot be support")
         return support_mask
     if B == 0:
@@ -158,22 +170,18 @@ def _lookup(classes: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return pos, classes[pos] == y
 
 
-def _finish(per: Tensor, reduction: str, sample_weight: Tensor | None, rows: Tensor,
-            embeddings: Tensor, any_valid: bool) -> Tensor:
-    sw = None
-    if sample_weight is not None:
-        sw = check_sample_weight(sample_weight, embeddings.shape[0], per)[rows]
-    out = reduce_loss(per, reduction, sw)
-    if not any_valid:
-        out = out + zero_with_graph(embeddings).to(out.dtype)
-    return out.to(embeddings.dtype)
-
-
 # --------------------------------------------------------------------------- Proto-Triplet
 
 
+def _proto_triplet_hparams(margin: float, negatives: str, distance: str | BaseDistance,
+                          ) -> tuple[float, str, BaseDistance]:
+    """Validated ``(margin, negatives, distance object)`` of Proto-Triplet."""
+    return (check_hparam("margin", margin, low=0.0), check_choice("negatives", negatives, NEGATIVES),
+            get_distance(distance))
+
+
 def proto_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5,
-                       negatives: str = "all", distance: str = "euclidean",
+                       negatives: str = "all", distance: str | BaseDistance = "euclidean",
                        reduction: str = "mean", sample_weight: Tensor | None = None,
                        support_mask: Tensor | None = None) -> Tensor:
     """Proto-Triplet loss (Mendez-Ruiz et al., 2023).
@@ -184,83 +192,82 @@ def proto_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5,
         negatives='all'     (the notes' form):  l(q) = 1/|K'| sum_{k in K'} [d(q, c_y) - d(q, c_k) + margin]_+
         negatives='hardest' (the authors' code): l(q) = [d(q, c_y) - min_{k in K'} d(q, c_k) + margin]_+
 
-    ``d`` is the Euclidean distance (``distance='squared'`` for its square).
-    A query whose class has no prototype, or with no other prototype, gets 0.
-    Returns ``[Q]`` per query (batch order) with ``reduction='none'``.
+    ``d`` is ``distance``, a name of the distance vocabulary
+    (:mod:`losskit.distances`: ``'euclidean'`` (default), ``'squared-euclidean'``
+    (Prototypical Networks), ``'cosine'``, ``'dot'``) or a distance object; for
+    a similarity the hinge is ``[s(q, c_k) - s(q, c_y) + margin]_+`` and the
+    hardest negative the most similar one.  A query whose class has no
+    prototype, or with no other prototype, gets 0.
+
+    ``reduction='none'``: ``[B]`` (support rows 0); ``'mean'``: the sum over
+    the ``[B]`` rows divided by the number of query rows.
     """
     check_reduction(reduction)
-    _check_inputs(embeddings, labels, allow_nota=False)
-    _check_positive("margin", margin, allow_zero=True)
-    if negatives not in ("all", "hardest"):
-        raise ValueError(f"negatives: expected 'all' or 'hardest', got {negatives!r}")
-    if distance not in ("euclidean", "squared"):
-        raise ValueError(f"distance: expected 'euclidean' or 'squared', got {distance!r}")
-    support = split_support_query(labels, support_mask)
-    q_rows = (~support).nonzero().squeeze(1)
-    wd = _work_dtype(embeddings)
+    margin, negatives, dist = _proto_triplet_hparams(margin, negatives, distance)
+    return _proto_triplet(embeddings, labels, margin, negatives, dist, reduction, sample_weight, support_mask)
+
+
+def _proto_triplet(embeddings: Tensor, labels: Tensor, margin: float, negatives: str, dist: BaseDistance,
+                   reduction: str, sample_weight: Tensor | None, support_mask: Tensor | None) -> Tensor:
+    """:func:`proto_triplet_loss` on validated hyperparameters."""
+    x, sw, support = _episode_inputs(embeddings, labels, sample_weight, support_mask, allow_nota=False)
+    query = ~support
     with _no_autocast(embeddings):
-        x = embeddings.to(wd)
         classes, protos, _ = class_prototypes(x[support], labels[support])
-        xq, yq = x[q_rows], labels[q_rows]
-        pos, has = _lookup(classes, yq)
-        valid = has & (classes.shape[0] >= 2)
-        per = x.new_zeros(q_rows.shape[0])
-        if bool(valid.any()):
-            v = valid.nonzero().squeeze(1)
-            dist = _sq_dists(xq[v], protos)
-            if distance == "euclidean":
-                dist = dist.clamp_min(_TINY).sqrt()
-            pv = pos[v].unsqueeze(1)
-            d_pos = dist.gather(1, pv)
-            neg = torch.ones_like(dist, dtype=torch.bool).scatter(1, pv, False)
+        C = classes.shape[0]
+        if C >= 2:
+            d = dist.pairwise(x, protos)  # [B, C]; support rows are masked below
+            pos, has = _lookup(classes, labels)
+            pv = pos.unsqueeze(1)
+            d_pos = d.gather(1, pv)
+            neg = torch.ones_like(d, dtype=torch.bool).scatter(1, pv, False)
             if negatives == "all":
-                hinge = (d_pos - dist + margin).clamp_min(0.0) * neg
-                vals = hinge.sum(1) / neg.sum(1)
+                vals = ((dist.margin(d_pos, d) + margin).clamp_min(0.0) * neg).sum(1) / (C - 1)
             else:
-                d_neg = dist.masked_fill(~neg, float("inf")).min(1).values
-                vals = (d_pos.squeeze(1) - d_neg + margin).clamp_min(0.0)
-            per = per.index_put((v,), vals)
-    return _finish(per, reduction, sample_weight, q_rows, embeddings, bool(valid.any()))
+                d_neg = dist.closest(d.masked_fill(~neg, dist.farthest_fill(d.dtype)), 1).values
+                vals = (dist.margin(d_pos.squeeze(1), d_neg) + margin).clamp_min(0.0)
+            per = torch.where(query & has, vals, torch.zeros_like(vals))
+        else:
+            per = _zeros(x)
+        out = reduce_loss(per, reduction, sw, denominator=query.sum(), checked=True)
+    return out.to(embeddings.dtype)
 
 
 # --------------------------------------------------------------------------- ICNN
 
 
-def _icnn_parts(embeddings: Tensor, labels: Tensor, k: int, tau: float, omega: bool,
-                anchor_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-anchor shares ``c_i`` (their mean over the valid anchors is the
-    ICNN score) and the valid-anchor mask, both over ``anchor_rows``."""
-    x = embeddings
+def _wvar(weights: Tensor, values: Tensor) -> Tensor:
+    """Weighted population variance (0 when every weight is 0)."""
+    tot = weights.sum().clamp_min(_TINY)
+    mu = (weights * values).sum() / tot
+    return (weights * (values - mu) ** 2).sum() / tot
+
+
+def _icnn_parts(x: Tensor, y: Tensor, k: int, tau: float, omega: bool, anchor: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row shares ``c_i`` (their mean over the valid anchors is the ICNN
+    score; 0 elsewhere) and the valid-anchor mask, both ``[B]``.  Computed
+    over every row with masks (no host synchronisation)."""
     B = x.shape[0]
-    A = anchor_rows.shape[0]
-    y = labels
-    ya = y[anchor_rows]
-    same = ya.unsqueeze(1) == y.unsqueeze(0)  # [A, B]
-    not_self = torch.ones(A, B, dtype=torch.bool, device=x.device)
-    not_self[torch.arange(A, device=x.device), anchor_rows] = False
-    s = same & not_self
+    if B < 3:  # no row can have both another row of its class and one of another class
+        return _zeros(x), torch.zeros(B, dtype=torch.bool, device=x.device)
+    eye = torch.eye(B, dtype=torch.bool, device=x.device)
+    same = y.unsqueeze(1) == y.unsqueeze(0)
+    s = same & ~eye
     o = ~same
-    valid = s.any(1) & o.any(1)
-    shares = x.new_zeros(A)
-    if not bool(valid.any()):
-        return shares, valid
-    vr = valid.nonzero().squeeze(1)
-    s, o, not_self = s[vr], o[vr], not_self[vr]
-    nv = vr.shape[0]
-    d = _euclid(x[anchor_rows[vr]], x)  # [V, B]
+    valid = anchor & s.any(1) & o.any(1)
+    vf = valid.to(x.dtype)
+    nv = vf.sum()
+    d = _EUCLIDEAN.pairwise(x)  # [B, B]
     k_eff = min(k, B - 2)  # the authors' code: k = n - 2 when k + 2 >= n
-    sel = d.masked_fill(~not_self, float("inf"))
-    top = torch.topk(sel, k_eff + 1, dim=1, largest=False)
+    top = torch.topk(d.masked_fill(eye, float("inf")), k_eff + 1, dim=1, largest=False)
     d_k = top.values[:, k_eff - 1]  # k-th nearest distance
-    hard = torch.zeros_like(not_self).scatter(1, top.indices[:, :k_eff], True)
+    hard = torch.zeros_like(eye).scatter(1, top.indices[:, :k_eff], True)
     if tau > 0:
         t = 0.5 * (top.values[:, k_eff - 1] + top.values[:, k_eff])
-        w = torch.sigmoid((t.unsqueeze(1) - d) / (tau * t.clamp_min(_TINY)).unsqueeze(1))
-        w = w * not_self
+        w = torch.sigmoid((t.unsqueeze(1) - d) / (tau * t.clamp_min(_TINY)).unsqueeze(1)) * ~eye
     else:
         w = hard.to(d.dtype)
-    sf, of = s.to(d.dtype), o.to(d.dtype)
-    ws, wo = w * sf, w * of
+    ws, wo = w * s.to(d.dtype), w * o.to(d.dtype)
     # gamma: share of same-class neighbours
     gamma = ws.sum(1) / w.sum(1).clamp_min(_TINY)
     # lambda, same class: distances over max(nearest other-class distance, k-th distance)
@@ -268,49 +275,39 @@ def _icnn_parts(embeddings: Tensor, labels: Tensor, k: int, tau: float, omega: b
     nd = (d / torch.maximum(nn_dc, d_k).clamp_min(_TINY).unsqueeze(1)).clamp(max=1.0)
     a = ws.sum(1).clamp(max=1.0)
     ms = (ws * nd).sum(1) / ws.sum(1).clamp_min(_TINY)
-    n_s = a.sum()
-    lam_s = 1.0 - (nv / n_s.clamp_min(_TINY)) * a * ms
+    lam_s = 1.0 - (nv / (a * vf).sum().clamp_min(_TINY)) * a * ms
     # lambda, other classes: distances over the largest other-class neighbour distance
-    hard_o = hard & o
-    if bool(hard_o.any()):
-        d_max = d.masked_fill(~hard_o, 0.0).max()
-        dd = (d / d_max.clamp_min(_TINY)).clamp(max=1.0)
-        b = wo.sum(1).clamp(max=1.0)
-        md = (wo * dd).sum(1) / wo.sum(1).clamp_min(_TINY)
-        lam_d = (nv / b.sum().clamp_min(_TINY)) * b * md
-    else:  # no other-class neighbour anywhere: the authors' code scores this term 1
-        dd = torch.zeros_like(d)
-        lam_d = torch.ones_like(lam_s)
+    # (of the valid anchors); with none anywhere the authors' code scores this term 1
+    hard_o = hard & o & valid.unsqueeze(1)
+    has_o = hard_o.any()
+    d_max = d.masked_fill(~hard_o, 0.0).max()
+    dd = torch.where(has_o, (d / d_max.clamp_min(_TINY)).clamp(max=1.0), torch.zeros_like(d))
+    b = wo.sum(1).clamp(max=1.0)
+    md = (wo * dd).sum(1) / wo.sum(1).clamp_min(_TINY)
+    lam_d = torch.where(has_o, (nv / (b * vf).sum().clamp_min(_TINY)) * b * md, torch.ones_like(md))
     lam = 0.5 * (lam_s + lam_d)
     if omega:
-        def wvar(weights: Tensor, values: Tensor) -> Tensor:
-            tot = weights.sum()
-            if float(tot.detach()) <= _TINY:
-                return tot * 0
-            mu = (weights * values).sum() / tot
-            return (weights * (values - mu) ** 2).sum() / tot
-
-        om = 1.0 - (wvar(ws, nd) + wvar(wo, dd))
+        vw = vf.unsqueeze(1)
+        om = 1.0 - (_wvar(ws * vw, nd) + _wvar(wo * vw, dd))
         c = (lam + gamma + om) / 3.0
     else:
         c = 0.5 * (lam + gamma)
-    return shares.index_put((vr,), c), valid
+    return torch.where(valid, c, torch.zeros_like(c)), valid
 
 
-def _icnn_anchor_rows(labels: Tensor, anchors: str, support_mask: Tensor | None) -> Tensor:
-    if anchors not in ("all", "query"):
-        raise ValueError(f"anchors: expected 'all' or 'query', got {anchors!r}")
+def _icnn_anchors(labels: Tensor, anchors: str, support_mask: Tensor | None) -> Tensor:
+    """Bool ``[B]``: the anchor rows."""
     if anchors == "all":
         if support_mask is not None:
             split_support_query(labels, support_mask)  # validate only
-        return torch.arange(labels.shape[0], device=labels.device)
-    return (~split_support_query(labels, support_mask)).nonzero().squeeze(1)
+        return torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    return ~split_support_query(labels, support_mask)
 
 
-def _icnn_check(k: int, tau: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1 (number of neighbours), got {k!r}")
-    _check_positive("tau", tau, allow_zero=True)
+def _icnn_hparams(k: int, tau: float, omega: bool, anchors: str) -> tuple[int, float, bool, str]:
+    """Validated ``(k, tau, omega, anchors)`` of ICNN (``tau = 0``: hard neighbours)."""
+    return (check_int("k", k, low=1), check_hparam("tau", tau, low=0.0), check_bool("omega", omega),
+            check_choice("anchors", anchors, ANCHORS))
 
 
 def icnn_score(embeddings: Tensor, labels: Tensor, k: int = 4, omega: bool = True,
@@ -324,15 +321,18 @@ def icnn_score(embeddings: Tensor, labels: Tensor, k: int = 4, omega: bool = Tru
     when no anchor counts (the score is undefined there).  See docs/pair.md (episode losses)
     for the exact terms.
     """
+    k, tau, omega, anchors = _icnn_hparams(k, tau, omega, anchors)
+    return _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask)
+
+
+def _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask) -> Tensor:
     _check_inputs(embeddings, labels, allow_nota=False)
-    _icnn_check(k, tau)
-    rows = _icnn_anchor_rows(labels, anchors, support_mask)
-    wd = _work_dtype(embeddings)
+    anchor = _icnn_anchors(labels, anchors, support_mask)
     with _no_autocast(embeddings):
-        shares, valid = _icnn_parts(embeddings.to(wd), labels, k, tau, omega, rows)
-    if not bool(valid.any()):
-        return embeddings.new_tensor(float("nan"))
-    return shares[valid].mean().to(embeddings.dtype)
+        shares, valid = _icnn_parts(embeddings.to(_work_dtype(embeddings)), labels, k, tau, omega, anchor)
+        vf = valid.to(shares.dtype)
+        score = (shares * vf).sum() / vf.sum()  # 0 / 0 = NaN when no anchor counts
+    return score.to(embeddings.dtype)
 
 
 def icnn_loss(embeddings: Tensor, labels: Tensor, k: int = 4, tau: float = 0.05, omega: bool = True,
@@ -343,19 +343,29 @@ def icnn_loss(embeddings: Tensor, labels: Tensor, k: int = 4, tau: float = 0.05,
     Per anchor ``i`` the share ``l_i = 1 - c_i``; the mean of ``c_i`` over the
     valid anchors equals the (relaxed) ICNN score, so with ``reduction='mean'``
     and every anchor valid the loss is exactly ``1 - ICNN_tau``.  Invalid
-    anchors get 0.  ``tau`` is the sigmoid temperature relative to each
-    anchor's neighbour radius; ``tau=0`` uses the hard neighbours (gamma then
-    has no gradient, as in the authors' code).
+    anchors and non-anchor rows get 0 (``reduction='none'`` gives ``[B]``);
+    ``'mean'`` divides by the number of anchor rows (``B`` with
+    ``anchors='all'``, the query rows with ``'query'``).  ``tau`` is the
+    sigmoid temperature relative to each anchor's neighbour radius; ``tau=0``
+    uses the hard neighbours (gamma then has no gradient, as in the authors'
+    code).
     """
     check_reduction(reduction)
+    k, tau, omega, anchors = _icnn_hparams(k, tau, omega, anchors)
+    return _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask)
+
+
+def _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask) -> Tensor:
+    """:func:`icnn_loss` on validated hyperparameters."""
     _check_inputs(embeddings, labels, allow_nota=False)
-    _icnn_check(k, tau)
-    rows = _icnn_anchor_rows(labels, anchors, support_mask)
-    wd = _work_dtype(embeddings)
+    anchor = _icnn_anchors(labels, anchors, support_mask)
     with _no_autocast(embeddings):
-        shares, valid = _icnn_parts(embeddings.to(wd), labels, k, tau, omega, rows)
-        per = torch.where(valid, 1.0 - shares, torch.zeros_like(shares))
-    return _finish(per, reduction, sample_weight, rows, embeddings, bool(valid.any()))
+        x = embeddings.to(_work_dtype(embeddings))
+        sw = check_sample_weight(sample_weight, x.shape[0], x)
+        shares, valid = _icnn_parts(x, labels, k, tau, omega, anchor)
+        per = torch.where(valid, 1.0 - shares, shares)  # shares are 0 where not valid
+        out = reduce_loss(per, reduction, sw, denominator=anchor.sum(), checked=True)
+    return out.to(embeddings.dtype)
 
 
 # --------------------------------------------------------------------------- GPAM
@@ -394,6 +404,14 @@ def gpam_distances(queries: Tensor, means: Tensor, variances: Tensor, radius: fl
     return (maha.clamp_min(0.0) + logdet) / D, logdet / D + radius
 
 
+def _gpam_hparams(margin: float, radius: float, shrinkage: float, min_var: float,
+                 ) -> tuple[float, float, float, float]:
+    """Validated ``(margin, radius, shrinkage, min_var)`` of GPAM."""
+    return (check_hparam("margin", margin, low=0.0), check_hparam("radius", radius, low=0.0, low_open=True),
+            check_hparam("shrinkage", shrinkage, low=0.0, high=1.0),
+            check_hparam("min_var", min_var, low=0.0, low_open=True))
+
+
 def gpam_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5, radius: float = 1.0,
               shrinkage: float = 0.5, min_var: float = 1e-4, reduction: str = "mean",
               sample_weight: Tensor | None = None, support_mask: Tensor | None = None) -> Tensor:
@@ -405,30 +423,34 @@ def gpam_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5, radius: f
 
     and for a query labelled ``-1`` (none of the above / a sampled negative)
     or of a class without support rows, only the second sum, over every class.
+    ``reduction='none'``: ``[B]`` (support rows 0); ``'mean'``: the sum divided
+    by the number of query rows.
     """
     check_reduction(reduction)
-    _check_inputs(embeddings, labels, allow_nota=True)
-    _check_positive("margin", margin, allow_zero=True)
-    _check_positive("radius", radius)
-    _check_positive("min_var", min_var)
-    if not (0.0 <= shrinkage <= 1.0):
-        raise ValueError(f"shrinkage: expected a value in [0, 1], got {shrinkage!r}")
-    support = split_support_query(labels, support_mask)
-    q_rows = (~support).nonzero().squeeze(1)
-    wd = _work_dtype(embeddings)
+    margin, radius, shrinkage, min_var = _gpam_hparams(margin, radius, shrinkage, min_var)
+    return _gpam_loss(embeddings, labels, margin, radius, shrinkage, min_var, reduction, sample_weight,
+                      support_mask)
+
+
+def _gpam_loss(embeddings, labels, margin, radius, shrinkage, min_var, reduction, sample_weight,
+               support_mask) -> Tensor:
+    """:func:`gpam_loss` on validated hyperparameters."""
+    x, sw, support = _episode_inputs(embeddings, labels, sample_weight, support_mask, allow_nota=True)
+    query = ~support
     with _no_autocast(embeddings):
-        x = embeddings.to(wd)
         classes, means, var = gaussian_prototypes(x[support], labels[support], shrinkage, min_var)
-        per = x.new_zeros(q_rows.shape[0])
-        any_valid = classes.numel() > 0 and q_rows.numel() > 0
-        if any_valid:
-            d, r = gpam_distances(x[q_rows], means, var, radius)
-            pos, has = _lookup(classes, labels[q_rows])
+        if classes.numel() > 0:
+            d, r = gpam_distances(x, means, var, radius)  # [B, C]; support rows are masked below
+            pos, has = _lookup(classes, labels)
             own = torch.zeros_like(d, dtype=torch.bool).scatter(1, pos.unsqueeze(1), has.unsqueeze(1))
             pull = (d - r + margin).clamp_min(0.0) * own
             push = (r + margin - d).clamp_min(0.0) * ~own
-            per = (pull + push).sum(1)
-    return _finish(per, reduction, sample_weight, q_rows, embeddings, any_valid)
+            vals = (pull + push).sum(1)
+            per = torch.where(query, vals, torch.zeros_like(vals))
+        else:
+            per = _zeros(x)
+        out = reduce_loss(per, reduction, sw, denominator=query.sum(), checked=True)
+    return out.to(embeddings.dtype)
 
 
 def gpam_predict(queries: Tensor, support: Tensor, support_labels: Tensor, radius: float = 1.0,
@@ -436,6 +458,11 @@ def gpam_predict(queries: Tensor, support: Tensor, support_labels: Tensor, radiu
     """Predicted class per query, or ``-1`` (none of the above) when the
     nearest class in Gaussian distance is out of range: with
     ``k* = argmin_k d_k(q)``, predict ``k*`` if ``d_k* <= r_k*``, else ``-1``."""
+    _, radius, shrinkage, min_var = _gpam_hparams(0.0, radius, shrinkage, min_var)
+    return _gpam_predict(queries, support, support_labels, radius, shrinkage, min_var)
+
+
+def _gpam_predict(queries, support, support_labels, radius, shrinkage, min_var) -> Tensor:
     check_embeddings(queries, "queries")
     check_embeddings(support, "support")
     if queries.shape[1] != support.shape[1]:
@@ -444,7 +471,7 @@ def gpam_predict(queries: Tensor, support: Tensor, support_labels: Tensor, radiu
     check_labels(support_labels, support.shape[0], "support_labels", device=support.device)
     if support.shape[0] == 0:
         raise ValueError("support: expected at least one row, got shape [0, D]")
-    if int(support_labels.min()) < 0:
+    if tensor_checks_enabled() and int(support_labels.min()) < 0:
         raise ValueError(f"support_labels: expected class ids >= 0, got {int(support_labels.min())}")
     wd = _work_dtype(queries)
     with torch.no_grad(), _no_autocast(queries):

@@ -19,23 +19,18 @@ Written against TRL 1.16's batch layout (``input_ids``, ``attention_mask``,
 (clear error): PEFT without a separate ``ref_model`` and ``ld_alpha``.
 TRL's own ``beta``/``loss_type`` settings are ignored: the losskit module's
 hyperparameters rule.
+
+TRL is imported when ``LosskitDPOTrainer`` is first looked up, not when this
+module is imported; without it that lookup raises an ImportError naming the
+extra (``pip install 'losskit[trl]'``).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-
-try:  # optional dependency
-    from trl import DPOTrainer as _DPOTrainer
-except ImportError as e:  # pragma: no cover - exercised only without trl
-    _DPOTrainer = None
-    _IMPORT_ERROR = e
-else:
-    _IMPORT_ERROR = None
 
 __all__ = ["LosskitDPOTrainer", "sequence_logps"]
 
@@ -72,7 +67,30 @@ class _ExtraColumnsCollator:
         return batch
 
 
-if _DPOTrainer is not None:
+def _accepted_columns(loss: nn.Module, columns: Sequence[str]) -> tuple[str, ...]:
+    """The columns a loss takes: pass a column only to a loss whose forward accepts it
+    (``dpo`` has no ``reward_margin``).  losskit objectives list theirs in ``input_names``."""
+    names = getattr(loss, "input_names", None)
+    if names is None:
+        import inspect
+
+        names = inspect.signature(loss.forward).parameters
+    return tuple(c for c in columns if c in names)
+
+
+def _trainer_class() -> type:
+    """Build ``LosskitDPOTrainer`` on first use: TRL is imported here, never at import time."""
+    global _TRAINER
+    if _TRAINER is not None:
+        return _TRAINER
+    try:
+        from trl import DPOTrainer as _DPOTrainer
+    except ImportError as e:
+        import sys
+
+        need = "; TRL >= 1.16 needs Python >= 3.11" if sys.version_info < (3, 11) else ""
+        raise ImportError(f"LosskitDPOTrainer needs TRL (and transformers): pip install 'losskit[trl]'{need}",
+                          name="trl") from e
 
     class LosskitDPOTrainer(_DPOTrainer):
         """``trl.DPOTrainer`` whose loss is any losskit ``preference`` objective."""
@@ -83,9 +101,7 @@ if _DPOTrainer is not None:
                 raise TypeError("losskit_loss: expected a losskit objective, e.g. losskit.get('dpo', beta=0.1)")
             self.losskit_loss = losskit_loss
             self.extra_columns = tuple(extra_columns)
-            # pass a column only to a loss whose forward accepts it (dpo has no reward_margin)
-            accepted = inspect.signature(losskit_loss.forward).parameters
-            self._loss_columns = tuple(c for c in self.extra_columns if c in accepted)
+            self._loss_columns = _accepted_columns(losskit_loss, self.extra_columns)
             super().__init__(*args, **kwargs)
             if getattr(self, "ld_alpha", None) is not None:
                 raise NotImplementedError("LosskitDPOTrainer does not support ld_alpha")
@@ -126,8 +142,15 @@ if _DPOTrainer is not None:
                     self._metrics[mode][key].append(self.accelerator.gather_for_metrics(val.reshape(1)).mean().item())
             return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
-else:  # pragma: no cover
+    LosskitDPOTrainer.__module__ = __name__
+    _TRAINER = LosskitDPOTrainer
+    return _TRAINER
 
-    class LosskitDPOTrainer:  # type: ignore[no-redef]
-        def __init__(self, *args, **kwargs):
-            raise ImportError("LosskitDPOTrainer needs TRL: pip install 'losskit[trl]'") from _IMPORT_ERROR
+
+_TRAINER: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LosskitDPOTrainer":
+        return _trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,17 +3,30 @@
 Each works on an ordinary class-balanced batch, ``loss(embeddings, labels,
 sample_weight=None)``: every class's rows are split into support (first
 ``ceil(n_c / 2)`` rows in batch order) and query (the rest), or pass
-``support_mask=`` (bool ``[B]``) to choose.  See
-:mod:`losskit.functional.episodes` and docs/pair.md (episode losses).
+``support_mask=`` (bool ``[B]``) to choose.  ``reduction='none'`` gives
+``[B]`` aligned with the rows (support rows 0), ``'mean'`` divides by the
+number of query rows (ICNN: anchor rows).  Hyperparameters are validated once,
+here at construction.  See :mod:`losskit.functional.episodes` and docs/pair.md
+(episode losses).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from losskit._checks import check_reduction
-from losskit.functional.episodes import gpam_loss, gpam_predict, icnn_loss, icnn_score, proto_triplet_loss
-from losskit.registry import Paper, register
+from losskit.core.checks import check_reduction
+from losskit.core.registry import Paper, register
+from losskit.distances import BaseDistance
+from losskit.functional.episodes import (
+    _gpam_hparams,
+    _gpam_loss,
+    _gpam_predict,
+    _icnn_hparams,
+    _icnn_loss,
+    _icnn_score,
+    _proto_triplet,
+    _proto_triplet_hparams,
+)
 
 SUSANA = Paper(
     "SuSana Distancia is all you need: Enforcing class separability in metric learning via two "
@@ -21,43 +34,45 @@ SUSANA = Paper(
     2023,
     "2305.09062",
 )
+
 GPAM = Paper("Few-shot Open Relation Extraction with Gaussian Prototype and Adaptive Margin", 2024, "2410.20320")
+
+
+class _EpisodeLoss(nn.Module):
+    """The episode losses' shared repr: the captured hyperparameters (``self.hparams``)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
 
 @register("proto-triplet", family="pair", task="embedding", paper=SUSANA,
           summary="Triplet hinge between a query, its class prototype and the other prototypes "
                   "(support/query split inside the batch).")
-class ProtoTripletLoss(nn.Module):
+class ProtoTripletLoss(_EpisodeLoss):
     """Proto-Triplet loss: ``[d(q, c_y) - d(q, c_k) + margin]_+`` averaged over
     the other prototypes ``k`` (``negatives='all'``) or against the nearest one
     (``negatives='hardest'``, the authors' code).  Margin 0.5 is the authors'
-    code default."""
+    code default.  ``distance``: a name of the distance vocabulary
+    (:mod:`losskit.distances`) or a distance object; ``self.distance`` is the
+    resolved object."""
 
-    def __init__(self, margin: float = 0.5, negatives: str = "all", distance: str = "euclidean",
+    def __init__(self, margin: float = 0.5, negatives: str = "all", distance: str | BaseDistance = "euclidean",
                  reduction: str = "mean"):
         super().__init__()
-        if negatives not in ("all", "hardest"):
-            raise ValueError(f"negatives: expected 'all' or 'hardest', got {negatives!r}")
-        if distance not in ("euclidean", "squared"):
-            raise ValueError(f"distance: expected 'euclidean' or 'squared', got {distance!r}")
-        if not margin >= 0:
-            raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
-        self.margin, self.negatives, self.distance = float(margin), negatives, distance
+        self.margin, self.negatives, self.distance = _proto_triplet_hparams(margin, negatives, distance)
         self.reduction = check_reduction(reduction)
 
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None,
                 support_mask: Tensor | None = None) -> Tensor:
-        return proto_triplet_loss(embeddings, labels, self.margin, self.negatives, self.distance,
-                                  self.reduction, sample_weight, support_mask)
+        return _proto_triplet(embeddings, labels, self.margin, self.negatives, self.distance,
+                              self.reduction, sample_weight, support_mask)
 
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, negatives={self.negatives!r}, distance={self.distance!r}"
 
 
 @register("icnn", family="pair", task="embedding", paper=SUSANA,
           summary="1 - ICNN: the inter/intra-class nearest-neighbour score (k = 4) with soft "
                   "neighbour membership.")
-class ICNNLoss(nn.Module):
+class ICNNLoss(_EpisodeLoss):
     """ICNN loss ``1 - ICNN``, ``ICNN = (lambda + gamma + omega) / 3`` over the
     ``k`` nearest neighbours of every anchor, relaxed with sigmoid neighbour
     weights of relative temperature ``tau``.  ``omega=False`` gives the
@@ -67,32 +82,24 @@ class ICNNLoss(nn.Module):
     def __init__(self, k: int = 4, tau: float = 0.05, omega: bool = True, anchors: str = "all",
                  reduction: str = "mean"):
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected an integer >= 1 (number of neighbours), got {k!r}")
-        if not tau >= 0:
-            raise ValueError(f"tau: expected a number >= 0, got {tau!r}")
-        if anchors not in ("all", "query"):
-            raise ValueError(f"anchors: expected 'all' or 'query', got {anchors!r}")
-        self.k, self.tau, self.omega, self.anchors = k, float(tau), bool(omega), anchors
+        self.k, self.tau, self.omega, self.anchors = _icnn_hparams(k, tau, omega, anchors)
         self.reduction = check_reduction(reduction)
 
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None,
                 support_mask: Tensor | None = None) -> Tensor:
-        return icnn_loss(embeddings, labels, self.k, self.tau, self.omega, self.anchors,
-                         self.reduction, sample_weight, support_mask)
+        return _icnn_loss(embeddings, labels, self.k, self.tau, self.omega, self.anchors,
+                          self.reduction, sample_weight, support_mask)
 
     def score(self, embeddings: Tensor, labels: Tensor, support_mask: Tensor | None = None) -> Tensor:
         """The exact ICNN score in [0, 1] (hard neighbours); NaN when no anchor counts."""
-        return icnn_score(embeddings, labels, self.k, self.omega, 0.0, self.anchors, support_mask)
+        return _icnn_score(embeddings, labels, self.k, 0.0, self.omega, self.anchors, support_mask)
 
-    def extra_repr(self) -> str:
-        return f"k={self.k}, tau={self.tau}, omega={self.omega}, anchors={self.anchors!r}"
 
 
 @register("gpam", family="pair", task="embedding", paper=GPAM,
           summary="Gaussian prototypes (diagonal, shrunk covariance) with class ranges and "
                   "none-of-the-above (label -1) support.")
-class GPAMLoss(nn.Module):
+class GPAMLoss(_EpisodeLoss):
     """GPAM boundary loss ``[d_y - r_y + m]_+ + sum_{k != y} [r_k + m - d_k]_+``
     with Gaussian class distance ``d_k`` and range ``r_k``; rows labelled ``-1``
     (none of the above / negatives) use only the second term.  :meth:`predict`
@@ -101,26 +108,15 @@ class GPAMLoss(nn.Module):
     def __init__(self, margin: float = 0.5, radius: float = 1.0, shrinkage: float = 0.5,
                  min_var: float = 1e-4, reduction: str = "mean"):
         super().__init__()
-        if not margin >= 0:
-            raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
-        if not radius > 0:
-            raise ValueError(f"radius: expected a number > 0, got {radius!r}")
-        if not 0 <= shrinkage <= 1:
-            raise ValueError(f"shrinkage: expected a value in [0, 1], got {shrinkage!r}")
-        if not min_var > 0:
-            raise ValueError(f"min_var: expected a number > 0, got {min_var!r}")
-        self.margin, self.radius, self.shrinkage, self.min_var = float(margin), float(radius), float(shrinkage), float(min_var)
+        self.margin, self.radius, self.shrinkage, self.min_var = _gpam_hparams(margin, radius, shrinkage, min_var)
         self.reduction = check_reduction(reduction)
 
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None,
                 support_mask: Tensor | None = None) -> Tensor:
-        return gpam_loss(embeddings, labels, self.margin, self.radius, self.shrinkage, self.min_var,
-                         self.reduction, sample_weight, support_mask)
+        return _gpam_loss(embeddings, labels, self.margin, self.radius, self.shrinkage, self.min_var,
+                          self.reduction, sample_weight, support_mask)
 
     def predict(self, queries: Tensor, support: Tensor, support_labels: Tensor) -> Tensor:
         """Class id per query, or -1 (none of the above)."""
-        return gpam_predict(queries, support, support_labels, self.radius, self.shrinkage, self.min_var)
+        return _gpam_predict(queries, support, support_labels, self.radius, self.shrinkage, self.min_var)
 
-    def extra_repr(self) -> str:
-        return (f"margin={self.margin}, radius={self.radius}, shrinkage={self.shrinkage}, "
-                f"min_var={self.min_var}")

@@ -3,25 +3,49 @@
 Call::
 
     loss = losskit.get("dpo", beta=0.1)
-    value = loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    value = loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths=lc, rejected_lengths=lr)
+    value = loss(losskit.PreferenceBatch(...))          # the same, as one validated value
 
-Every module also accepts the keywords ``chosen_lengths``, ``rejected_lengths``
+Every module shares one ``forward`` (:class:`PreferenceObjective`): the four
+log-probabilities with the keywords ``chosen_lengths``, ``rejected_lengths``
 (completion token counts, ``[B]``), ``margin`` (per-pair offset in reward
-units), ``sample_weight`` (``[B]``) and ``chosen_nll`` (``[B]``, for the
-RPO-style term weighted by the ``nll_weight`` hyperparameter).  ``madpo``
-also needs ``reward_margin`` (``[B]``).  Formulas: :mod:`losskit.functional.preference`.
+units) and ``chosen_nll`` (``[B]``, for the RPO-style term weighted by the
+``nll_weight`` hyperparameter) become one :class:`~losskit.PreferenceBatch`;
+``sample_weight`` (``[B]``) is applied by the one reduction.  A loss's own
+per-call inputs are declared in ``inputs`` (``madpo``: ``reward_margin``,
+required; ``beta-dpo``: ``generator``).  Hyperparameters are validated once,
+at construction.  Formulas: :mod:`losskit.functional.preference`.
+
+A new preference loss is its formula (a function ``fn(batch, **hp,
+sample_weight=, reduction=)``) plus::
+
+    @register("my-po", family="preference", task="preference", paper=...)
+    class MyPOLoss(PreferenceObjective):
+        fn = staticmethod(my_po_loss)
+        defaults = {"beta": 0.1, "gamma": 0.5}     # its own hyperparameters, in signature order
+
+The class gets ``__init__(self, beta=0.1, gamma=0.5, length_normalize=False,
+nll_weight=0.0, reduction='mean')``: its ``defaults`` followed by
+:data:`SHARED_DEFAULTS` (a loss may override a shared default, as ``ipo``
+does ``length_normalize``).  The registry reads the hyperparameters from that
+signature, so they are written once, here.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from losskit._checks import check_reduction
+from losskit.core.context import PreferenceBatch
+from losskit.core.registry import Paper, register
 from losskit.functional import preference as P
-from losskit.registry import Paper, register
+
+__all__ = ["PreferenceObjective", "SHARED_DEFAULTS", "DPOLoss", "HingePreferenceLoss", "IPOLoss", "RobustDPOLoss", "MADPOLoss",
+           "BetaDPOLoss"]
 
 DPO_PAPER = Paper("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", 2023, "2305.18290")
 IPO_PAPER = Paper("A General Theoretical Paradigm to Understand Learning from Human Preferences", 2023, "2310.12036")
@@ -32,131 +56,166 @@ MADPO_PAPER = Paper("Margin Adaptive DPO: Leveraging Reward Model for Granular C
                     2025, "2510.05342")
 
 
-class _PairwisePreferenceLoss(nn.Module):
-    """Shared forward: validates hyperparameters once, forwards keywords."""
+#: the hyperparameters every preference objective has, after its own ``defaults``
+SHARED_DEFAULTS: dict[str, Any] = {"length_normalize": False, "nll_weight": 0.0, "reduction": "mean"}
 
-    _fn = None  # set by subclasses
 
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
+def _init_from(defaults: dict[str, Any]) -> Callable[..., None]:
+    """An ``__init__`` whose signature is ``defaults`` then :data:`SHARED_DEFAULTS`."""
+    merged = {k: v for k, v in defaults.items() if k not in SHARED_DEFAULTS}
+    merged.update({k: defaults.get(k, v) for k, v in SHARED_DEFAULTS.items()})
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    sig = inspect.Signature([inspect.Parameter("self", kind)] +
+                            [inspect.Parameter(k, kind, default=v) for k, v in merged.items()])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        PreferenceObjective.__init__(self, **dict(list(bound.arguments.items())[1:]))
+
+    __init__.__signature__ = sig
+    return __init__
+
+
+class PreferenceObjective(nn.Module):
+    """The one forward of every preference objective.
+
+    Subclasses set ``fn`` (the functional form, called as
+    ``fn(batch, **hyperparameters, sample_weight=..., **inputs)``) and
+    ``defaults`` (their own hyperparameters; the class gets an ``__init__``
+    with those and :data:`SHARED_DEFAULTS`).  Construction validates every
+    hyperparameter once with
+    :func:`~losskit.functional.preference.check_preference_hparams` and stores
+    each as an attribute (``self.hparams`` holds the arguments as given).
+    ``inputs`` maps a loss's own per-call keywords to ``(required,
+    description)``; :meth:`compute` can be overridden, and :meth:`build_state`
+    registers the buffers of a stateful loss.
+    """
+
+    fn: ClassVar[Callable[..., Tensor] | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+    inputs: ClassVar[dict[str, tuple[bool, str]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = _init_from(cls.defaults)
+
+    def __init__(self, **hparams: Any):
         super().__init__()
-        self.beta = P._check_beta(beta)
-        if length_normalize not in (True, False, None):
-            raise ValueError(f"length_normalize: expected True, False or None, got {length_normalize!r}")
-        self.length_normalize = length_normalize
-        if not (nll_weight >= 0 and math.isfinite(nll_weight)):
-            raise ValueError(f"nll_weight: expected a finite float >= 0, got {nll_weight}")
-        self.nll_weight = float(nll_weight)
-        self.reduction = check_reduction(reduction)
+        if "hparams" not in self.__dict__:  # the registry captures them for registered classes
+            object.__setattr__(self, "hparams", dict(hparams))
+        for k, v in P.check_preference_hparams(**self.hparams).items():
+            setattr(self, k, v)
+        self.build_state()
 
-    def _extra(self) -> dict:
-        return {}
+    def build_state(self) -> None:
+        """Register buffers (called once, after the hyperparameters are set); none by default."""
 
-    def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                ref_rejected_logps: Tensor, *, chosen_lengths: Tensor | None = None,
-                rejected_lengths: Tensor | None = None, margin: Tensor | float | None = None,
-                sample_weight: Tensor | None = None, chosen_nll: Tensor | None = None) -> Tensor:
-        return type(self)._fn(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=self.beta, **self._extra(), margin=margin, chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, length_normalize=self.length_normalize,
-            nll_weight=self.nll_weight, chosen_nll=chosen_nll, sample_weight=sample_weight,
-            reduction=self.reduction)
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Every keyword ``forward`` accepts."""
+        return _BATCH_KEYWORDS + ("sample_weight",) + tuple(self.inputs)
+
+    def forward(self, policy_chosen_logps: Tensor | PreferenceBatch, policy_rejected_logps: Tensor | None = None,
+                ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None, *,
+                chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                margin: Tensor | float | None = None, chosen_nll: Tensor | None = None,
+                sample_weight: Tensor | None = None, **inputs: Any) -> Tensor:
+        """The loss of one batch: the four ``[B]`` log-probabilities (or one
+        :class:`~losskit.PreferenceBatch`), ``sample_weight`` and the loss's own
+        ``inputs``."""
+        batch = PreferenceBatch.of(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, margin=margin,
+                                   chosen_nll=chosen_nll)
+        name = getattr(self, "registry_name", type(self).__name__)
+        unknown = [k for k in inputs if k not in self.inputs]
+        if unknown:
+            raise TypeError(f"{name}: unexpected keyword {', '.join(unknown)}; accepted: {', '.join(self.input_names)}")
+        for key, (required, what) in self.inputs.items():
+            if required and inputs.get(key) is None:
+                raise TypeError(f"{name} needs {key}= ({what})")
+        return self.compute(batch, sample_weight, **inputs)
+
+    def hyperparameters(self, *exclude: str) -> dict[str, Any]:
+        """The validated hyperparameters (those named in ``exclude`` left out)."""
+        return {k: getattr(self, k) for k in self.hparams if k not in exclude}
+
+    def compute(self, batch: PreferenceBatch, sample_weight: Tensor | None = None, **inputs: Any) -> Tensor:
+        return type(self).fn(batch, **self.hyperparameters(), sample_weight=sample_weight, **inputs)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, length_normalize={self.length_normalize}, nll_weight={self.nll_weight}, " \
-               f"reduction={self.reduction!r}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+
+
+#: the PreferenceBatch fields ``forward`` takes by keyword (read from its signature: written once)
+_BATCH_KEYWORDS = tuple(n for n, p in inspect.signature(PreferenceObjective.forward).parameters.items()
+                        if p.kind == p.KEYWORD_ONLY and n != "sample_weight")
 
 
 @register("dpo", family="preference", task="preference", paper=DPO_PAPER,
           summary="DPO sigmoid loss -log sigma(beta h); ln 2 at zero margin.")
-class DPOLoss(_PairwisePreferenceLoss):
+class DPOLoss(PreferenceObjective):
     """Direct Preference Optimization: ``-log sigma(beta h - margin)`` (+ ``nll_weight`` NLL(y_w), RPO)."""
 
-    _fn = staticmethod(P.dpo_loss)
+    fn = staticmethod(P.dpo_loss)
+    defaults = {"beta": 0.1}
 
 
 @register("hinge", family="preference", task="preference", paper=SLIC_PAPER,
           summary="SLiC hinge on the DPO log-ratio: max(0, 1 - beta h).")
-class HingePreferenceLoss(_PairwisePreferenceLoss):
+class HingePreferenceLoss(PreferenceObjective):
     """Hinge (SLiC / TRL ``hinge``): ``max(0, 1 - (beta h - margin))``; ``1/beta`` is the log-ratio margin."""
 
-    _fn = staticmethod(P.hinge_loss)
+    fn = staticmethod(P.hinge_loss)
+    defaults = {"beta": 0.1}
 
 
 @register("ipo", family="preference", task="preference", paper=IPO_PAPER,
           summary="IPO squared loss (h - 1/(2 beta))^2, length-normalised when lengths are given (as TRL).")
-class IPOLoss(_PairwisePreferenceLoss):
+class IPOLoss(PreferenceObjective):
     """IPO: ``(h - (1/2 + margin)/beta)^2``.
 
     ``length_normalize=None`` (default) divides each log-ratio by its
     completion length when ``chosen_lengths`` and ``rejected_lengths`` are
     given (TRL's form, confirmed with the IPO authors); ``False`` is the
-    paper's unnormalised equation; ``True`` requires the lengths.
+    paper's unnormalised equation; ``True`` requires the lengths.  Only one of
+    the two lengths is an error (never a silently unnormalised loss).
     """
 
-    _fn = staticmethod(P.ipo_loss)
-
-    def __init__(self, beta: float = 0.1, length_normalize: bool | None = None, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
+    fn = staticmethod(P.ipo_loss)
+    defaults = {"beta": 0.1, "length_normalize": None}
 
 
 @register("robust", family="preference", task="preference", paper=RDPO_PAPER,
           summary="Robust DPO, unbiased under label-flip rate epsilon; epsilon=0 is DPO.")
-class RobustDPOLoss(_PairwisePreferenceLoss):
+class RobustDPOLoss(PreferenceObjective):
     """rDPO: ``[-(1-eps) log sigma(z) + eps log sigma(-z)] / (1 - 2 eps)``, ``z = beta h - margin``."""
 
-    _fn = staticmethod(P.robust_dpo_loss)
-
-    def __init__(self, beta: float = 0.1, epsilon: float = 0.1, length_normalize: bool | None = False,
-                 nll_weight: float = 0.0, reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
-        if not (0.0 <= epsilon < 0.5):
-            raise ValueError(f"epsilon: expected a flip rate in [0, 0.5), got {epsilon}")
-        self.epsilon = float(epsilon)
-
-    def _extra(self) -> dict:
-        return {"epsilon": self.epsilon}
+    fn = staticmethod(P.robust_dpo_loss)
+    defaults = {"beta": 0.1, "epsilon": 0.1}
 
 
 @register("madpo", family="preference", task="preference", paper=MADPO_PAPER,
           summary="DPO reweighted per pair by a detached function of the reward-model margin.")
-class MADPOLoss(_PairwisePreferenceLoss):
+class MADPOLoss(PreferenceObjective):
     """MADPO: ``w(m) * DPO`` with ``w(m) = sigma(c(|m|) m) / sigma(m)`` for ``m > -tau`` (else 1).
 
     ``forward`` needs ``reward_margin=`` (``[B]``, ``r(y_w) - r(y_l)`` from a
     frozen reward model).  ``lam`` is the paper's lambda.
     """
 
-    def __init__(self, beta: float = 0.1, c_max: float = 2.0, c_min: float = 0.5, lam: float = 1.0,
-                 tau: float = P.MADPO_TAU, length_normalize: bool | None = False, nll_weight: float = 0.0,
-                 reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
-        P.madpo_weights(torch.zeros(1), c_max, c_min, lam, tau)  # validates the shape parameters
-        self.c_max, self.c_min, self.lam, self.tau = float(c_max), float(c_min), float(lam), float(tau)
+    fn = staticmethod(P.madpo_loss)
+    defaults = {"beta": 0.1, "c_max": 2.0, "c_min": 0.5, "lam": 1.0, "tau": P.MADPO_TAU}
+    inputs = {"reward_margin": (True, "a [B] tensor of reward-model margins r(y_w) - r(y_l)")}
 
     def weights(self, reward_margin: Tensor) -> Tensor:
         return P.madpo_weights(reward_margin, self.c_max, self.c_min, self.lam, self.tau)
 
-    def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                ref_rejected_logps: Tensor, *, reward_margin: Tensor | None = None,
-                chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                margin: Tensor | float | None = None, sample_weight: Tensor | None = None,
-                chosen_nll: Tensor | None = None) -> Tensor:
-        if reward_margin is None:
-            raise TypeError("madpo needs reward_margin= (a [B] tensor of reward-model margins r(y_w) - r(y_l))")
-        return P.madpo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reward_margin,
-            beta=self.beta, c_max=self.c_max, c_min=self.c_min, lam=self.lam, tau=self.tau, margin=margin,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            length_normalize=self.length_normalize, nll_weight=self.nll_weight, chosen_nll=chosen_nll,
-            sample_weight=sample_weight, reduction=self.reduction)
-
 
 @register("beta-dpo", family="preference", task="preference", paper=BETA_DPO_PAPER,
           summary="DPO with batch-adaptive beta and beta-guided filtering from running reward-gap statistics.")
-class BetaDPOLoss(_PairwisePreferenceLoss):
+class BetaDPOLoss(PreferenceObjective):
     """beta-DPO with its running state.
 
     Buffers (saved in ``state_dict``): ``gap_mean`` (M0), ``gap_std``
@@ -171,22 +230,15 @@ class BetaDPOLoss(_PairwisePreferenceLoss):
     official code).  Pass ``generator=`` to ``forward`` for reproducible filtering.
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.6, keep_ratio: float = 0.8, momentum: float = 0.1,
-                 min_beta: float = 1e-3, official_gap: bool = False, length_normalize: bool | None = False,
-                 nll_weight: float = 0.0, reduction: str = "mean"):
-        super().__init__(beta, length_normalize, nll_weight, reduction)
-        if not (0.0 < keep_ratio <= 1.0):
-            raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
-        if not (0.0 < momentum <= 1.0):
-            raise ValueError(f"momentum: expected a value in (0, 1], got {momentum}")
-        if min_beta <= 0:
-            raise ValueError(f"min_beta: expected > 0, got {min_beta}")
-        self.alpha, self.keep_ratio, self.momentum = float(alpha), float(keep_ratio), float(momentum)
-        self.min_beta, self.official_gap = float(min_beta), bool(official_gap)
+    defaults = {"beta": 0.1, "alpha": 0.6, "keep_ratio": 0.8, "momentum": 0.1, "min_beta": 1e-3,
+                "official_gap": False}
+    inputs = {"generator": (False, "a torch.Generator for reproducible filtering")}
+
+    def build_state(self) -> None:
         self.register_buffer("gap_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("gap_std", torch.zeros((), dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_beta", torch.full((), float(beta), dtype=torch.float64))
+        self.register_buffer("last_beta", torch.full((), self.beta, dtype=torch.float64))
 
     @torch.no_grad()
     def update_state(self, h: Tensor) -> None:
@@ -200,22 +252,13 @@ class BetaDPOLoss(_PairwisePreferenceLoss):
         self.gap_std.mul_(g).add_(std.to(self.gap_std.device), alpha=self.momentum)
         self.num_updates += 1
 
-    def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-                ref_rejected_logps: Tensor, *, chosen_lengths: Tensor | None = None,
-                rejected_lengths: Tensor | None = None, margin: Tensor | float | None = None,
-                sample_weight: Tensor | None = None, chosen_nll: Tensor | None = None,
+    def compute(self, batch: PreferenceBatch, sample_weight: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-        inp = P.check_preference_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                        ref_rejected_logps)
         if self.training:
-            self.update_state(P.preference_logratio(inp, chosen_lengths, rejected_lengths, self.length_normalize))
-        out, beta_batch, _ = P.beta_dpo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            self.gap_mean, self.gap_std, beta=self.beta, alpha=self.alpha, keep_ratio=self.keep_ratio,
-            min_beta=self.min_beta, official_gap=self.official_gap, generator=generator, margin=margin,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            length_normalize=self.length_normalize, nll_weight=self.nll_weight, chosen_nll=chosen_nll,
-            sample_weight=sample_weight, reduction=self.reduction, return_details=True)
+            self.update_state(P.preference_logratio(batch, self.length_normalize))
+        out, beta_batch, _ = P.beta_dpo_loss(batch, self.gap_mean, self.gap_std, generator=generator,
+                                             sample_weight=sample_weight, return_details=True,
+                                             **self.hyperparameters("momentum"))
         if self.training:
-            self.last_beta.fill_(float(beta_batch))
+            self.last_beta.copy_(beta_batch.detach())
         return out

@@ -1,8 +1,10 @@
 """losskit.metrics: open-set retrieval and verification metrics.
 
 All functions take torch tensors (numpy accepted) and return python floats or
-dicts.  ``metric`` is ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``
-(ranking by negative distance).  Retrieval is leave-one-out.  Definitions, tie
+dicts.  ``metric`` takes the distance vocabulary of :mod:`losskit.distances`
+through the same resolver as the losses (:func:`losskit.distances.get_distance`):
+``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared-euclidean"`` or a
+distance object; distances rank by their negative (higher = closer).  Retrieval is leave-one-out.  Definitions, tie
 handling and the OPIS protocol: docs/metrics.md.
 """
 

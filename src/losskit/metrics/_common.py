@@ -1,4 +1,4 @@
-"""Input handling and similarity blocks shared by the metrics."""
+"""Input handling shared by the metrics and the resolver behind ``metric=``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-METRICS = ("cosine", "dot", "euclidean")
+from losskit.core.checks import check_finite
+from losskit.distances import DISTANCE_NAMES, BaseDistance, get_distance
+
+#: the names ``metric=`` accepts: the distance vocabulary (:mod:`losskit.distances`)
+METRICS = DISTANCE_NAMES
 
 
 def as_embeddings(x, name: str = "embeddings") -> Tensor:
@@ -22,10 +26,7 @@ def as_embeddings(x, name: str = "embeddings") -> Tensor:
         x = x.float()
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    x = x.detach()
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf")
-    return x
+    return check_finite(x.detach(), name)
 
 
 def as_labels(y, n: int, device, name: str = "labels") -> Tensor:
@@ -40,36 +41,12 @@ def as_labels(y, n: int, device, name: str = "labels") -> Tensor:
     return y.detach().to(device=device, dtype=torch.int64)
 
 
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    return metric
-
-
-def prepare(x: Tensor, metric: str) -> Tensor:
-    """Row-normalise for cosine (zero rows stay zero)."""
-    check_metric(metric)
-    if metric == "cosine":
-        return torch.nn.functional.normalize(x, dim=1)
-    return x
-
-
-def block_scores(q: Tensor, r: Tensor, metric: str, r_sqnorm: Tensor | None = None) -> Tensor:
-    """Similarity of prepared query rows against prepared reference rows: higher = closer.
-    ``euclidean`` gives ``-||q - r||`` (clamped at 0 before the square root)."""
-    s = q @ r.T
-    if metric == "euclidean":
-        rn = (r * r).sum(1) if r_sqnorm is None else r_sqnorm
-        d2 = (q * q).sum(1, keepdim=True) + rn[None, :] - 2.0 * s
-        s = -d2.clamp_min_(0.0).sqrt_()
-    return s
-
-
-def pair_score(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """Row-wise score of already prepared rows ``a[i]`` and ``b[i]``."""
-    if metric == "euclidean":
-        return -(a - b).norm(dim=1)
-    return (a * b).sum(1)
+def resolve_metric(metric: str | BaseDistance) -> BaseDistance:
+    """The distance behind ``metric=`` (a name of the distance vocabulary or a
+    :class:`~losskit.distances.BaseDistance`), through the one resolver.
+    Metrics rank by :meth:`BaseDistance.scores` (higher = closer) on rows
+    prepared by :meth:`BaseDistance.prepare`."""
+    return get_distance(metric, name="metric")
 
 
 class EmbeddingStore:

@@ -35,7 +35,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from losskit._checks import reduce_loss
+from losskit.core.checks import check_bool, check_finite, check_hparam
+from losskit.core.reduction import reduce_loss
 
 __all__ = ["EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss", "per_pair_grad_norms"]
 
@@ -56,8 +57,7 @@ def _check_logps(chosen_logps: Tensor, rejected_logps: Tensor) -> int:
         if not t.requires_grad:
             raise ValueError(f"{name}: expected a tensor attached to the model's graph (requires_grad=True); "
                              "compute it without torch.no_grad()")
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: expected finite log-probabilities, got NaN or inf")
+        check_finite(t, name, "log-probabilities")
     if chosen_logps.shape != rejected_logps.shape:
         raise ValueError(f"rejected_logps: expected shape {list(chosen_logps.shape)} (as chosen_logps), "
                          f"got {list(rejected_logps.shape)}")
@@ -174,6 +174,9 @@ def pairwise_normalized_loss(chosen_logps: Tensor, rejected_logps: Tensor,
     backward per response; ``grad_norms=(||g_w||, ||g_l||)`` (``[N]`` each)
     skips that when you have them in closed form (``params`` may then be None).
     """
+    beta = check_hparam("beta", beta, low=0.0, low_open=True)
+    eps = check_hparam("eps", eps, low=0.0, low_open=True)
+    dpo_weight = check_bool("dpo_weight", dpo_weight)
     n = _check_logps(chosen_logps, rejected_logps)
     if grad_norms is None:
         nw, nl = per_pair_grad_norms(chosen_logps, rejected_logps, params)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from losskit.metrics._common import as_embeddings, as_labels, check_metric
+from losskit.distances import BaseDistance
+from losskit.metrics._common import as_embeddings, as_labels, resolve_metric
 from losskit.metrics.opis import opis, opis_at, thresholds_from_impostor
 from losskit.metrics.retrieval import DEFAULT_CHUNK, retrieval_summary
 from losskit.metrics.verification import (
@@ -16,7 +17,7 @@ from losskit.metrics.verification import (
 )
 
 
-def evaluate_embeddings(embeddings, labels, ks=(1, 2, 4, 8), fars=(1e-3, 1e-2), metric: str = "cosine",
+def evaluate_embeddings(embeddings, labels, ks=(1, 2, 4, 8), fars=(1e-3, 1e-2), metric: str | BaseDistance = "cosine",
                         chunk_size: int = DEFAULT_CHUNK, exact_max_pairs: int = 20_000_000) -> dict[str, float]:
     """Recall@K for each K, precision@1, MAP@R (leave-one-out retrieval), TAR at each
     FAR and EER (all pairs; exact up to ``exact_max_pairs`` pairs, streaming histogram
@@ -27,7 +28,7 @@ def evaluate_embeddings(embeddings, labels, ks=(1, 2, 4, 8), fars=(1e-3, 1e-2), 
 
     One kNN pass serves all retrieval metrics, and one pass over all pairs serves
     TAR, EER and OPIS's calibration range."""
-    check_metric(metric)
+    metric = resolve_metric(metric)
     fars = [_check_far(f) for f in fars]
     x = as_embeddings(embeddings)
     y = as_labels(labels, x.shape[0], x.device)

@@ -14,9 +14,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from losskit.metrics._common import as_embeddings, block_scores, check_metric, prepare
+from losskit.distances import (BaseDistance, CosineSimilarity, DotProductSimilarity, EuclideanDistance,
+                               SquaredEuclideanDistance)
+from losskit.metrics._common import as_embeddings, resolve_metric
 
 BACKENDS = ("auto", "torch", "faiss")
+
+#: the distances faiss's flat indexes compute (inner product, or squared L2)
+_FAISS_DISTANCES = (CosineSimilarity, DotProductSimilarity, EuclideanDistance, SquaredEuclideanDistance)
 
 
 def _faiss():
@@ -59,20 +64,21 @@ def _merge(bv, bi, v, i, k):
     return v.gather(1, o), i.gather(1, o)
 
 
-def iter_knn(q: Tensor, r: Tensor, k: int, metric: str, chunk_size: int,
+def iter_knn(q: Tensor, r: Tensor, k: int, dist: BaseDistance, chunk_size: int,
              q_index: Tensor | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Yield ``(start, scores, indices)`` per block of query rows.  ``q`` and ``r``
-    are *prepared* (see ``_common.prepare``).  With ``q_index`` (the global index of
-    each query row in ``r``), a query never retrieves itself."""
+    are *prepared* (``dist.prepare``), ``dist`` a resolved distance.  With
+    ``q_index`` (the global index of each query row in ``r``), a query never
+    retrieves itself."""
     n_r = r.shape[0]
     rows = max(1, min(chunk_size, (chunk_size * chunk_size) // max(k, 1)))
-    r_sq = (r * r).sum(1) if metric == "euclidean" else None
+    r_sq = dist.sq_norms(r)
     for a in range(0, q.shape[0], rows):
         qc = q[a:a + rows]
         qi = q_index[a:a + rows] if q_index is not None else None
         bv = bi = None
         for c in range(0, n_r, chunk_size):
-            s = block_scores(qc, r[c:c + chunk_size], metric, None if r_sq is None else r_sq[c:c + chunk_size])
+            s = dist.scores(qc, r[c:c + chunk_size], None if r_sq is None else r_sq[c:c + chunk_size])
             if qi is not None:
                 local = qi - c
                 hit = (local >= 0) & (local < s.shape[1])
@@ -84,19 +90,20 @@ def iter_knn(q: Tensor, r: Tensor, k: int, metric: str, chunk_size: int,
         yield a, bv, bi
 
 
-def knn(query, reference=None, k: int = 1, metric: str = "cosine", chunk_size: int = 4096,
+def knn(query, reference=None, k: int = 1, metric: str | BaseDistance = "cosine", chunk_size: int = 4096,
         exclude_self: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The ``k`` most similar reference rows for every query row.
 
     Returns ``(scores [Nq, k], indices [Nq, k])`` sorted best first; ``scores`` are
-    similarities (cosine, dot) or negative Euclidean distances.  With
+    similarities (cosine, dot) or negative distances (``metric`` is a name of the
+    distance vocabulary, see :mod:`losskit.distances`, or a distance object).  With
     ``reference=None`` the query set is searched leave-one-out: ``exclude_self``
     removes each query from its own results (it has no effect when a separate
     ``reference`` is given).  ``backend``: ``"torch"`` (exact, blockwise),
     ``"faiss"`` (exact flat index; error if faiss is missing) or ``"auto"``
     (faiss when installed and the inputs are float32 on CPU, else torch).
     """
-    check_metric(metric)
+    dist = resolve_metric(metric)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if not isinstance(k, int) or k < 1:
@@ -115,37 +122,42 @@ def knn(query, reference=None, k: int = 1, metric: str = "cosine", chunk_size: i
     if k > avail:
         raise ValueError(f"k: expected at most {avail} (the number of reference rows"
                          f"{' other than the query itself' if leave_one_out else ''}), got {k}")
-    qp, rp = prepare(q, metric), (prepare(r, metric) if reference is not None else None)
-    rp = qp if rp is None else rp
+    qp = dist.prepare(q)
+    rp = qp if reference is None else dist.prepare(r)
     fa = _faiss() if backend in ("auto", "faiss") else None
     if backend == "faiss" and fa is None:
         raise ImportError("backend='faiss' needs faiss: pip install 'losskit[faiss]'")
-    if fa is not None and (backend == "faiss" or (qp.device.type == "cpu" and qp.dtype == torch.float32)):
-        return _knn_faiss(fa, qp, rp, k, metric, leave_one_out, chunk_size)
+    if backend == "faiss" and type(dist) not in _FAISS_DISTANCES:
+        raise ValueError(f"metric: backend='faiss' supports {tuple(c.name for c in _FAISS_DISTANCES)}, "
+                         f"got {type(dist).__name__}")
+    if fa is not None and type(dist) in _FAISS_DISTANCES and (
+            backend == "faiss" or (qp.device.type == "cpu" and qp.dtype == torch.float32)):
+        return _knn_faiss(fa, qp, rp, k, dist, leave_one_out, chunk_size)
     idx = torch.arange(q.shape[0], device=q.device) if leave_one_out else None
-    parts = list(iter_knn(qp, rp, k, metric, chunk_size, idx))
+    parts = list(iter_knn(qp, rp, k, dist, chunk_size, idx))
     if not parts:
         return q.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=q.device)
     return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
-def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, metric: str, leave_one_out: bool, chunk_size: int):
-    """Exact flat faiss index (inner product, or L2 for euclidean).  Rows whose
+def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, dist: BaseDistance, leave_one_out: bool, chunk_size: int):
+    """Exact flat faiss index (inner product, or squared L2 for the distances).  Rows whose
     k-th and (k+1)-th scores are equal (a tie straddling the cut, where faiss's
     order is arbitrary) are recomputed with the torch backend, so the documented
     tie rule holds for both backends."""
     dev, dt = qp.device, qp.dtype
     qn = qp.detach().cpu().float().contiguous().numpy()
     rn = rp.detach().cpu().float().contiguous().numpy()
-    index = fa.IndexFlatL2(rn.shape[1]) if metric == "euclidean" else fa.IndexFlatIP(rn.shape[1])
+    index = fa.IndexFlatIP(rn.shape[1]) if dist.is_similarity else fa.IndexFlatL2(rn.shape[1])
     index.add(rn)
     n_avail = rn.shape[0] - (1 if leave_one_out else 0)
     extra = 1 if k < n_avail else 0  # one more to detect ties at the cut
     kk = k + extra + (1 if leave_one_out else 0)
     d, i = index.search(qn, kk)
     d, i = torch.from_numpy(d), torch.from_numpy(i).long()
-    if metric == "euclidean":
-        d = -d.clamp_min(0).sqrt()
+    if not dist.is_similarity:  # squared L2 -> minus the distance
+        d = d.clamp_min(0)
+        d = -(d.sqrt() if isinstance(dist, EuclideanDistance) else d)
     if leave_one_out:
         own = i == torch.arange(i.shape[0])[:, None]
         # drop the query itself (or, if faiss did not return it, the last column)
@@ -159,7 +171,7 @@ def _knn_faiss(fa, qp: Tensor, rp: Tensor, k: int, metric: str, leave_one_out: b
         d, i = d[:, :k].contiguous(), i[:, :k].contiguous()
         if tied.numel():
             qi = tied if leave_one_out else None
-            parts = list(iter_knn(qp.cpu()[tied], rp.cpu(), k, metric, chunk_size, qi))
+            parts = list(iter_knn(qp.cpu()[tied], rp.cpu(), k, dist, chunk_size, qi))
             d[tied] = torch.cat([p[1] for p in parts]).float()
             i[tied] = torch.cat([p[2] for p in parts])
     return d.to(device=dev, dtype=dt), i.to(dev)

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from losskit.metrics._common import as_embeddings, as_labels, block_scores, check_metric, prepare
+from losskit.distances import BaseDistance
+from losskit.metrics._common import as_embeddings, as_labels, resolve_metric
 from losskit.metrics.verification import DEFAULT_CHUNK, pair_histograms, pair_scores
 
 
-def calibration_thresholds(embeddings, labels, metric: str = "cosine", far_range=(1e-2, 1e-1),
+def calibration_thresholds(embeddings, labels, metric: str | BaseDistance = "cosine", far_range=(1e-2, 1e-1),
                            num_thresholds: int = 101, exact_max_pairs: int = 20_000_000,
                            chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """``num_thresholds`` equally spaced thresholds spanning the calibration range:
@@ -58,7 +59,7 @@ def thresholds_from_impostor(impostor: Tensor, far_range=(1e-2, 1e-1), num_thres
     return torch.linspace(float(q[0]), float(q[1]), num_thresholds, dtype=torch.float64)
 
 
-def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosine",
+def class_utilities(embeddings, labels, thresholds: Tensor, metric: str | BaseDistance = "cosine",
                     chunk_size: int = DEFAULT_CHUNK):
     """Per-class and overall utility at each threshold.
 
@@ -67,10 +68,10 @@ def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosin
     U_c(d) = 2 TPR TNR / (TPR + TNR) (0 when both are 0).  The overall utility
     uses all pairs.  Returns ``(classes [T], U [T, K], U_all [K])`` for the T classes
     that have at least two samples.  Streams blockwise; memory O(chunk^2 + N K)."""
-    check_metric(metric)
+    dist = resolve_metric(metric)
     x = as_embeddings(embeddings)
     y = as_labels(labels, x.shape[0], x.device)
-    xp = prepare(x, metric)
+    xp = dist.prepare(x)
     thr = thresholds.to(torch.float64).cpu()
     K = thr.numel()
     classes, yi = torch.unique(y.cpu(), return_inverse=True)
@@ -85,7 +86,7 @@ def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosin
         q = xp[a:a + chunk_size]
         ya = yi_dev[a:a + chunk_size]
         for c in range(0, n, chunk_size):
-            s = block_scores(q, xp[c:c + chunk_size], metric)
+            s = dist.scores(q, xp[c:c + chunk_size])
             b = torch.bucketize(s, thr_dev, right=True)  # number of thresholds <= score
             same = (ya[:, None] == yi_dev[c:c + chunk_size][None, :]).long()
             code = (ya[:, None] * K1 + b) * 2 + same
@@ -115,7 +116,7 @@ def class_utilities(embeddings, labels, thresholds: Tensor, metric: str = "cosin
 REFERENCES = ("class_mean", "pooled")
 
 
-def opis(embeddings, labels, metric: str = "cosine", far_range=(1e-2, 1e-1), num_thresholds: int = 101,
+def opis(embeddings, labels, metric: str | BaseDistance = "cosine", far_range=(1e-2, 1e-1), num_thresholds: int = 101,
          reference: str = "class_mean", chunk_size: int = DEFAULT_CHUNK) -> float:
     """OPIS = (1/T) sum_c  mean_d (U_c(d) - Ubar(d))^2 over ``num_thresholds``
     equally spaced thresholds d of the calibration range (the paper's integral with
@@ -130,7 +131,7 @@ def opis(embeddings, labels, metric: str = "cosine", far_range=(1e-2, 1e-1), num
     return opis_at(embeddings, labels, thr, metric, reference, chunk_size)
 
 
-def opis_at(embeddings, labels, thresholds: Tensor, metric: str = "cosine", reference: str = "class_mean",
+def opis_at(embeddings, labels, thresholds: Tensor, metric: str | BaseDistance = "cosine", reference: str = "class_mean",
             chunk_size: int = DEFAULT_CHUNK) -> float:
     """OPIS over a given threshold grid (see :func:`opis`)."""
     if reference not in REFERENCES:
@@ -142,7 +143,7 @@ def opis_at(embeddings, labels, thresholds: Tensor, metric: str = "cosine", refe
     return float(((U - ref[None, :]) ** 2).mean())
 
 
-def epsilon_opis(embeddings, labels, epsilon: float = 0.05, metric: str = "cosine", far_range=(1e-2, 1e-1),
+def epsilon_opis(embeddings, labels, epsilon: float = 0.05, metric: str | BaseDistance = "cosine", far_range=(1e-2, 1e-1),
                  num_thresholds: int = 101, chunk_size: int = DEFAULT_CHUNK) -> float:
     """epsilon-OPIS = mean_d (U_worst(d) - U_best(d))^2, where at each threshold
     U_worst / U_best are the mean utilities of the ceil(epsilon T) classes with the

@@ -1,7 +1,8 @@
 """Verification over all pairs: genuine (same class) vs impostor (different class) scores.
 
 A pair is *accepted* at threshold t when its score >= t (scores are similarities,
-or negative Euclidean distances).  TAR(t) = accepted genuine / genuine pairs,
+or negative distances: ``metric`` is a name of the distance vocabulary,
+:mod:`losskit.distances`, or a distance object).  TAR(t) = accepted genuine / genuine pairs,
 FAR(t) = accepted impostor / impostor pairs.
 
 Exact mode keeps every pair score (N(N-1)/2 of them).  For large N use the
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from losskit.metrics._common import EmbeddingStore, as_embeddings, as_labels, block_scores, check_metric, prepare
+from losskit.core.checks import check_finite
+from losskit.distances import BaseDistance
+from losskit.metrics._common import EmbeddingStore, as_embeddings, as_labels, resolve_metric
 
 DEFAULT_CHUNK = 4096
 
@@ -35,9 +38,7 @@ def _as_scores(s, name: str) -> Tensor:
     s = s.detach().reshape(-1)
     if not s.is_floating_point():
         s = s.double()
-    if s.numel() and not bool(torch.isfinite(s).all()):
-        raise ValueError(f"{name}: expected finite scores, got NaN or inf")
-    return s
+    return check_finite(s, name, "scores")
 
 
 def _blocks(n: int, chunk: int):
@@ -46,27 +47,27 @@ def _blocks(n: int, chunk: int):
             yield a, c
 
 
-def pair_scores(embeddings, labels, metric: str = "cosine",
+def pair_scores(embeddings, labels, metric: str | BaseDistance = "cosine",
                 chunk_size: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """Scores of all unordered pairs i < j, split into ``(genuine, impostor)`` 1-D
     tensors (same class / different class).  Computed blockwise, but the output
     itself has N(N-1)/2 entries: for very large N use :func:`pair_histograms`."""
-    check_metric(metric)
+    dist = resolve_metric(metric)
     x = as_embeddings(embeddings)
     y = as_labels(labels, x.shape[0], x.device)
-    xp = prepare(x, metric)
+    xp = dist.prepare(x)
     gen, imp = [], []
     for a, c in _blocks(x.shape[0], chunk_size):
-        s, same, upper = _pair_block(xp, y, a, c, chunk_size, metric)
+        s, same, upper = _pair_block(xp, y, a, c, chunk_size, dist)
         gen.append(s[upper & same])
         imp.append(s[upper & ~same])
     empty = xp.new_zeros(0)
     return (torch.cat(gen) if gen else empty), (torch.cat(imp) if imp else empty)
 
 
-def _pair_block(xp, y, a, c, chunk, metric):
+def _pair_block(xp, y, a, c, chunk, dist):
     q, r = xp[a:a + chunk], xp[c:c + chunk]
-    s = block_scores(q, r, metric)
+    s = dist.scores(q, r)
     ia = torch.arange(a, a + q.shape[0], device=xp.device)
     ic = torch.arange(c, c + r.shape[0], device=xp.device)
     upper = ic[None, :] > ia[:, None]
@@ -150,29 +151,30 @@ def eer(genuine, impostor) -> float:
 
 # ---------------------------------------------------------------- streaming mode
 
-def _score_range(xp, metric, chunk) -> tuple[float, float]:
-    if metric == "cosine":
+def _score_range(xp, dist, chunk) -> tuple[float, float]:
+    if dist.is_similarity and dist.normalize:  # cosine, or dot on normalised rows
         return -1.0, 1.0
     lo, hi = math.inf, -math.inf
     for a, c in _blocks(xp.shape[0], chunk):
         q, r = xp[a:a + chunk], xp[c:c + chunk]
-        s = block_scores(q, r, metric)
+        s = dist.scores(q, r)
         lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
     return lo, hi
 
 
-def pair_histograms(embeddings, labels, metric: str = "cosine", bins: int = 65536,
+def pair_histograms(embeddings, labels, metric: str | BaseDistance = "cosine", bins: int = 65536,
                     range: tuple[float, float] | None = None, chunk_size: int = DEFAULT_CHUNK):
     """Stream all i < j pair scores into ``bins`` equal-width bins.
 
     Returns ``(edges [bins+1], genuine_counts [bins], impostor_counts [bins])``
-    (int64).  ``range`` defaults to [-1, 1] for cosine, else a first blockwise pass
+    (int64).  ``range`` defaults to [-1, 1] for cosine (and ``dot`` with
+    ``normalize=True``), else a first blockwise pass
     finds min/max.  Memory: one ``chunk_size^2`` block plus the counts."""
-    check_metric(metric)
+    dist = resolve_metric(metric)
     x = as_embeddings(embeddings)
     y = as_labels(labels, x.shape[0], x.device)
-    xp = prepare(x, metric)
-    lo, hi = range if range is not None else _score_range(xp, metric, chunk_size)
+    xp = dist.prepare(x)
+    lo, hi = range if range is not None else _score_range(xp, dist, chunk_size)
     if not hi > lo:
         hi = lo + 1e-6
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
@@ -180,7 +182,7 @@ def pair_histograms(embeddings, labels, metric: str = "cosine", bins: int = 6553
     ic = torch.zeros(bins, dtype=torch.int64)
     scale = bins / (hi - lo)
     for a, c in _blocks(x.shape[0], chunk_size):
-        s, same, upper = _pair_block(xp, y, a, c, chunk_size, metric)
+        s, same, upper = _pair_block(xp, y, a, c, chunk_size, dist)
         b = ((s.double() - lo) * scale).floor().clamp_(0, bins - 1).long().cpu()
         same, upper = same.cpu(), upper.cpu()
         gc += torch.bincount(b[upper & same], minlength=bins)
@@ -211,12 +213,13 @@ class VerificationMetrics(EmbeddingStore):
     Undefined values (no genuine or no impostor pair) are ``nan``.
     """
 
-    def __init__(self, fars=(1e-3, 1e-2), metric: str = "cosine", mode: str = "auto",
+    def __init__(self, fars=(1e-3, 1e-2), metric: str | BaseDistance = "cosine", mode: str = "auto",
                  exact_max_pairs: int = 20_000_000, bins: int = 65536, chunk_size: int = DEFAULT_CHUNK):
         if mode not in ("auto", "exact", "histogram"):
             raise ValueError(f"mode: expected 'auto', 'exact' or 'histogram', got {mode!r}")
         self.fars = [_check_far(f) for f in fars]
-        self.metric = check_metric(metric)
+        resolve_metric(metric)
+        self.metric = metric
         self.mode, self.exact_max_pairs, self.bins, self.chunk_size = mode, exact_max_pairs, bins, chunk_size
         self.device = "cpu"
         self.reset()

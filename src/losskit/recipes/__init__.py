@@ -1,5 +1,9 @@
-"""Training recipes built on losskit's objectives (DRIFT, ...)."""
+"""Training recipes built on losskit's objectives (DRIFT, ...).
 
-from losskit.recipes.drift import DSATRecord, SamplingPolicy, drift
+Each recipe lives in its own module (``losskit.recipes.drift``) and is
+registered with ``kind="recipe"``; its function is ``run_<name>``.
+"""
 
-__all__ = ["DSATRecord", "SamplingPolicy", "drift"]
+from losskit.recipes.drift import DSATRecord, SamplingPolicy, run_drift
+
+__all__ = ["DSATRecord", "SamplingPolicy", "run_drift"]

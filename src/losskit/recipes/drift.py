@@ -21,6 +21,11 @@ seed stage trains on given ``(x, y_sat, y_dsat)`` pairs first.
 Any policy works that implements :class:`SamplingPolicy`: it is an
 ``nn.Module`` (so it can be copied and optimised) with ``sample(contexts)``
 and ``logprobs(prompts, responses)``.
+
+Registered as the recipe ``drift``: ``losskit.get("drift", iterations=3)``
+binds the options and returns ``run_drift`` to call with ``(policy, records)``.
+(The function was called ``drift`` before; it is ``run_drift`` now, so that
+``losskit.recipes.drift`` is this module.)
 """
 
 from __future__ import annotations
@@ -32,9 +37,15 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from losskit.core.checks import check_hparam, check_int
+from losskit.core.context import PreferenceBatch
+from losskit.core.registry import Paper, register
 from losskit.functional.preference import dpo_loss
 
-__all__ = ["SamplingPolicy", "DSATRecord", "DriftIterationLog", "default_refine_context", "drift"]
+__all__ = ["SamplingPolicy", "DSATRecord", "DriftIterationLog", "default_refine_context", "run_drift"]
+
+DRIFT_PAPER = Paper("DRIFT: Learning from Abundant User Dissatisfaction in Real-World Preference Learning", 2025,
+                    "2510.02341")
 
 
 @runtime_checkable
@@ -94,8 +105,8 @@ def _train_dpo(policy: nn.Module, ref_chosen: Tensor, ref_rejected: Tensor, prom
         nll = None
         if nll_weight > 0:
             nll = -pc / (lc if lc is not None else torch.ones_like(pc))
-        loss = dpo_loss(pc, pr, ref_chosen[idx], ref_rejected[idx], beta=beta, nll_weight=nll_weight,
-                        chosen_nll=nll)
+        loss = dpo_loss(PreferenceBatch(pc, pr, ref_chosen[idx], ref_rejected[idx], chosen_nll=nll), beta=beta,
+                        nll_weight=nll_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -105,7 +116,9 @@ def _train_dpo(policy: nn.Module, ref_chosen: Tensor, ref_rejected: Tensor, prom
     return first, last
 
 
-def drift(policy: nn.Module, records: Sequence[DSATRecord], *, iterations: int = 3,
+@register("drift", family="preference", kind="recipe", paper=DRIFT_PAPER,
+          summary="DRIFT: iterated DPO with anchored dissatisfied (DSAT) negatives and self-refined positives.")
+def run_drift(policy: nn.Module, records: Sequence[DSATRecord], *, iterations: int = 3,
           steps_per_iteration: int = 100, batch_size: int = 32, beta: float = 0.1, nll_weight: float = 0.001,
           optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
           refine_context: Callable[[Any, Any, Any], Any] = default_refine_context,
@@ -123,8 +136,12 @@ def drift(policy: nn.Module, records: Sequence[DSATRecord], *, iterations: int =
     """
     if not isinstance(policy, nn.Module) or not isinstance(policy, SamplingPolicy):
         raise TypeError("policy: expected an nn.Module with sample(contexts) and logprobs(prompts, responses)")
-    if iterations < 0 or steps_per_iteration < 1 or batch_size < 1:
-        raise ValueError("iterations >= 0, steps_per_iteration >= 1 and batch_size >= 1 are required")
+    iterations = check_int("iterations", iterations, low=0)
+    steps_per_iteration = check_int("steps_per_iteration", steps_per_iteration, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    beta = check_hparam("beta", beta, low=0.0, low_open=True)
+    nll_weight = check_hparam("nll_weight", nll_weight, low=0.0)
+    seed = check_int("seed", seed)
     if optimizer_factory is None:
         def optimizer_factory(m):
             return torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -161,3 +178,10 @@ def drift(policy: nn.Module, records: Sequence[DSATRecord], *, iterations: int =
         run_stage(t, [records[i].prompt for i in keep], [y_plus[i] for i in keep],
                   [records[i].response for i in keep])
     return logs
+
+
+def __getattr__(name: str) -> Any:
+    if name == "drift":
+        raise AttributeError("losskit.recipes.drift.drift was renamed run_drift (losskit.recipes.drift is the "
+                             "module); or build it from the registry: losskit.get('drift', **options)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

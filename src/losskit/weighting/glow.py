@@ -26,7 +26,13 @@ the official code's).  :meth:`end_epoch` commits and advances the epoch.
 ``state_dict()`` / ``load_state_dict()`` carry the history, the staged
 losses and the epoch counter, so a resumed run reproduces the weights (the
 official code keeps the history in a module-level dict that is lost on
-resume).
+resume).  Hyperparameters are never loaded: they are the constructed
+object's.  The state records the ones it was saved with, and loading it into
+a GLOW constructed with others raises an error naming each mismatch
+(``strict=False`` keeps the constructed ones silently).
+
+Registered as the weighter ``glow`` (family ``robust``: it reweights the
+training loss per sample): ``losskit.get("glow", alpha=1.0, beta=20.0)``.
 
     glow = GLOW(alpha=1.0, beta=20.0)
     for epoch in range(E):
@@ -40,15 +46,19 @@ resume).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from losskit._checks import check_finite, check_reduction, reduce_loss
+from losskit.core.checks import check_finite, check_hparam, check_int
+from losskit.core.reduction import reduce_loss
+from losskit.core.registry import Paper, register
 
-__all__ = ["GLOW", "glow_weights"]
+__all__ = ["GLOW", "glow_weights", "GLOW_PAPER"]
+
+GLOW_PAPER = Paper("Learning from Mistakes: Negative Reasoning Samples Enhance Out-of-Domain Generalization", 2026,
+                   "2601.04992")
 
 
 def glow_weights(gain: Tensor, alpha: float = 1.0, beta: float = 20.0, w_min: float = 0.5,
@@ -70,6 +80,8 @@ def _ids(sample_ids: Tensor | Sequence[int], n: int) -> list[int]:
     return ids
 
 
+@register("glow", family="robust", kind="weighter", paper=GLOW_PAPER,
+          summary="GLOW: per-sample weights from the loss gain since the sample's previous visit.")
 class GLOW:
     """Per-sample GLOW weights with an id-keyed loss history (see the module docstring).
 
@@ -80,16 +92,18 @@ class GLOW:
 
     def __init__(self, alpha: float = 1.0, beta: float = 20.0, w_min: float = 0.5, w_max: float = 5.0,
                  warmup_epochs: int = 1):
-        if not (alpha > 0 and beta > 0 and 0 <= w_min <= w_max and math.isfinite(w_max)):
-            raise ValueError(f"GLOW needs alpha > 0, beta > 0, 0 <= w_min <= w_max < inf; got alpha={alpha}, "
-                             f"beta={beta}, w_min={w_min}, w_max={w_max}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: expected >= 0, got {warmup_epochs}")
-        self.alpha, self.beta, self.w_min, self.w_max = float(alpha), float(beta), float(w_min), float(w_max)
-        self.warmup_epochs = int(warmup_epochs)
+        self.alpha = check_hparam("alpha", alpha, low=0.0, low_open=True)
+        self.beta = check_hparam("beta", beta, low=0.0, low_open=True)
+        self.w_min = check_hparam("w_min", w_min, low=0.0)
+        self.w_max = check_hparam("w_max", w_max, low=self.w_min)
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
         self.epoch = 0
         self.history: dict[int, float] = {}
         self.pending: dict[int, float] = {}
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The validated values of the constructor's arguments (their names: ``self.hparams``)."""
+        return {k: getattr(self, k) for k in self.hparams}
 
     # -- weights --------------------------------------------------------------------------------
     def weights(self, losses: Tensor, sample_ids: Tensor | Sequence[int], record: bool = True) -> Tensor:
@@ -113,7 +127,6 @@ class GLOW:
 
     def __call__(self, losses: Tensor, sample_ids: Tensor | Sequence[int], reduction: str = "mean") -> Tensor:
         """``mean(w * losses)`` (or ``'sum'``/``'none'``) with the GLOW weights."""
-        check_reduction(reduction)
         w = self.weights(losses, sample_ids)
         return reduce_loss(losses, reduction, w)
 
@@ -128,20 +141,33 @@ class GLOW:
         self.epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
+        """The state (epoch, history, staged losses) and, for checking only, the hyperparameters."""
         def pack(d: dict[int, float]) -> dict[str, Tensor]:
             return {"ids": torch.tensor(list(d.keys()), dtype=torch.long),
                     "losses": torch.tensor(list(d.values()), dtype=torch.float64)}
 
         return {"epoch": self.epoch, "history": pack(self.history), "pending": pack(self.pending),
-                "hparams": {"alpha": self.alpha, "beta": self.beta, "w_min": self.w_min, "w_max": self.w_max,
-                            "warmup_epochs": self.warmup_epochs}}
+                "hparams": self._hyperparameters()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore the epoch, the history and the staged losses.  The
+        hyperparameters stay those this GLOW was constructed with: with
+        ``strict`` (default) a state saved under other ones is an error naming
+        each difference; ``strict=False`` loads the state and keeps them."""
         def unpack(d: dict[str, Tensor]) -> dict[int, float]:
             return {int(i): float(v) for i, v in zip(d["ids"].tolist(), d["losses"].tolist())}
 
+        missing = [k for k in ("epoch", "history", "pending") if k not in state]
+        if missing:
+            raise KeyError(f"GLOW.load_state_dict: the state has no {', '.join(missing)}")
+        if strict:
+            mine = self._hyperparameters()
+            diff = [f"{k}={v!r} (constructed {mine[k]!r})" for k, v in state.get("hparams", {}).items()
+                    if k in mine and v != mine[k]]
+            if diff:
+                raise ValueError(f"GLOW.load_state_dict: the state was saved with {', '.join(diff)}; hyperparameters "
+                                 "are not loaded: construct GLOW(**state['hparams']) to resume with them, or pass "
+                                 "strict=False to keep the constructed ones")
         self.epoch = int(state["epoch"])
         self.history = unpack(state["history"])
         self.pending = unpack(state["pending"])
-        for k, v in state.get("hparams", {}).items():
-            setattr(self, k, v)

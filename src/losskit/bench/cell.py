@@ -1,0 +1,99 @@
+"""Training and evaluating one (objective, seed) cell of any task.
+
+The task builds the cell (:meth:`Task.setup`: model, objective, optimiser,
+batches, one training step) and scores it (:meth:`Task.evaluate`); this
+module runs the epochs in between, the same way for every task: torch's
+global generator seeded from the seed, the steps timed, the memory measured,
+a NaN or infinite loss reported as :class:`CellDiverged`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from .errors import CellDiverged
+from .labels import base_name
+from .measure import measure_step_memory, param_bytes
+
+__all__ = ["run_cell", "CellDiverged", "STEP_SEED_OFFSET"]
+
+#: Before the first step, ``torch.manual_seed(seed + STEP_SEED_OFFSET)``: objectives that draw
+#: random numbers (sampled heads, random margins) draw the same ones whatever ran before the
+#: cell, so a resumed cell equals an uninterrupted one.
+STEP_SEED_OFFSET = 15485863
+
+
+def _plain_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)) for k, v in hparams.items()}
+
+
+def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed: int, device: torch.device,
+             on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train ``objective`` (a label; ``hparams`` already holds its variant's params) from ``seed``
+    for ``cfg.epochs`` epochs and evaluate it.  Returns the cell's record (JSON-plain): metrics,
+    loss per epoch, time, memory, and the task's own fields."""
+    trainer = task.setup(cfg, data, objective, hparams, seed, device)
+    trainer.label, trainer.seed = objective, seed
+    torch.manual_seed(seed + STEP_SEED_OFFSET)
+    for m in trainer.modules:
+        m.train()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    per_epoch = trainer.steps_per_epoch
+    epoch_loss: list[float] = []
+    total_steps = cfg.epochs * per_epoch
+    train_time = 0.0
+    memory_mb = float("nan")
+    memory_kind = "cuda_max_allocated" if cuda else "cpu_profiler_step"
+    n = 0
+    for epoch in range(cfg.epochs):
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(per_epoch):
+            if n == 0 and not cuda:
+                # the first step is profiled for memory and left out of the timing
+                tp = time.perf_counter()
+                memory_mb, loss = measure_step_memory(trainer.step, param_bytes(*trainer.modules))
+                t0 += time.perf_counter() - tp
+            else:
+                loss = trainer.step()
+            n += 1
+            losses.append(loss)
+            if on_step is not None:
+                on_step()
+        values = torch.stack(losses).float().cpu()  # one device sync per epoch
+        train_time += time.perf_counter() - t0
+        if not torch.isfinite(values).all():
+            first = int((~torch.isfinite(values)).nonzero()[0])
+            raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
+                               f"at step {first + 1 + epoch * per_epoch} of {total_steps}")
+        epoch_loss.append(float(values.mean()))
+    if cuda:
+        memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+
+    t0 = time.perf_counter()
+    scores = task.evaluate(cfg, data, trainer, device)
+    eval_time = time.perf_counter() - t0
+
+    return {
+        "objective": objective,
+        "name": base_name(objective),
+        "seed": seed,
+        "hparams": _plain_hparams(hparams),
+        "metrics": dict(scores.metrics),
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "steps": n,
+        "timed_steps": n if cuda else n - 1,
+        "peak_memory_mb": memory_mb,
+        "memory_kind": memory_kind,
+        "epoch_loss": epoch_loss,
+        **trainer.info,
+        **scores.extras,
+        "device": str(device),
+    }
