@@ -143,7 +143,7 @@ def test_preference_batch_shape_and_device_mismatch_names_the_second(i):
 
 def test_preference_batch_lengths():
     ts = _logps()
-    with pytest.raises(ValueError, match=r"^chosen_lengths: given without rejected_lengths; length normalisation"):
+    with pytest.raises(ValueError, match=r"^chosen_lengths: given without rejected_lengths; pass the token counts of both"):
         PreferenceBatch(*ts, chosen_lengths=torch.ones(3))
     with pytest.raises(ValueError, match=r"^rejected_lengths: given without chosen_lengths"):
         PreferenceBatch(*ts, rejected_lengths=torch.ones(3))
