@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import losskit
+from losskit.core.context import PairReference
 from losskit.functional.pair import contrastive_loss, tcm_regularizer, triplet_loss
 
 
@@ -242,8 +243,10 @@ def test_bad_hparams():
         losskit.get("contrastive", pair_average="median")
     with pytest.raises(ValueError, match="distance"):
         contrastive_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), distance="manhattan")
-    with pytest.raises(ValueError, match="ref_labels"):
-        triplet_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), ref_embeddings=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="labels given without embeddings|embeddings given without labels"):
+        triplet_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), reference=PairReference(torch.randn(5, 3)))
+    with pytest.raises(TypeError, match="reference"):
+        triplet_loss(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), reference=(torch.randn(5, 3), None))
 
 
 def test_contrastive_with_a_similarity_matches_pml():

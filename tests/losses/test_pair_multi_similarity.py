@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import losskit
+from losskit.core.context import PairReference
 from losskit.functional.multi_similarity import multi_similarity_loss
 
 
@@ -112,10 +113,10 @@ def test_ms_gradcheck_against_reference_set():
     r, ry = _data(B=9, D=4, C=2, seed=5)
     x.requires_grad_(True)
     r.requires_grad_(True)
-    f = lambda a, b: multi_similarity_loss(a, y, beta=10.0, lam=0.5, ref_embeddings=b, ref_labels=ry,
+    f = lambda a, b: multi_similarity_loss(a, y, beta=10.0, lam=0.5, reference=PairReference(b, ry),
                                            chunk_size=4)
     assert torch.autograd.gradcheck(f, (x, r))
-    f2 = lambda a, b: multi_similarity_loss(a, y, beta=10.0, lam=0.5, ref_embeddings=b, ref_labels=ry,
+    f2 = lambda a, b: multi_similarity_loss(a, y, beta=10.0, lam=0.5, reference=PairReference(b, ry),
                                             reduction="none")
     assert torch.autograd.gradcheck(f2, (x, r))
 
@@ -123,8 +124,8 @@ def test_ms_gradcheck_against_reference_set():
 def test_ms_self_reference_equals_plain():
     x, y = _data(B=20, D=6, C=4, seed=6)
     plain = multi_similarity_loss(x, y, reduction="none")
-    via_ref = multi_similarity_loss(x, y, reduction="none", ref_embeddings=x.clone(), ref_labels=y.clone(),
-                                    self_index=torch.arange(20))
+    via_ref = multi_similarity_loss(x, y, reduction="none",
+                                    reference=PairReference(x.clone(), y.clone(), self_index=torch.arange(20)))
     torch.testing.assert_close(plain, via_ref)
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import losskit
+from losskit.core.context import PairReference
 from losskit.functional.multi_similarity import multi_similarity_loss
 from losskit.losses.xbm import CrossBatchMemory
 
@@ -25,7 +26,7 @@ def test_xbm_matches_loss_against_queue():
     mem_labels = torch.cat([y2[4:], y1[4:], y2[:4]])
     self_index = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3])
     want = multi_similarity_loss(x2, y2, lam=0.5) + multi_similarity_loss(
-        x2, y2, lam=0.5, ref_embeddings=mem, ref_labels=mem_labels, self_index=self_index)
+        x2, y2, lam=0.5, reference=PairReference(mem, mem_labels, self_index=self_index))
     torch.testing.assert_close(out2, want)
     torch.testing.assert_close(xbm.memory, mem)
     assert xbm.filled == 12 and xbm.ptr == 4
@@ -73,3 +74,45 @@ def test_xbm_warmup_eval_and_errors():
     out = CrossBatchMemory("multi-similarity", memory_size=8)(xz, torch.arange(3))
     out.backward()
     assert out.item() == 0.0
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_xbm_state_dict_round_trip_into_a_fresh_module(wrapped):
+    def build():
+        return CrossBatchMemory("multi-similarity", memory_size=12, start_iteration=1, loss_kwargs={"lam": 0.5})
+
+    trained = build()
+    for seed in range(3):  # warm-up step, then fill and wrap the ring (8 + 8 > 12)
+        trained(*_batch(seed))
+    assert (trained.ptr, trained.filled, trained.iteration) == (4, 12, 3)
+    state = trained.state_dict()
+    fresh = build()
+    if wrapped:  # inside a model: the prefix is handled too
+        outer_t, outer_f = torch.nn.ModuleDict({"xbm": trained}), torch.nn.ModuleDict({"xbm": build()})
+        outer_f.load_state_dict(outer_t.state_dict())
+        fresh = outer_f["xbm"]
+    else:
+        fresh.load_state_dict(state)
+    assert (fresh.ptr, fresh.filled, fresh.iteration) == (4, 12, 3)
+    torch.testing.assert_close(fresh.memory, trained.memory)
+    torch.testing.assert_close(fresh.memory_labels, trained.memory_labels)
+    for seed in range(3, 6):  # continuing gives identical outputs and state
+        x, y = _batch(seed)
+        torch.testing.assert_close(fresh(x, y), trained(x, y))
+    torch.testing.assert_close(fresh.memory, trained.memory)
+    assert (fresh.ptr, fresh.filled, fresh.iteration) == (trained.ptr, trained.filled, trained.iteration)
+
+
+def test_xbm_state_dict_errors():
+    trained = CrossBatchMemory("contrastive", memory_size=12)
+    trained(*_batch(0))
+    with pytest.raises(ValueError, match=r"memory: expected a saved queue of shape \[8, D\]"):
+        CrossBatchMemory("contrastive", memory_size=8).load_state_dict(trained.state_dict())
+    bad = trained.state_dict()
+    bad["_extra_state"] = {"ptr": 99, "filled": 8, "iteration": 1}
+    with pytest.raises(ValueError, match="ptr: expected an integer in"):
+        CrossBatchMemory("contrastive", memory_size=12).load_state_dict(bad)
+    # an untrained memory round-trips too (empty queue)
+    fresh = CrossBatchMemory("contrastive", memory_size=12)
+    fresh.load_state_dict(CrossBatchMemory("contrastive", memory_size=12).state_dict())
+    assert fresh.memory.numel() == 0 and fresh.filled == 0

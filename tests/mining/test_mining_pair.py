@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from losskit.core.context import PairReference
 from losskit.mining import MultiSimilarityMiner, TripletMiner, all_pairs_indices
 
 
@@ -40,7 +41,7 @@ def test_ms_miner_naive_and_reference_set():
     a1, p, a2, n = MultiSimilarityMiner(0.1)(x, y)
     assert _pairs((a1, p)) == want_p and _pairs((a2, n)) == want_n
     # against a separate reference set with the self columns named
-    a1, p, a2, n = MultiSimilarityMiner(0.1)(x, y, x.clone(), y.clone(), torch.arange(len(y)))
+    a1, p, a2, n = MultiSimilarityMiner(0.1)(x, y, PairReference(x.clone(), y.clone(), torch.arange(len(y))))
     assert _pairs((a1, p)) == want_p and _pairs((a2, n)) == want_n
 
 

@@ -47,9 +47,13 @@ class PairReference:
     * ``self_index``: ``[B]``, the reference column holding anchor ``i``
       (never its own positive), ``-1`` when it is not there (default: the
       diagonal for the batch itself, none for another set);
-    * ``batch_size``: the ``B`` of ``'mean'`` and of pair-average shares (the
-      global batch under torch.distributed; default the anchors given);
+    * ``batch_size``: the ``B`` of pair-average shares (anchor ``i`` gets
+      ``B * sum_{pairs of i} l_p / N``): the global batch under
+      torch.distributed; default the anchors given.  ``'mean'`` always
+      divides by the anchors given (each rank's mean over its own rows);
     * ``count_reduce``: sums pair counts over processes (an all-reduce).
+
+    Pass it as ``reference=`` to any pair loss (functional or module) or miner.
     """
 
     embeddings: Tensor | None = None

@@ -2,90 +2,118 @@
 
 Every loss here is first a per-anchor vector ``l`` [B] whose mean over the
 batch is the paper's batch loss, so ``reduction`` and ``sample_weight``
-work as everywhere in losskit.  Losses that the papers average over *pairs*
-(``pair_average``) give anchor ``i`` the share ``B * sum_{pairs of i} l_p / N``
-(``N`` = pairs averaged over); ``mean`` then equals the pair average.
+work as everywhere in losskit (``core.reduction.reduce_loss``; ``'mean'``
+divides by the number of anchors given).  Losses that the papers average
+over *pairs* (``pair_average``) give anchor ``i`` the share
+``B * sum_{pairs of i} l_p / N`` (``N`` = pairs averaged over, ``B`` = the
+reference's ``batch_size``, by default the number of anchors); ``mean`` then
+equals the pair average.
 
-Shared keyword arguments: ``ref_embeddings``/``ref_labels`` (score anchors
-against another set), ``self_index`` (each anchor's own column there),
-``batch_size`` (the ``B`` above; default the number of anchors) and
-``count_reduce`` (a function summing pair counts over processes; the
-distributed wrapper passes an all-reduce).
+``reference`` (a :class:`losskit.core.PairReference`, default the batch
+itself) is what the anchors are scored against: a cross-batch memory, the
+gathered global batch.  :class:`PairInputs` is the plumbing every pair loss
+shares (validation, the resolved reference, pair masks, global pair counts,
+the empty case, the reduction), so a loss is its formula.
+
+Hyperparameters are checked by ``check_*_hparams`` (the modules call the same
+function once at construction).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losskit._checks import check_embeddings, check_labels, check_reduction, check_sample_weight, reduce_loss
+from losskit.core.checks import check_bool, check_choice, check_hparam, check_reduction, check_sample_weight
+from losskit.core.context import PairReference
+from losskit.core.reduction import reduce_loss, zero_with_graph
 from losskit.distances import BaseDistance, CosineSimilarity, get_distance
 from losskit.mining.pairs import block_pair_masks, resolve_reference
-from losskit.mining.triplet import TRIPLET_MINING, mine_triplets
+from losskit.mining.triplet import TRIPLET_MINING, hard_triplets, mine_triplets
 
-__all__ = ["contrastive_loss", "triplet_loss", "tcm_regularizer", "PAIR_AVERAGES", "reduce_with_batch"]
+__all__ = ["PairInputs", "contrastive_loss", "triplet_loss", "tcm_regularizer", "PAIR_AVERAGES",
+           "check_contrastive_hparams", "check_triplet_hparams", "check_tcm_hparams"]
 
 PAIR_AVERAGES = ("nonzero", "all")
 
 
-def reduce_with_batch(per: Tensor, reduction: str, sample_weight: Tensor | None, batch_size: int | None) -> Tensor:
-    """losskit's reduction where 'mean' divides by ``batch_size`` (default ``len(per)``)."""
-    if batch_size is None or reduction != "mean":
-        return reduce_loss(per, reduction, sample_weight)
-    total = reduce_loss(per, "sum", sample_weight)
-    return total / max(batch_size, 1)
+class PairInputs:
+    """The validated inputs of one pair-loss call.
+
+    Checks the anchors, labels, ``reduction`` and ``sample_weight`` once and
+    resolves ``reference``; then gives the pair masks, pair counts summed
+    over processes, each anchor's share of a pair average, and the reduced
+    result.  ``M`` (reference rows) is 0 only when there is nothing to score
+    against -- then every process sees it and ``zeros()`` is the answer; a
+    process with no anchors (``B == 0``) still takes part in the counts.
+    """
+
+    def __init__(self, embeddings: Tensor, labels: Tensor, reduction: str, sample_weight: Tensor | None,
+                 reference: PairReference | None):
+        self.ref = resolve_reference(embeddings, labels, reference)
+        self.reduction = check_reduction(reduction)
+        self.weight = check_sample_weight(sample_weight, embeddings.shape[0], embeddings)
+        self.embeddings, self.labels = embeddings, labels
+        self.B, self.M = embeddings.shape[0], self.ref.embeddings.shape[0]
+
+    @property
+    def empty(self) -> bool:
+        return self.M == 0
+
+    @property
+    def others(self) -> Tensor | None:
+        """The reference embeddings, or None when the reference is the batch itself."""
+        return None if self.ref.is_batch else self.ref.embeddings
+
+    def pairs(self, distance: BaseDistance) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mat, pos, neg)``, each ``[B, M]``: distances (or similarities)
+        between anchors and reference, and the masks of positives (same label,
+        not the anchor itself) and negatives (another label)."""
+        pos, neg = block_pair_masks(self.labels, self.ref.labels, self.ref.self_index)
+        return distance.pairwise(self.embeddings, self.others), pos, neg
+
+    def count(self, n: Tensor, dtype: torch.dtype) -> Tensor:
+        """A pair count, summed over processes when the reference says so, at least 1."""
+        return self.ref.count(n.to(dtype)).clamp_min(1)
+
+    def share(self, per_anchor_sum: Tensor, count: Tensor) -> Tensor:
+        """Anchor ``i``'s share ``B * sum_{pairs of i} l_p / N`` of a pair average."""
+        return per_anchor_sum * (self.ref.batch_size / count)
+
+    def finish(self, per: Tensor) -> Tensor:
+        """Reduce the per-anchor losses ``[B]``, connected to every input even
+        when no pair qualified."""
+        per = per + zero_with_graph(self.embeddings, self.others)
+        return reduce_loss(per, self.reduction, self.weight, checked=True)
+
+    def zeros(self) -> Tensor:
+        return self.finish(self.embeddings.new_zeros(self.B))
 
 
-def _inputs(embeddings, labels, ref_embeddings, ref_labels, self_index, sample_weight, reduction):
-    check_embeddings(embeddings)
-    check_labels(labels, embeddings.shape[0], device=embeddings.device)
-    check_reduction(reduction)
-    w = check_sample_weight(sample_weight, embeddings.shape[0], embeddings)
-    ref, rl, si = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, self_index)
-    if ref_embeddings is not None:
-        check_embeddings(ref, "ref_embeddings")
-    return ref, rl, si, w
+def _hinge(x: Tensor, smooth: bool) -> Tensor:
+    return F.softplus(x) if smooth else F.relu(x)
 
 
-def _connect(per: Tensor, *tensors: Tensor) -> Tensor:
-    # keep the graph alive through every input even when no pair qualified
-    z = None
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            z = t.sum() * 0 if z is None else z + t.sum() * 0
-    return per if z is None else per + z
+# ---------------------------------------------------------------- contrastive
+
+def _distance_and_average(distance, normalize, pair_average) -> BaseDistance:
+    check_choice("pair_average", pair_average, PAIR_AVERAGES)
+    return get_distance(distance, normalize=check_bool("normalize", normalize))
 
 
-def _count(n: Tensor, count_reduce: Callable | None) -> Tensor:
-    return count_reduce(n) if count_reduce is not None else n
+def check_contrastive_hparams(pos_margin, neg_margin, distance, normalize, squared_hinge, pair_average):
+    """Validate the contrastive hyperparameters; returns the distance object."""
+    check_hparam("pos_margin", pos_margin)
+    check_hparam("neg_margin", neg_margin)
+    check_bool("squared_hinge", squared_hinge)
+    return _distance_and_average(distance, normalize, pair_average)
 
 
-def _check_avg(pair_average):
-    if pair_average not in PAIR_AVERAGES:
-        raise ValueError(f"pair_average: expected one of {PAIR_AVERAGES}, got {pair_average!r}")
-
-
-def contrastive_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    pos_margin: float = 0.0,
-    neg_margin: float = 1.0,
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    distance: str | BaseDistance = "euclidean",
-    normalize: bool = True,
-    squared_hinge: bool = False,
-    pair_average: str = "nonzero",
-    ref_embeddings: Tensor | None = None,
-    ref_labels: Tensor | None = None,
-    self_index: Tensor | None = None,
-    batch_size: int | None = None,
-    count_reduce: Callable | None = None,
-) -> Tensor:
+def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0, neg_margin: float = 1.0,
+                     reduction: str = "mean", sample_weight: Tensor | None = None, *,
+                     distance: str | BaseDistance = "euclidean", normalize: bool = True, squared_hinge: bool = False,
+                     pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) with PML's two margins.
 
     Per ordered pair: positives ``[d - pos_margin]_+``, negatives
@@ -95,14 +123,11 @@ def contrastive_loss(
     their pairs (``pair_average='nonzero'``: over pairs with a nonzero loss,
     PML's AvgNonZeroReducer; ``'all'``: over all pairs) and summed.
     """
-    _check_avg(pair_average)
-    ref, rl, si, w = _inputs(embeddings, labels, ref_embeddings, ref_labels, self_index, sample_weight, reduction)
-    dist = get_distance(distance, normalize=normalize)
-    B = embeddings.shape[0]
-    if B == 0 or ref.shape[0] == 0:
-        return reduce_with_batch(_connect(embeddings.new_zeros(B), embeddings, ref), reduction, w, batch_size)
-    mat = dist.pairwise(embeddings, None if ref is embeddings else ref)
-    pos, neg = block_pair_masks(labels, rl, si)
+    dist = check_contrastive_hparams(pos_margin, neg_margin, distance, normalize, squared_hinge, pair_average)
+    b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
+    if b.empty:
+        return b.zeros()
+    mat, pos, neg = b.pairs(dist)
     lp = F.relu(dist.margin(mat, pos_margin)) * pos
     ln = F.relu(dist.margin(neg_margin, mat)) * neg
     if squared_hinge:
@@ -112,84 +137,69 @@ def contrastive_loss(
         np_, nn_ = (lp > 0).sum(), (ln > 0).sum()
     else:
         np_, nn_ = pos.sum(), neg.sum()
-    np_, nn_ = _count(np_.to(mat.dtype), count_reduce), _count(nn_.to(mat.dtype), count_reduce)
-    Bd = B if batch_size is None else batch_size
-    per = Bd * (lp.sum(1) / np_.clamp_min(1) + ln.sum(1) / nn_.clamp_min(1))
-    return reduce_with_batch(_connect(per, embeddings, ref), reduction, w, batch_size)
+    per = b.share(lp.sum(1), b.count(np_, mat.dtype)) + b.share(ln.sum(1), b.count(nn_, mat.dtype))
+    return b.finish(per)
 
 
-def triplet_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    margin: float = 0.2,
-    mining: str = "semi-hard",
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    distance: str | BaseDistance = "squared-euclidean",
-    normalize: bool = True,
-    smooth: bool = False,
-    pair_average: str = "nonzero",
-    ref_embeddings: Tensor | None = None,
-    ref_labels: Tensor | None = None,
-    self_index: Tensor | None = None,
-    batch_size: int | None = None,
-    count_reduce: Callable | None = None,
-) -> Tensor:
+# ---------------------------------------------------------------- triplet
+
+def check_triplet_hparams(margin, mining, distance, normalize, smooth, pair_average):
+    """Validate the triplet hyperparameters; returns the distance object."""
+    check_hparam("margin", margin, low=0)
+    check_choice("mining", mining, TRIPLET_MINING)
+    check_bool("smooth", smooth)
+    return _distance_and_average(distance, normalize, pair_average)
+
+
+def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2, mining: str = "semi-hard",
+                 reduction: str = "mean", sample_weight: Tensor | None = None, *,
+                 distance: str | BaseDistance = "squared-euclidean", normalize: bool = True, smooth: bool = False,
+                 pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
     """Triplet loss (FaceNet): ``[d(a,p) - d(a,n) + margin]_+`` over mined triplets.
 
     FaceNet uses squared Euclidean distances of L2-normalised embeddings and
     ``margin = 0.2``; ``mining`` is ``all``, ``hard`` (batch-hard) or
     ``semi-hard``; ``smooth=True`` uses ``softplus`` instead of the hinge.
     Averaged over triplets with a nonzero loss (``pair_average='nonzero'``)
-    or over all mined triplets (``'all'``).
+    or over all mined triplets (``'all'``).  ``hard`` has static shapes
+    (``torch.compile``-able); ``all`` and ``semi-hard`` mine a data-dependent
+    number of triplets.
     """
-    _check_avg(pair_average)
-    if mining not in TRIPLET_MINING:
-        raise ValueError(f"mining: expected one of {TRIPLET_MINING}, got {mining!r}")
-    ref, rl, si, w = _inputs(embeddings, labels, ref_embeddings, ref_labels, self_index, sample_weight, reduction)
-    dist = get_distance(distance, normalize=normalize)
-    B = embeddings.shape[0]
-    if B == 0 or ref.shape[0] == 0:
-        return reduce_with_batch(_connect(embeddings.new_zeros(B), embeddings, ref), reduction, w, batch_size)
-    mat = dist.pairwise(embeddings, None if ref is embeddings else ref)
-    pos, neg = block_pair_masks(labels, rl, si)
-    M = ref.shape[0]
-    if mining == "all":  # [c, M, M] boolean blocks
-        step = max(1, (1 << 24) // max(M * M, 1))
-        parts = [mine_triplets(mat[s:s + step].detach(), pos[s:s + step], neg[s:s + step], mining, dist, s)
-                 for s in range(0, B, step)]
-        a, p, n = (torch.cat([t[i] for t in parts]) for i in range(3))
-    else:
-        a, p, n = mine_triplets(mat.detach(), pos, neg, mining, dist)
-    viol = dist.margin(mat[a, p], mat[a, n]) + margin
-    lt = F.softplus(viol) if smooth else F.relu(viol)
-    if pair_average == "nonzero":
-        cnt = (lt > 0).sum().to(mat.dtype)
-    else:
-        cnt = torch.tensor(float(a.numel()), dtype=mat.dtype, device=mat.device)
-    cnt = _count(cnt, count_reduce)
-    Bd = B if batch_size is None else batch_size
-    per = torch.zeros(B, dtype=lt.dtype, device=lt.device).index_add(0, a, lt) * (Bd / cnt.clamp_min(1))
-    return reduce_with_batch(_connect(per, embeddings, ref), reduction, w, batch_size)
+    dist = check_triplet_hparams(margin, mining, distance, normalize, smooth, pair_average)
+    b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
+    if b.empty:
+        return b.zeros()
+    mat, pos, neg = b.pairs(dist)
+    if mining == "hard":  # one triplet per anchor that has a positive and a negative
+        p, n, has = hard_triplets(mat.detach(), pos, neg, dist)
+        viol = dist.margin(mat.gather(1, p.unsqueeze(1)), mat.gather(1, n.unsqueeze(1))).squeeze(1) + margin
+        lt = _hinge(viol, smooth) * has
+        cnt = (lt > 0).sum() if pair_average == "nonzero" else has.sum()
+        return b.finish(b.share(lt, b.count(cnt, mat.dtype)))
+    M = b.M
+    step = max(1, (1 << 24) // max(M * M, 1)) if mining == "all" else max(b.B, 1)  # [c, M, M] boolean blocks
+    parts = [mine_triplets(mat[s:s + step].detach(), pos[s:s + step], neg[s:s + step], mining, dist, s)
+             for s in range(0, max(b.B, 1), step)]
+    a, p, n = (torch.cat([t[i] for t in parts]) for i in range(3))
+    lt = _hinge(dist.margin(mat[a, p], mat[a, n]) + margin, smooth)
+    cnt = (lt > 0).sum() if pair_average == "nonzero" else torch.full((), a.numel(), device=mat.device)
+    per = mat.new_zeros(b.B).index_add(0, a, lt)
+    return b.finish(b.share(per, b.count(cnt, mat.dtype)))
 
 
-def tcm_regularizer(
-    embeddings: Tensor,
-    labels: Tensor,
-    lambda_plus: float = 1.0,
-    lambda_minus: float = 1.0,
-    margin_plus: float = 0.9,
-    margin_minus: float = 0.5,
-    reduction: str = "mean",
-    sample_weight: Tensor | None = None,
-    *,
-    ref_embeddings: Tensor | None = None,
-    ref_labels: Tensor | None = None,
-    self_index: Tensor | None = None,
-    batch_size: int | None = None,
-    count_reduce: Callable | None = None,
-) -> Tensor:
+# ---------------------------------------------------------------- TCM
+
+def check_tcm_hparams(lambda_plus, lambda_minus, margin_plus, margin_minus):
+    """Validate the TCM regulariser's hyperparameters."""
+    check_hparam("lambda_plus", lambda_plus, low=0)
+    check_hparam("lambda_minus", lambda_minus, low=0)
+    check_hparam("margin_plus", margin_plus, low=-1, high=1)
+    check_hparam("margin_minus", margin_minus, low=-1, high=1)
+
+
+def tcm_regularizer(embeddings: Tensor, labels: Tensor, lambda_plus: float = 1.0, lambda_minus: float = 1.0,
+                    margin_plus: float = 0.9, margin_minus: float = 0.5, reduction: str = "mean",
+                    sample_weight: Tensor | None = None, *, reference: PairReference | None = None) -> Tensor:
     """The TCM regulariser (Zhang et al., ICLR 2024, arXiv 2307.04047), on cosine similarities S::
 
         lambda+ * sum_{pos, S <= m+} (m+ - S) / #{pos, S <= m+}
@@ -197,18 +207,13 @@ def tcm_regularizer(
 
     over ordered pairs; each term is 0 when no pair is selected.
     """
-    ref, rl, si, w = _inputs(embeddings, labels, ref_embeddings, ref_labels, self_index, sample_weight, reduction)
-    B = embeddings.shape[0]
-    if B == 0 or ref.shape[0] == 0:
-        return reduce_with_batch(_connect(embeddings.new_zeros(B), embeddings, ref), reduction, w, batch_size)
-    sim = CosineSimilarity().pairwise(embeddings, None if ref is embeddings else ref)
-    pos, neg = block_pair_masks(labels, rl, si)
+    check_tcm_hparams(lambda_plus, lambda_minus, margin_plus, margin_minus)
+    b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
+    if b.empty:
+        return b.zeros()
+    sim, pos, neg = b.pairs(CosineSimilarity())
     sel_p = pos & (sim <= margin_plus)
     sel_n = neg & (sim >= margin_minus)
-    cp = _count(sel_p.sum().to(sim.dtype), count_reduce)
-    cn = _count(sel_n.sum().to(sim.dtype), count_reduce)
-    tp = ((margin_plus - sim) * sel_p).sum(1)
-    tn = ((sim - margin_minus) * sel_n).sum(1)
-    Bd = B if batch_size is None else batch_size
-    per = Bd * (lambda_plus * tp / cp.clamp_min(1) + lambda_minus * tn / cn.clamp_min(1))
-    return reduce_with_batch(_connect(per, embeddings, ref), reduction, w, batch_size)
+    tp = b.share(((margin_plus - sim) * sel_p).sum(1), b.count(sel_p.sum(), sim.dtype))
+    tn = b.share(((sim - margin_minus) * sel_n).sum(1), b.count(sel_n.sum(), sim.dtype))
+    return b.finish(lambda_plus * tp + lambda_minus * tn)

@@ -1,48 +1,59 @@
-"""Pair-based metric learning: contrastive, triplet, Multi-Similarity and the TCM regulariser."""
+"""Pair-based metric learning: contrastive, triplet, Multi-Similarity and the TCM regulariser.
+
+A pair loss module is its functional form plus a registration:
+:class:`PairLoss` validates the hyperparameters once at construction (with
+the functional's own ``check_*_hparams``) and calls the functional with
+``self.hparams`` (captured by the registry from the ``__init__`` signature).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from losskit._checks import check_reduction
-from losskit.functional.multi_similarity import multi_similarity_loss
-from losskit.functional.pair import PAIR_AVERAGES, contrastive_loss, tcm_regularizer, triplet_loss
-from losskit.mining.triplet import TRIPLET_MINING
-from losskit.registry import Paper, register
+from losskit.core.checks import check_reduction
+from losskit.core.context import PairReference
+from losskit.core.registry import Paper, register
+from losskit.functional import multi_similarity as _ms
+from losskit.functional import pair as _pair
 
 __all__ = ["PairLoss", "ContrastiveLoss", "TripletLoss", "MultiSimilarityLoss", "TCMLoss"]
 
 
 class PairLoss(nn.Module):
-    """Base of the pair losses: ``loss(embeddings, labels, sample_weight=None)``.
+    """Base of the pair losses: ``loss(embeddings, labels, sample_weight=None, *, reference=None)``.
 
-    ``compute(...)`` is the same with the extra keywords that cross-batch
-    memory and the distributed wrapper use: ``ref_embeddings``,
-    ``ref_labels``, ``self_index``, ``batch_size``, ``count_reduce`` and a
-    ``reduction`` override.
+    ``reference`` (a :class:`losskit.core.PairReference`) scores the anchors
+    against another set; cross-batch memory and the distributed wrapper pass
+    it.  A subclass names its ``functional`` (called with its hyperparameters
+    by keyword) and ``check_hparams`` (the functional's validator, run once
+    here at construction); its ``__init__`` is the signature and
+    ``super().__init__(reduction)``.
     """
 
-    reduction: str
+    functional: Callable[..., Tensor]
+    check_hparams: Callable[..., Any]
 
-    def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        return self.compute(embeddings, labels, sample_weight)
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        type(self).check_hparams(**self._functional_hparams())
 
-    def compute(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None, *,
-                ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None,
-                self_index: Tensor | None = None, batch_size: int | None = None,
-                count_reduce=None, reduction: str | None = None) -> Tensor:
-        raise NotImplementedError
+    def _functional_hparams(self) -> dict[str, Any]:
+        hp = getattr(self, "hparams", None)
+        if hp is None:
+            raise TypeError(f"{type(self).__name__}: a PairLoss must be registered (losskit.register) so that its "
+                            "hyperparameters are captured")
+        return {k: v for k, v in hp.items() if k != "reduction"}
+
+    def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None, *,
+                reference: PairReference | None = None) -> Tensor:
+        return type(self).functional(embeddings, labels, reduction=self.reduction, sample_weight=sample_weight,
+                                     reference=reference, **self._functional_hparams())
 
     def extra_repr(self) -> str:
-        spec = getattr(self, "_hp", {})
-        return ", ".join(f"{k}={v!r}" for k, v in spec.items())
-
-
-def _chk_pos(name, v, strict=False):
-    if (v <= 0) if strict else (v < 0):
-        raise ValueError(f"{name}: expected a value {'>' if strict else '>='} 0, got {v}")
+        return ", ".join(f"{k}={v!r}" for k, v in getattr(self, "hparams", {}).items() if not isinstance(v, nn.Module))
 
 
 @register("contrastive", family="pair", task="embedding",
@@ -56,24 +67,13 @@ class ContrastiveLoss(PairLoss):
     paper's ``1/2 [.]_+^2``.  See ``losskit.functional.pair.contrastive_loss``.
     """
 
+    functional = staticmethod(_pair.contrastive_loss)
+    check_hparams = staticmethod(_pair.check_contrastive_hparams)
+
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, distance: str = "euclidean",
                  normalize: bool = True, squared_hinge: bool = False, pair_average: str = "nonzero",
                  reduction: str = "mean"):
-        super().__init__()
-        if pair_average not in PAIR_AVERAGES:
-            raise ValueError(f"pair_average: expected one of {PAIR_AVERAGES}, got {pair_average!r}")
-        self.reduction = check_reduction(reduction)
-        self._hp = dict(pos_margin=pos_margin, neg_margin=neg_margin, distance=distance, normalize=normalize,
-                        squared_hinge=squared_hinge, pair_average=pair_average)
-
-    def compute(self, embeddings, labels, sample_weight=None, *, ref_embeddings=None, ref_labels=None,
-                self_index=None, batch_size=None, count_reduce=None, reduction=None):
-        hp = self._hp
-        return contrastive_loss(embeddings, labels, hp["pos_margin"], hp["neg_margin"], reduction or self.reduction,
-                                sample_weight, distance=hp["distance"], normalize=hp["normalize"],
-                                squared_hinge=hp["squared_hinge"], pair_average=hp["pair_average"],
-                                ref_embeddings=ref_embeddings, ref_labels=ref_labels, self_index=self_index,
-                                batch_size=batch_size, count_reduce=count_reduce)
+        super().__init__(reduction)
 
 
 @register("triplet", family="pair", task="embedding",
@@ -85,25 +85,13 @@ class TripletLoss(PairLoss):
     ``mining``: ``all``, ``hard`` (batch-hard) or ``semi-hard`` (FaceNet).
     """
 
+    functional = staticmethod(_pair.triplet_loss)
+    check_hparams = staticmethod(_pair.check_triplet_hparams)
+
     def __init__(self, margin: float = 0.2, mining: str = "semi-hard", distance: str = "squared-euclidean",
                  normalize: bool = True, smooth: bool = False, pair_average: str = "nonzero",
                  reduction: str = "mean"):
-        super().__init__()
-        if mining not in TRIPLET_MINING:
-            raise ValueError(f"mining: expected one of {TRIPLET_MINING}, got {mining!r}")
-        if pair_average not in PAIR_AVERAGES:
-            raise ValueError(f"pair_average: expected one of {PAIR_AVERAGES}, got {pair_average!r}")
-        self.reduction = check_reduction(reduction)
-        self._hp = dict(margin=margin, mining=mining, distance=distance, normalize=normalize, smooth=smooth,
-                        pair_average=pair_average)
-
-    def compute(self, embeddings, labels, sample_weight=None, *, ref_embeddings=None, ref_labels=None,
-                self_index=None, batch_size=None, count_reduce=None, reduction=None):
-        hp = self._hp
-        return triplet_loss(embeddings, labels, hp["margin"], hp["mining"], reduction or self.reduction,
-                            sample_weight, distance=hp["distance"], normalize=hp["normalize"], smooth=hp["smooth"],
-                            pair_average=hp["pair_average"], ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                            self_index=self_index, batch_size=batch_size, count_reduce=count_reduce)
+        super().__init__(reduction)
 
 
 @register("multi-similarity", family="pair", task="embedding",
@@ -119,27 +107,16 @@ class MultiSimilarityLoss(PairLoss):
     are live at a time (None: about 4M values per block).
     """
 
+    functional = staticmethod(_ms.multi_similarity_loss)
+    check_hparams = staticmethod(_ms.check_multi_similarity_hparams)
+
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, lam: float = 1.0, epsilon: float = 0.1,
                  mining: bool = True, distance: str = "cosine", official_positive_filter: bool = False,
                  chunk_size: int | None = None, reduction: str = "mean"):
-        super().__init__()
-        _chk_pos("alpha", alpha, True)
-        _chk_pos("beta", beta, True)
-        _chk_pos("epsilon", epsilon)
-        if distance not in ("cosine", "dot"):
-            raise ValueError(f"distance: expected 'cosine' or 'dot' (a similarity), got {distance!r}")
-        self.reduction = check_reduction(reduction)
-        self._hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, distance=distance,
-                        official_positive_filter=official_positive_filter, chunk_size=chunk_size)
+        super().__init__(reduction)
 
-    def compute(self, embeddings, labels, sample_weight=None, *, ref_embeddings=None, ref_labels=None,
-                self_index=None, batch_size=None, count_reduce=None, reduction=None):
-        hp = self._hp
-        return multi_similarity_loss(embeddings, labels, hp["alpha"], hp["beta"], hp["lam"], hp["epsilon"],
-                                     reduction or self.reduction, sample_weight, distance=hp["distance"],
-                                     mining=hp["mining"], official_positive_filter=hp["official_positive_filter"],
-                                     chunk_size=hp["chunk_size"], ref_embeddings=ref_embeddings,
-                                     ref_labels=ref_labels, self_index=self_index, batch_size=batch_size)
+
+_TCM_BASE = ("base", "base_kwargs")
 
 
 @register("tcm", family="pair", task="embedding",
@@ -150,23 +127,21 @@ class TCMLoss(PairLoss):
 
     ``base``: a registry name (built with ``base_kwargs`` and this
     ``reduction``), an ``nn.Module`` called as ``base(embeddings, labels,
-    sample_weight)``, or None for the regulariser alone.  TCM hinges cosine
-    similarities of positive pairs below ``margin_plus`` and of negative
-    pairs above ``margin_minus`` (defaults as PML: lambda+- 1, m+ 0.9, m- 0.5).
+    sample_weight)`` (with the same ``reduction``), or None for the
+    regulariser alone.  TCM hinges cosine similarities of positive pairs
+    below ``margin_plus`` and of negative pairs above ``margin_minus``
+    (defaults as PML: lambda+- 1, m+ 0.9, m- 0.5).
     """
+
+    functional = staticmethod(_pair.tcm_regularizer)
+    check_hparams = staticmethod(_pair.check_tcm_hparams)
 
     def __init__(self, base: Any = "multi-similarity", base_kwargs: dict | None = None, lambda_plus: float = 1.0,
                  lambda_minus: float = 1.0, margin_plus: float = 0.9, margin_minus: float = 0.5,
                  reduction: str = "mean"):
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        _chk_pos("lambda_plus", lambda_plus)
-        _chk_pos("lambda_minus", lambda_minus)
-        for name, v in (("margin_plus", margin_plus), ("margin_minus", margin_minus)):
-            if not -1.0 <= v <= 1.0:
-                raise ValueError(f"{name}: expected a cosine margin in [-1, 1], got {v}")
+        super().__init__(reduction)
         if isinstance(base, str):
-            from losskit import registry
+            from losskit.core import registry
 
             if base == "tcm":
                 raise ValueError("base: 'tcm' cannot wrap itself")
@@ -175,25 +150,25 @@ class TCMLoss(PairLoss):
             raise TypeError(f"base: expected a registry name, an nn.Module or None, got {type(base).__name__}")
         elif base_kwargs:
             raise ValueError("base_kwargs: only used when base is a registry name")
+        if base is not None and getattr(base, "reduction", reduction) != reduction:
+            raise ValueError(f"base: its reduction {base.reduction!r} differs from reduction={reduction!r}")
         self.base = base
-        self._hp = dict(lambda_plus=lambda_plus, lambda_minus=lambda_minus, margin_plus=margin_plus,
-                        margin_minus=margin_minus)
 
-    def regularizer(self, embeddings, labels, sample_weight=None, **kw):
-        hp = self._hp
-        red = kw.pop("reduction", None) or self.reduction
-        return tcm_regularizer(embeddings, labels, hp["lambda_plus"], hp["lambda_minus"], hp["margin_plus"],
-                               hp["margin_minus"], red, sample_weight, **kw)
+    def _functional_hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in super()._functional_hparams().items() if k not in _TCM_BASE}
 
-    def compute(self, embeddings, labels, sample_weight=None, *, ref_embeddings=None, ref_labels=None,
-                self_index=None, batch_size=None, count_reduce=None, reduction=None):
-        kw = dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, self_index=self_index,
-                  batch_size=batch_size, count_reduce=count_reduce, reduction=reduction or self.reduction)
-        reg = self.regularizer(embeddings, labels, sample_weight, **dict(kw))
+    def regularizer(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None, *,
+                    reference: PairReference | None = None) -> Tensor:
+        """The TCM term alone."""
+        return super().forward(embeddings, labels, sample_weight, reference=reference)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None, *,
+                reference: PairReference | None = None) -> Tensor:
+        reg = self.regularizer(embeddings, labels, sample_weight, reference=reference)
         if self.base is None:
             return reg
         if isinstance(self.base, PairLoss):
-            return self.base.compute(embeddings, labels, sample_weight, **kw) + reg
-        if any(v is not None for k, v in kw.items() if k != "reduction"):
-            raise ValueError("base: a plain nn.Module base cannot score against references; use a losskit pair loss")
+            return self.base(embeddings, labels, sample_weight, reference=reference) + reg
+        if reference is not None:
+            raise ValueError("base: a plain nn.Module base cannot score against a reference; use a losskit pair loss")
         return self.base(embeddings, labels, sample_weight) + reg

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from losskit.core.checks import check_bool, check_hparam, check_int
+from losskit.core.context import PairReference
+from losskit.core.registry import Paper, register
 from losskit.distances import BaseDistance, get_distance
+from losskit.kernels.multi_similarity import OFFICIAL_SELF_THRESHOLD
 from losskit.mining.pairs import block_pair_masks, resolve_reference
 
 __all__ = ["ms_thresholds", "ms_mine_block", "MultiSimilarityMiner", "OFFICIAL_SELF_THRESHOLD"]
-
-#: the official code drops positives with S >= 1 - 1e-5 (it has no self index)
-OFFICIAL_SELF_THRESHOLD = 1.0 - 1e-5
 
 
 def ms_thresholds(sim: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,30 +41,34 @@ def ms_mine_block(sim: Tensor, pos: Tensor, neg: Tensor, epsilon: float,
     return mined_pos, mined_neg
 
 
+@register("multi-similarity-miner", family="pair", kind="miner",
+          paper=Paper("Multi-Similarity Loss with General Pair Weighting for Deep Metric Learning", 2019,
+                      "1904.06627"),
+          summary="Multi-Similarity pair mining (eq. 3-4): (a1, p, a2, n) indices like PML.")
 class MultiSimilarityMiner:
     """Pair miner of the Multi-Similarity paper; returns ``(a1, p, a2, n)`` indices like PML.
 
-    Works on any similarity (cosine by default); blocks of ``chunk_size``
-    anchor rows keep memory at ``chunk_size x M``.
+    ``miner(embeddings, labels, reference=None)``.  Works on any similarity
+    (cosine by default); blocks of ``chunk_size`` anchor rows keep memory at
+    ``chunk_size x M``.
     """
 
     def __init__(self, epsilon: float = 0.1, distance: str | BaseDistance = "cosine",
                  chunk_size: int | None = None, official_positive_filter: bool = False):
-        self.epsilon = float(epsilon)
+        self.epsilon = check_hparam("epsilon", epsilon, low=0)
         self.distance = get_distance(distance)
         if not self.distance.is_similarity:
             raise ValueError(f"distance: Multi-Similarity mining needs a similarity, got {self.distance!r}")
-        self.chunk_size = chunk_size
-        self.official_positive_filter = official_positive_filter
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+        self.official_positive_filter = check_bool("official_positive_filter", official_positive_filter)
 
     @torch.no_grad()
-    def __call__(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
-                 ref_labels: Tensor | None = None, self_index: Tensor | None = None):
-        ref, ref_labels, self_index = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, self_index)
-        same = ref is embeddings
+    def __call__(self, embeddings: Tensor, labels: Tensor, reference: PairReference | None = None):
+        ref = resolve_reference(embeddings, labels, reference)
         out = [[], [], [], []]
-        for s, e, sim in self.distance.chunks(embeddings, None if same else ref, self.chunk_size):
-            pos, neg = block_pair_masks(labels[s:e], ref_labels, self_index[s:e])
+        for s, e, sim in self.distance.chunks(embeddings, None if ref.is_batch else ref.embeddings,
+                                              self.chunk_size):
+            pos, neg = block_pair_masks(labels[s:e], ref.labels, ref.self_index[s:e])
             if self.official_positive_filter:
                 pos &= sim < OFFICIAL_SELF_THRESHOLD
             mp, mn = ms_mine_block(sim, pos, neg, self.epsilon)

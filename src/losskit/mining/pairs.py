@@ -1,59 +1,48 @@
-"""Positive / negative pair masks between queries and references, one row block at a time."""
+"""Positive / negative pair masks between anchors and a reference, and the
+one place where a pair loss or miner resolves its reference.
+
+The reference (what the anchors are scored against) is one value,
+:class:`losskit.core.context.PairReference`; ``None`` means the batch itself.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["block_pair_masks", "resolve_reference", "all_pairs_indices"]
+from losskit.core.checks import check_embeddings, check_labels
+from losskit.core.context import PairReference, ResolvedReference
+
+__all__ = ["block_pair_masks", "resolve_reference", "all_pairs_indices", "PairReference"]
+
+_BATCH = PairReference()
 
 
-def resolve_reference(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
-                      ref_labels: Tensor | None = None, self_index: Tensor | None = None):
-    """``(ref_embeddings, ref_labels, self_index)`` with the batch as its own reference by default.
-
-    ``self_index[i]`` is the reference column holding query ``i`` itself (its
-    self pair is never a positive), or ``-1`` when the query is not among the
-    references.
-    """
-    B = embeddings.shape[0]
-    if ref_embeddings is None:
-        if ref_labels is not None:
-            raise ValueError("ref_labels: given without ref_embeddings")
-        idx = torch.arange(B, device=labels.device) if self_index is None else self_index
-        return embeddings, labels, idx
-    if ref_labels is None:
-        raise ValueError("ref_labels: required when ref_embeddings is given")
-    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings: expected shape [M, {embeddings.shape[1]}], got {list(ref_embeddings.shape)}"
-        )
-    if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
-        raise ValueError(f"ref_labels: expected shape [{ref_embeddings.shape[0]}], got {list(ref_labels.shape)}")
-    if ref_labels.is_floating_point():
-        raise TypeError(f"ref_labels: expected an integer dtype, got {ref_labels.dtype}")
-    if self_index is None:
-        self_index = torch.full((B,), -1, dtype=torch.long, device=labels.device)
-    if self_index.shape != (B,):
-        raise ValueError(f"self_index: expected shape [{B}], got {list(self_index.shape)}")
-    return ref_embeddings, ref_labels, self_index
+def resolve_reference(embeddings: Tensor, labels: Tensor, reference: PairReference | None = None, *,
+                      finite: bool = True) -> ResolvedReference:
+    """Validate the anchors ``embeddings [B, D]``/``labels [B]`` and resolve
+    ``reference`` against them (``None``: the batch, each anchor's own column
+    excluded).  ``finite=False`` skips the value check of the anchors."""
+    check_embeddings(embeddings, finite=finite)
+    check_labels(labels, embeddings.shape[0], device=embeddings.device)
+    if reference is None:
+        reference = _BATCH
+    elif not isinstance(reference, PairReference):
+        raise TypeError(f"reference: expected a losskit.core.PairReference or None, got {type(reference).__name__}")
+    return reference.resolve(embeddings, labels)
 
 
 def block_pair_masks(q_labels: Tensor, r_labels: Tensor, self_index: Tensor | None = None):
-    """Boolean ``[c, M]`` masks ``(pos, neg)`` for a block of ``c`` queries.
+    """Boolean ``[c, M]`` masks ``(pos, neg)`` for a block of ``c`` anchors.
 
-    ``pos``: same label, not the query itself; ``neg``: different label.
+    ``pos``: same label, not the anchor itself (its column ``self_index[i]``,
+    ``-1`` for none); ``neg``: different label.  No host synchronisation.
     """
     same = q_labels.unsqueeze(1) == r_labels.unsqueeze(0)
-    neg = ~same
-    pos = same
-    if self_index is not None and self_index.numel():
-        valid = self_index >= 0
-        if bool(valid.any()):
-            rows = torch.arange(q_labels.shape[0], device=q_labels.device)[valid]
-            pos[rows, self_index[valid]] = False
-            neg[rows, self_index[valid]] = False
-    return pos, neg
+    if self_index is None:
+        return same, ~same
+    other = torch.arange(r_labels.shape[0], device=r_labels.device).unsqueeze(0) != self_index.unsqueeze(1)
+    return same & other, other & ~same
 
 
 def all_pairs_indices(labels: Tensor, ref_labels: Tensor | None = None, self_index: Tensor | None = None):

@@ -10,6 +10,9 @@ always means farther.
   closest negative that is still farther than the positive
   (``d_ap < d_an``); when none exists, the farthest negative (the choice
   of TensorFlow's ``triplet_semihard_loss``; FaceNet does not say).
+
+``all`` and ``semi-hard`` give data-dependent numbers of triplets (index
+lists); ``hard`` has a static shape (:func:`hard_triplets`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from losskit.core.checks import check_bool, check_choice, check_int
+from losskit.core.context import PairReference
+from losskit.core.registry import Paper, register
 from losskit.distances import BaseDistance, get_distance
 from losskit.mining.pairs import block_pair_masks, resolve_reference
 
-__all__ = ["TRIPLET_MINING", "mine_triplets", "TripletMiner"]
+__all__ = ["TRIPLET_MINING", "mine_triplets", "hard_triplets", "TripletMiner"]
 
 TRIPLET_MINING = ("all", "hard", "semi-hard")
 
@@ -30,28 +36,35 @@ def _farness(mat: Tensor, distance: BaseDistance) -> Tensor:
 
 
 @torch.no_grad()
+def hard_triplets(mat: Tensor, pos: Tensor, neg: Tensor, distance: BaseDistance):
+    """Batch-hard choice for every row of ``mat`` [c, M]: ``(p [c], n [c], has [c])``,
+    the farthest positive, the closest negative, and whether the row has both
+    (rows without keep an arbitrary index).  Static shapes, no host sync."""
+    f = _farness(mat, distance)
+    inf = torch.tensor(float("inf"), dtype=f.dtype, device=f.device)
+    p = f.masked_fill(~pos, -inf).argmax(1)
+    n = f.masked_fill(~neg, inf).argmin(1)
+    return p, n, pos.any(1) & neg.any(1)
+
+
+@torch.no_grad()
 def mine_triplets(mat: Tensor, pos: Tensor, neg: Tensor, mining: str, distance: BaseDistance,
                   row_offset: int = 0):
     """``(a, p, n)`` index tensors for a block of the distance matrix ``mat`` [c, M]."""
-    if mining not in TRIPLET_MINING:
-        raise ValueError(f"mining: expected one of {TRIPLET_MINING}, got {mining!r}")
-    f = _farness(mat, distance)
-    has = pos.any(1) & neg.any(1)
+    check_choice("mining", mining, TRIPLET_MINING)
     if mining == "all":
         trip = pos.unsqueeze(2) & neg.unsqueeze(1)  # [c, M, M]
         a, p, n = torch.where(trip)
         return a + row_offset, p, n
     if mining == "hard":
-        inf = torch.tensor(float("inf"), dtype=f.dtype, device=f.device)
-        p = f.masked_fill(~pos, -inf).argmax(1)
-        n = f.masked_fill(~neg, inf).argmin(1)
+        p, n, has = hard_triplets(mat, pos, neg, distance)
         a = torch.arange(mat.shape[0], device=mat.device)
         return a[has] + row_offset, p[has], n[has]
-    # semi-hard: for each positive pair (a, p)
-    a, p = torch.where(pos & has.unsqueeze(1))
+    # semi-hard: for each positive pair (a, p) of an anchor that has a negative
+    f = _farness(mat, distance)
+    a, p = torch.where(pos & neg.any(1, keepdim=True))
     if a.numel() == 0:
-        e = torch.empty(0, dtype=torch.long, device=mat.device)
-        return e, e.clone(), e.clone()
+        return a + row_offset, p, p.clone()
     f_ap = f[a, p]
     fa = f[a]  # [P, M]
     nega = neg[a]
@@ -63,24 +76,29 @@ def mine_triplets(mat: Tensor, pos: Tensor, neg: Tensor, mining: str, distance: 
     return a + row_offset, p, n
 
 
+@register("triplet-miner", family="pair", kind="miner",
+          paper=Paper("FaceNet: A Unified Embedding for Face Recognition and Clustering", 2015, "1503.03832"),
+          summary="Triplet indices (a, p, n): all, batch-hard or semi-hard mining.")
 class TripletMiner:
-    """Triplet indices ``(a, p, n)`` for ``mining`` in ``all``, ``hard``, ``semi-hard``."""
+    """Triplet indices ``(a, p, n)`` for ``mining`` in ``all``, ``hard``, ``semi-hard``.
+
+    ``miner(embeddings, labels, reference=None)``; ``chunk_size`` anchor rows
+    of the distance matrix at a time.
+    """
 
     def __init__(self, mining: str = "semi-hard", distance: str | BaseDistance = "squared-euclidean",
                  normalize: bool = True, chunk_size: int | None = None):
-        if mining not in TRIPLET_MINING:
-            raise ValueError(f"mining: expected one of {TRIPLET_MINING}, got {mining!r}")
-        self.mining = mining
-        self.distance = get_distance(distance, normalize=normalize)
-        self.chunk_size = chunk_size
+        self.mining = check_choice("mining", mining, TRIPLET_MINING)
+        self.distance = get_distance(distance, normalize=check_bool("normalize", normalize))
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
 
     @torch.no_grad()
-    def __call__(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
-                 ref_labels: Tensor | None = None, self_index: Tensor | None = None):
-        ref, ref_labels, self_index = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, self_index)
+    def __call__(self, embeddings: Tensor, labels: Tensor, reference: PairReference | None = None):
+        ref = resolve_reference(embeddings, labels, reference)
         outs = [[], [], []]
-        for s, e, mat in self.distance.chunks(embeddings, None if ref is embeddings else ref, self.chunk_size):
-            pos, neg = block_pair_masks(labels[s:e], ref_labels, self_index[s:e])
+        for s, e, mat in self.distance.chunks(embeddings, None if ref.is_batch else ref.embeddings,
+                                              self.chunk_size):
+            pos, neg = block_pair_masks(labels[s:e], ref.labels, ref.self_index[s:e])
             for lst, t in zip(outs, mine_triplets(mat, pos, neg, self.mining, self.distance, s)):
                 lst.append(t)
         if not outs[0]:
