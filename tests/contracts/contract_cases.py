@@ -135,7 +135,7 @@ EXPECTED_ENTRIES = {
     ("memory", "CrossBatchMemory"),
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
-    ("recipe", "drift"),
+    ("recipe", "run_drift"),
 }
 
 

@@ -203,7 +203,7 @@ def test_miner_call_contract(s, device):
     x, y = _emb(12, device=device)
     rx, ry = _emb(9, seed=1, device=device)
     for ref in (None, (rx, ry)):
-        out = m(x, y) if ref is None else m(x, y, ref_embeddings=rx, ref_labels=ry)
+        out = m(x, y) if ref is None else m(x, y, reference=losskit.PairReference(rx, ry))
         ref_y = y if ref is None else ry
         assert isinstance(out, tuple) and len(out) in (3, 4), "(a, p, n) or (a1, p, a2, n)"
         for t in out:
