@@ -42,6 +42,10 @@ children); the table states which.
     python benchmarks/margin_heads.py --batch 1024 --classes 100000
     python benchmarks/margin_heads.py --glibc-keep --classes 100000
     python benchmarks/margin_heads.py --full          # the whole grid (slow)
+    python benchmarks/margin_heads.py --threads 1 0 --same-process   # ratios under the same contention
+
+Every configuration runs at one torch thread and at torch's default thread
+count (``--threads``, default ``1 0``).
 """
 
 from __future__ import annotations
@@ -93,25 +97,14 @@ def estimate_bytes(contender: str, B: int, C: int, D: int, rate: float) -> int:
     raise ValueError(contender)
 
 
-def child(args) -> None:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    import losskit  # noqa: F401  (import cost before the baseline)
-    if args.contender == "pml":
-        import pytorch_metric_learning.losses as pml
-    from losskit.bench.measure import measure_step_memory
-
-    base, base_file = _rss_bytes(), _rss_file_bytes()
-    B, C, D = args.B, args.C, args.dim
+def _make_step(torch, contender: str, B: int, C: int, D: int, args):
+    """``(step, params, extra_live)`` for one contender (fresh tensors)."""
     torch.manual_seed(0)
     x = torch.randn(B, D, requires_grad=True)
     y = torch.randint(0, C, (B,))
     params = [x]
     extra_live = []
-    if args.contender == "floor":
+    if contender == "floor":
         W = torch.randn(C, D, requires_grad=True) * 1.0
         W = W.detach().requires_grad_(True)
         g = torch.randn(B, C)
@@ -120,7 +113,8 @@ def child(args) -> None:
 
         def step():
             (x @ W.t()).backward(g)
-    elif args.contender == "pml":
+    elif contender == "pml":
+        import pytorch_metric_learning.losses as pml
         m = pml.ArcFaceLoss(C, D, margin=28.6, scale=64)
         params.append(m.W)
 
@@ -128,19 +122,52 @@ def child(args) -> None:
             m(x, y).backward()
     else:
         import losskit
-        m = losskit.get("arcface", num_classes=C, embedding_dim=D, scale=64.0, margin=0.5, head=args.contender,
+        m = losskit.get("arcface", num_classes=C, embedding_dim=D, scale=64.0, margin=0.5, head=contender,
                         chunk_size=args.chunk or None, sample_rate=args.sample_rate)
         params.append(m.weight)
 
         def step():
             m(x, y).backward()
+    return step, params, extra_live
+
+
+def _timed(step, params) -> float:
+    for p in params:
+        p.grad = None
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def child(args) -> None:
+    import torch
+
+    threads = args.threads[0]
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    import losskit  # noqa: F401  (import cost before the baseline)
+    if args.contender == "pml":
+        import pytorch_metric_learning.losses  # noqa: F401
+    from losskit.bench.measure import measure_step_memory
+
+    if args.same_process:
+        # every contender in this one process, round-robin: the ratios to the floor see the same
+        # contention (times only; memory needs a process per contender)
+        steps = {c: _make_step(torch, c, args.B, args.C, args.dim, args) for c in args.contender.split(",")}
+        times = {c: [] for c in steps}
+        for i in range(args.warmup + args.reps):
+            for c, (step, params, _) in steps.items():
+                dt = _timed(step, params)
+                if i >= args.warmup:
+                    times[c].append(dt)
+        print(json.dumps({"times": times, "threads": torch.get_num_threads()}))
+        return
+    base, base_file = _rss_bytes(), _rss_file_bytes()
+    step, params, extra_live = _make_step(torch, args.contender, args.B, args.C, args.dim, args)
     times = []
     for i in range(args.warmup + args.reps):
-        for p in params:
-            p.grad = None
-        t = time.perf_counter()
-        step()
-        dt = time.perf_counter() - t
+        dt = _timed(step, params)
         if i >= args.warmup:
             times.append(dt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -154,10 +181,12 @@ def child(args) -> None:
                       "threads": torch.get_num_threads()}))
 
 
-def run_child(B, C, contender, args) -> dict:
+def run_child(B, C, contender, args, threads: int, same_process: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--contender", contender, "--B", str(B),
            "--C", str(C), "--dim", str(args.dim), "--reps", str(args.reps), "--warmup", str(args.warmup),
-           "--chunk", str(args.chunk), "--sample-rate", str(args.sample_rate), "--threads", str(args.threads)]
+           "--chunk", str(args.chunk), "--sample-rate", str(args.sample_rate), "--threads", str(threads)]
+    if same_process:
+        cmd.append("--same-process")
     env = dict(os.environ)
     if args.glibc_keep:
         env.update(KEEP_ENV)
@@ -168,6 +197,42 @@ def run_child(B, C, contender, args) -> dict:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["wall"] = time.time() - t0
     return res
+
+
+def _one_config(B: int, C: int, threads: int, args, alloc: str) -> list[dict]:
+    """One child process per contender (time and memory) for ``(B, C)`` at ``threads``."""
+    floor_mem = (2 * C * args.dim + B * args.dim) * 4
+    floor_t = None
+    row, out = {}, []
+    for c in args.contenders:
+        est = estimate_bytes(c, B, C, args.dim, args.sample_rate)
+        if est > args.max_gib * GIB:
+            res = {"skipped": f"estimated {est / GIB:.1f} GiB > {args.max_gib} GiB"}
+        else:
+            res = run_child(B, C, c, args, threads)
+        row[c] = res
+        out.append({"B": B, "C": C, "contender": c, **res, "floor_mem": floor_mem, "alloc": alloc})
+        th = res.get("threads", threads or "default")
+        if "times" in res:
+            t = statistics.median(res["times"])
+            if c == "floor":
+                floor_t = t
+            ratio_t = f"{t / floor_t:.2f}" if floor_t else "-"
+            print(f"| {th} | {B} | {C} | {c} | {t:.2f} | {ratio_t} | {res['peak'] / GIB:.3f} | "
+                  f"{res['peak'] / floor_mem:.2f} | {res['file'] / 2 ** 20:.0f} | "
+                  f"{res['tensor_peak'] / GIB:.3f} | {res['tensor_peak'] / floor_mem:.2f} | |", flush=True)
+        else:
+            note = res.get("skipped") or res.get("error")
+            print(f"| {th} | {B} | {C} | {c} | - | - | - | - | - | - | - | {note} |", flush=True)
+    pm = row.get("pml", {})
+    for name in ("chunked", "fused"):
+        ch = row.get(name, {})
+        if "times" in ch and "times" in pm:
+            tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
+            print(f"| {ch['threads']} | {B} | {C} | pml / {name} | {tp / tc:.2f}x time | | "
+                  f"{pm['peak'] / ch['peak']:.2f}x RSS | | | "
+                  f"{pm['tensor_peak'] / ch['tensor_peak']:.2f}x tensor | | |", flush=True)
+    return out
 
 
 def main(argv=None) -> None:
@@ -181,7 +246,11 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=0, help="chunk_size for the chunked head (0: the head's auto)")
     ap.add_argument("--sample-rate", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch default)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                    help="torch thread counts, one table row set each (0: torch's default; default: 1 and 0)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="also time every contender round-robin in one process per (B, C, threads): ratios "
+                         "to the floor under the same contention (times only)")
     ap.add_argument("--max-gib", type=float, default=8.0, help="skip configurations estimated above this")
     ap.add_argument("--glibc-keep", action="store_true", help="children run with glibc keeping freed memory")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -199,47 +268,39 @@ def main(argv=None) -> None:
         args.batch, args.classes = [256, 1024], [10000, 100000, 500000, 1000000]
     alloc = "glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736)" \
         if args.glibc_keep else "default glibc"
+    threads_txt = ", ".join("torch default" if t == 0 else str(t) for t in args.threads)
     print(f"# margin heads, forward+backward, ArcFace s=64 m=0.5, D={args.dim}, fp32, CPU; allocator: {alloc}; "
-          f"threads: {args.threads or 'torch default'}; warmup {args.warmup}, reps {args.reps} (median); "
+          f"threads: {threads_txt}; warmup {args.warmup}, reps {args.reps} (median); "
           f"chunk {args.chunk or 'auto'}; sample_rate {args.sample_rate}")
     print()
-    print("| B | C | contender | time (s) | x floor time | RSS peak (GiB) | x memory floor | file (MiB) "
+    print("| threads | B | C | contender | time (s) | x floor time | RSS peak (GiB) | x memory floor | file (MiB) "
           "| tensor peak (GiB) | x memory floor | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     load0 = f"{os.getloadavg()[0]:.1f}"
-    for B in args.batch:
-        for C in args.classes:
-            floor_mem = (2 * C * args.dim + B * args.dim) * 4
-            floor_t = None
-            row = {}
-            for c in args.contenders:
-                est = estimate_bytes(c, B, C, args.dim, args.sample_rate)
-                if est > args.max_gib * GIB:
-                    res = {"skipped": f"estimated {est / GIB:.1f} GiB > {args.max_gib} GiB"}
-                else:
-                    res = run_child(B, C, c, args)
-                row[c] = res
-                results.append({"B": B, "C": C, "contender": c, **res, "floor_mem": floor_mem, "alloc": alloc})
-                if "times" in res:
-                    t = statistics.median(res["times"])
-                    if c == "floor":
-                        floor_t = t
-                    ratio_t = f"{t / floor_t:.2f}" if floor_t else "-"
-                    print(f"| {B} | {C} | {c} | {t:.2f} | {ratio_t} | {res['peak'] / GIB:.3f} | "
-                          f"{res['peak'] / floor_mem:.2f} | {res['file'] / 2 ** 20:.0f} | "
-                          f"{res['tensor_peak'] / GIB:.3f} | {res['tensor_peak'] / floor_mem:.2f} | |", flush=True)
-                else:
-                    note = res.get("skipped") or res.get("error")
-                    print(f"| {B} | {C} | {c} | - | - | - | - | - | - | - | {note} |", flush=True)
-            pm = row.get("pml", {})
-            for name in ("chunked", "fused"):
-                ch = row.get(name, {})
-                if "times" in ch and "times" in pm:
-                    tc, tp = statistics.median(ch["times"]), statistics.median(pm["times"])
-                    print(f"| {B} | {C} | pml / {name} | {tp / tc:.2f}x time | | "
-                          f"{pm['peak'] / ch['peak']:.2f}x RSS | | | "
-                          f"{pm['tensor_peak'] / ch['tensor_peak']:.2f}x tensor | | |", flush=True)
+    for threads in args.threads:
+        for B in args.batch:
+            for C in args.classes:
+                results += _one_config(B, C, threads, args, alloc)
+    if args.same_process:
+        print("\nSame process, round-robin (every contender sees the same contention; times only):\n")
+        print("| threads | B | C | contender | time (s) | x floor time |")
+        print("|---|---|---|---|---|---|")
+        for threads in args.threads:
+            for B in args.batch:
+                for C in args.classes:
+                    names = [c for c in args.contenders
+                             if estimate_bytes(c, B, C, args.dim, args.sample_rate) <= args.max_gib * GIB]
+                    res = run_child(B, C, ",".join(names), args, threads, same_process=True)
+                    if "times" not in res:
+                        print(f"| {threads or 'default'} | {B} | {C} | - | - | {res.get('error')} |")
+                        continue
+                    med = {c: statistics.median(v) for c, v in res["times"].items()}
+                    for c, t in med.items():
+                        ratio = f"{t / med['floor']:.2f}" if "floor" in med else "-"
+                        print(f"| {res['threads']} | {B} | {C} | {c} | {t:.2f} | {ratio} |", flush=True)
+                        results.append({"B": B, "C": C, "contender": c, "threads": res["threads"],
+                                        "times": res["times"][c], "same_process": True})
     print(f"\n(memory floor = W + grad W + embeddings in fp32; 1 GiB = 2^30 bytes; "
           f"{os.cpu_count()} CPU cores, shared with other work; load average at start {load0}, "
           f"at end {os.getloadavg()[0]:.1f})")

@@ -9,7 +9,7 @@ import losskit
 
 
 from losskit.heads import select_sampled_classes
-from losskit.heads.chunked import nontarget_lse
+from losskit.kernels.chunked_lse import nontarget_lse
 
 B, C, D, CHUNK = 7, 1003, 32, 128
 

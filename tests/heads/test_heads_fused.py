@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import losskit
-from losskit.heads import fused as fused_mod
-from losskit.heads.fused import auto_row_chunk, fused_margin_ce
+from losskit.kernels import fused_margin_ce as fused_mod
+from losskit.kernels.fused_margin_ce import auto_row_chunk, fused_margin_ce
 
 
 @pytest.fixture(autouse=True)

@@ -52,6 +52,10 @@ def naive_margin_loss(x, W, y, psi_fn, s):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _target_cos(x, W, y):
+    return torch.nn.functional.normalize(x, dim=1).mul(torch.nn.functional.normalize(W[y.clamp_min(0)], dim=1)).sum(1)
+
+
 def _setup(B=6, seed=0, ignore=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
@@ -105,9 +109,10 @@ def test_elastic_matches_naive_with_drawn_margins_and_sigma0_reduces():
             m = _module(name, plus=plus)
             torch.manual_seed(5)
             out = m(x, y)
-            drawn = m.policy.last_margins
-            valid = (y >= 0).nonzero().squeeze(1).tolist()
-            mi = {i: float(drawn[k]) for k, i in enumerate(valid)}
+            torch.manual_seed(5)                      # the same draws, from the policy's phase 1
+            drawn = m.policy.prepare(_target_cos(x, m.weight.detach(), y), y >= 0).margin
+            assert drawn.shape == (8,) and drawn[1] == 0
+            mi = {i: float(drawn[i]) for i in range(8)}
             if base == "arcface":
                 psi = lambda c, i: arc_psi(c, mi[i])  # noqa: E731
             else:
@@ -123,11 +128,8 @@ def test_elastic_plus_gives_larger_margins_to_smaller_cosines():
     x, y = _setup(B=32, ignore=False)
     for name in ("elastic-arcface", "elastic-cosface"):
         m = _module(name, plus=True, std=0.1)
-        torch.manual_seed(0)
-        m(x, y)
-        marg = m.policy.last_margins
-        cos_y = torch.nn.functional.normalize(x, dim=1).mul(
-            torch.nn.functional.normalize(m.weight.detach()[y], dim=1)).sum(1)
+        cos_y = _target_cos(x, m.weight.detach(), y)
+        marg = m.policy.prepare(cos_y, y >= 0).margin
         order = torch.argsort(cos_y)
         assert bool((marg[order][1:] <= marg[order][:-1]).all())
         assert marg.std() > 0.01
@@ -324,3 +326,117 @@ def test_bad_input_errors():
         losskit.get("arcface", num_classes=4, embedding_dim=3, head="sharded")
     with pytest.raises(ValueError, match="base"):
         losskit.get("unpg", num_classes=4, embedding_dim=3, base="sphereface")
+
+
+# ------------------------------------------------------- validation (once)
+BAD_HEADS = ["dense", "chunked", "fused", "sampled", "auto"]
+
+
+@pytest.mark.parametrize("head", BAD_HEADS)
+@pytest.mark.parametrize("name", ["arcface", "cfcd", "unpg", "elastic-arcface", "elastic-cosface"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused_on_every_head(name, head, bad):
+    m = losskit.get(name, num_classes=C, embedding_dim=D, head=head)
+    x = torch.randn(4, D, requires_grad=True)
+    with torch.no_grad():
+        x[2, 1] = bad
+    with pytest.raises(ValueError, match=r"embeddings: expected finite values, got (nan|inf) at index \(2, 1\)"):
+        m(x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_non_finite_embeddings_pass_unchecked_with_tensor_checks_off():
+    m = losskit.get("arcface", num_classes=C, embedding_dim=D, head="dense")
+    x = torch.randn(4, D)
+    x[0, 0] = float("nan")
+    with losskit.tensor_checks(False):
+        assert torch.isnan(m(x, torch.tensor([0, 1, 2, 3])))
+
+
+@pytest.mark.parametrize("name,kw,err,match", [
+    ("combined-margin", {"m1": 0.0}, ValueError, r"m1: expected a value > 0.0, got 0.0"),
+    ("combined-margin", {"m1": -1.0}, ValueError, r"m1: expected a value > 0.0, got -1.0"),
+    ("combined-margin", {"m2": float("nan")}, ValueError, r"m2: expected a finite number in \[0.0, 3.14"),
+    ("combined-margin", {"m3": float("inf")}, ValueError, r"m3: expected a finite number"),
+    ("elastic-arcface", {"mean": float("nan")}, ValueError, r"mean: expected a finite number in \[0.0, 3.14"),
+    ("elastic-arcface", {"mean": math.pi}, ValueError, r"mean: expected a value in \[0.0, 3.14\d*\), got 3.14"),
+    ("elastic-cosface", {"mean": 4.0}, ValueError, r"mean: expected a value in \[0.0, 3.14"),
+    ("elastic-cosface", {"std": -0.1}, ValueError, r"std: expected a value >= 0.0, got -0.1"),
+    ("elastic-arcface", {"plus": 1}, TypeError, r"plus: expected True or False"),
+    ("cfcd", {"min_scale": 0.0}, ValueError, r"min_scale: expected a value > 0.0, got 0.0"),
+    ("cfcd", {"alpha": 1.0}, ValueError, r"alpha: expected a value in \(0.0, 1.0\), got 1.0"),
+    ("cfcd", {"bbar": "max"}, ValueError, r"bbar: expected one of \('median', 'mean'\), got 'max'"),
+    ("unpg", {"whisker": float("nan")}, ValueError, r"whisker: expected a finite number >= 0.0, got nan"),
+    ("unpg", {"base": "sphereface"}, ValueError, r"base: expected one of \('arcface', 'cosface'\)"),
+    ("arcface", {"margin": -0.1}, ValueError, r"margin: expected a value in \[0.0, 3.14"),
+    ("arcface", {"scale": float("nan")}, ValueError, r"scale: expected a finite number > 0.0, got nan"),
+    ("cosface", {"margin": float("inf")}, ValueError, r"margin: expected a finite number >= 0.0, got inf"),
+    ("arcface", {"chunk_size": 0}, ValueError, r"chunk_size: expected an integer >= 1, got 0"),
+    ("arcface", {"sample_rate": 0.0}, ValueError, r"sample_rate: expected a value in \(0.0, 1.0\], got 0.0"),
+    ("arcface", {"head": "fast"}, ValueError, r"head: expected one of \('auto', 'dense'"),
+    ("arcface", {"num_classes": 0}, ValueError, r"num_classes: expected an integer >= 1, got 0"),
+    ("arcface", {"embedding_dim": 2.5}, TypeError, r"embedding_dim: expected an integer >= 1, got float 2.5"),
+])
+def test_hyperparameters_checked_at_construction(name, kw, err, match):
+    args = {"num_classes": C, "embedding_dim": D, **kw}
+    with pytest.raises(err, match=match):
+        losskit.get(name, **args)
+
+
+def test_combined_target_refuses_m1_zero():
+    from losskit.functional.margins import combined_target
+    with pytest.raises(ValueError, match="m1: expected a value > 0.0, got 0.0"):
+        combined_target(torch.tensor([0.5]), m1=0.0)
+
+
+def test_registered_margin_losses_read_hparams():
+    m = losskit.get("elastic-cosface", num_classes=C, embedding_dim=D, plus=True, head="chunked")
+    assert m.hparams["mean"] == 0.35 and m.hparams["std"] is None and m.hparams["head"] == "chunked"
+    assert m.policy.std == 0.025 and m.policy.kind == "cos" and m.head == "chunked"
+    u = losskit.get("unpg", num_classes=C, embedding_dim=D, base="cosface", whisker=0.5)
+    assert u.policy.whisker == 0.5 and type(u.policy.base).__name__ == "CosMargin"
+    for n in losskit.names(family="margin"):
+        s = losskit.spec(n)
+        obj = losskit.get(n, num_classes=C, embedding_dim=D)
+        assert set(obj.hparams) == set(s.hparams) | set(s.required), n
+
+
+# ------------------------------------------------ no state between two calls
+def test_policies_keep_no_batch_state_between_calls():
+    from losskit.heads.margin_spec import CFCDMargin, ElasticMargin
+    x, y = _setup(B=8)
+    for name, kw in [("elastic-arcface", {"plus": True}), ("elastic-cosface", {}), ("cfcd", {"alpha": 0.1}),
+                     ("arcface", {}), ("unpg", {})]:
+        m = _module(name, **kw)
+        before = dict(vars(m.policy))
+        m(x, y)
+        after = {k: v for k, v in vars(m.policy).items() if k != "_last"}   # CFCD's read-only diagnostic
+        assert after == {k: v for k, v in before.items() if k != "_last"}, name
+    # interleaved batches: the target of batch A does not see batch B's draw
+    pol = ElasticMargin("arc", 16.0, 0.5, 0.2)
+    c = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    a, b = pol.prepare(c), pol.prepare(c)
+    assert not torch.equal(a.margin, b.margin)
+    from losskit.functional.margins import arcface_target
+    torch.testing.assert_close(pol.target(c, a), arcface_target(c, a.margin))
+    cf = CFCDMargin(alpha=0.1)
+    ba = cf.prepare(c, nontarget_lse=lambda rows, s: torch.zeros(len(rows), dtype=torch.float64))
+    cf.prepare(c * 0.5, nontarget_lse=lambda rows, s: torch.full((len(rows),), 5.0, dtype=torch.float64))
+    torch.testing.assert_close(cf.target(c, ba), c - ba.margin)
+    assert cf.last_margin != ba.margin
+
+
+@pytest.mark.parametrize("head", ["dense", "chunked", "fused", "sampled", "auto"])
+def test_one_reduction_on_every_head(head):
+    """'none' is [B] aligned with the rows (0 on the ignored row); 'mean' divides by B, ignored rows included."""
+    x, y = _setup()
+    w = torch.rand(6, dtype=torch.float64)
+    kw = {"sample_rate": 1.0} if head == "sampled" else {}
+    m = _module("arcface", head=head, chunk_size=4, **kw)
+    ref = _module("arcface", head="dense")(x, y)
+    xx = x.clone().requires_grad_(True)
+    per = m(xx, y, reduction="none")
+    assert per.shape == (6,) and per[1] == 0
+    torch.testing.assert_close(per, ref)
+    torch.testing.assert_close(m(xx, y, reduction="mean", sample_weight=w), (ref * w).sum() / 6)
+    torch.testing.assert_close(m(xx, y, reduction="sum", sample_weight=w), (ref * w).sum())
+    torch.testing.assert_close(m(xx, y, reduction="none", sample_weight=w), ref * w)

@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from losskit._checks import check_labels, reduce_loss
+from losskit.core.checks import check_hparam, check_labels
+from losskit.core.reduction import reduce_loss
 
 __all__ = [
     "SIN_EPS",
@@ -108,6 +109,9 @@ def combined_target(cos_y: Tensor, m1: float = 1.0, m2: float = 0.5, m3: float =
     with ``theta* = (pi - m2) / m1``, continuous and monotone (insightface
     has no rule for this case).
     """
+    check_hparam("m1", m1, low=0.0, low_open=True)
+    check_hparam("m2", m2, low=0.0, high=math.pi, high_open=True)
+    check_hparam("m3", m3, finite=True)
     if m1 == 1.0:
         return arcface_target(cos_y, m2) - m3
     c = cos_y.clamp(-1.0 + 1e-7, 1.0 - 1e-7)

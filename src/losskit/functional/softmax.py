@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from losskit._checks import check_labels, reduce_loss
+from losskit.core.checks import check_labels
+from losskit.core.reduction import reduce_loss
 
 
 def softmax_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean",

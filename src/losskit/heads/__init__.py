@@ -1,11 +1,15 @@
 """losskit.heads: normalised classifiers with margin policies and scalable
-softmax (dense, chunked, fused, sampled, sharded)."""
+softmax backends (dense, chunked, fused, sampled, sharded:
+:mod:`losskit.heads.backends`); the autograd kernels live in
+:mod:`losskit.kernels`."""
 
-from losskit.heads.chunked import nontarget_lse
-from losskit.heads.fused import fused_margin_ce
+from losskit.heads.backends import BACKENDS, HeadBackend
 from losskit.heads.classifier import HEADS, MarginHead, select_sampled_classes
 from losskit.heads.margin_spec import (ArcMargin, CFCDMargin, CombinedMargin, CosMargin, ElasticMargin,
-                                       MarginPolicy, NoMargin)
+                                       MarginBatch, MarginPolicy, NoMargin, UNPGMargin)
+from losskit.kernels.chunked_lse import nontarget_lse
+from losskit.kernels.fused_margin_ce import fused_margin_ce
 
-__all__ = ["HEADS", "MarginHead", "select_sampled_classes", "nontarget_lse", "fused_margin_ce", "ArcMargin", "CFCDMargin",
-           "CombinedMargin", "CosMargin", "ElasticMargin", "MarginPolicy", "NoMargin"]
+__all__ = ["HEADS", "BACKENDS", "HeadBackend", "MarginHead", "select_sampled_classes", "nontarget_lse",
+           "fused_margin_ce", "ArcMargin", "CFCDMargin", "CombinedMargin", "CosMargin", "ElasticMargin",
+           "MarginBatch", "MarginPolicy", "NoMargin", "UNPGMargin"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losskit._checks import check_embeddings, check_reduction
+from losskit.core.checks import check_embeddings, check_int, check_reduction, shape_str
+from losskit.core.registry import register
 from losskit.functional.softmax import softmax_cross_entropy
-from losskit.registry import register
 
 
 @register("softmax", family="baseline", task="embedding",
@@ -20,8 +20,8 @@ class SoftmaxLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, reduction: str = "mean"):
         super().__init__()
-        if num_classes < 1 or embedding_dim < 1:
-            raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
+        check_int("num_classes", num_classes, low=1)
+        check_int("embedding_dim", embedding_dim, low=1)
         self.reduction = check_reduction(reduction)
         self.linear = nn.Linear(embedding_dim, num_classes)
 
@@ -34,7 +34,7 @@ class SoftmaxLoss(nn.Module):
         if embeddings.shape[1] != self.linear.in_features:
             raise ValueError(
                 f"embeddings: expected shape [B, {self.linear.in_features}] (embedding_dim), "
-                f"got {list(embeddings.shape)}"
+                f"got {shape_str(embeddings)}"
             )
         # compute in the input's dtype (a cast copy; the parameter itself is untouched)
         logits = F.linear(embeddings, self.linear.weight.to(embeddings.dtype),

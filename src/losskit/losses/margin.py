@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from losskit.core.checks import check_choice
+from losskit.core.registry import Paper, register
 from losskit.heads.classifier import MarginHead
-from losskit.heads.margin_spec import ArcMargin, CFCDMargin, CombinedMargin, CosMargin, ElasticMargin, MarginPolicy
-from losskit.registry import Paper, register
+from losskit.heads.margin_spec import (ArcMargin, CFCDMargin, CombinedMargin, CosMargin, ElasticMargin,
+                                       MarginPolicy, UNPGMargin)
 
 ARCFACE = Paper("ArcFace: Additive Angular Margin Loss for Deep Face Recognition", 2019, "1801.07698")
 COSFACE = Paper("CosFace: Large Margin Cosine Loss for Deep Face Recognition", 2018, "1801.09414")
@@ -30,122 +32,148 @@ UNPG = Paper("Unified Negative Pair Generation toward Well-discriminative Featur
 __all__ = ["NormalizedSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "CombinedMarginLoss", "ElasticArcFaceLoss",
            "ElasticCosFaceLoss", "CFCDLoss", "UNPGLoss"]
 
+#: the head options every margin loss takes (read from ``self.hparams``)
+HEAD_OPTIONS = ("head", "chunk_size", "sample_rate", "process_group", "reduction")
 
-def _head_kw(head, chunk_size, sample_rate, process_group, reduction):
-    return dict(head=head, chunk_size=chunk_size, sample_rate=sample_rate, process_group=process_group,
-                reduction=reduction)
+
+class _MarginLoss(MarginHead):
+    """A registered margin loss: its signature (read once by the registry and
+    captured in ``self.hparams``) is the policy's hyperparameters plus
+    :data:`HEAD_OPTIONS`; ``policy_from(self.hparams)`` builds the policy."""
+
+    def __init__(self, num_classes: int, embedding_dim: int):
+        hp = self.hparams
+        super().__init__(num_classes, embedding_dim, self.policy_from(hp),
+                         **{k: hp[k] for k in HEAD_OPTIONS if k in hp})
+
+    def policy_from(self, hp: dict) -> MarginPolicy:
+        raise NotImplementedError
 
 
 @register("normalized-softmax", family="margin", task="embedding", paper=NORMFACE,
           summary="Cosine softmax s*cos(theta) on normalised embeddings and class centres (no margin).")
-class NormalizedSoftmaxLoss(MarginHead):
+class NormalizedSoftmaxLoss(_MarginLoss):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, reduction: str = "mean",
                  head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
                  process_group=None):
-        super().__init__(num_classes, embedding_dim, MarginPolicy(scale),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        return MarginPolicy(hp["scale"])
 
 
 @register("arcface", family="margin", task="embedding", paper=ARCFACE,
           summary="Additive angular margin: target logit s*cos(theta+m), m in radians.")
-class ArcFaceLoss(MarginHead):
+class ArcFaceLoss(_MarginLoss):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, reduction: str = "mean",
                  head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
                  process_group=None):
-        super().__init__(num_classes, embedding_dim, ArcMargin(scale, margin, easy_margin, straight_through),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        return ArcMargin(hp["scale"], hp["margin"], hp["easy_margin"], hp["straight_through"])
 
 
 @register("cosface", family="margin", task="embedding", paper=COSFACE,
           summary="Large margin cosine loss: target logit s*(cos(theta)-m).")
-class CosFaceLoss(MarginHead):
+class CosFaceLoss(_MarginLoss):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.35,
                  reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None):
-        super().__init__(num_classes, embedding_dim, CosMargin(scale, margin),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        return CosMargin(hp["scale"], hp["margin"])
 
 
 @register("combined-margin", family="margin", task="embedding", paper=ARCFACE,
           summary="insightface's combined margin: target logit s*(cos(m1*theta+m2)-m3).")
-class CombinedMarginLoss(MarginHead):
+class CombinedMarginLoss(_MarginLoss):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, m1: float = 1.0,
                  m2: float = 0.3, m3: float = 0.2, reduction: str = "mean", head: str = "auto",
                  chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
-        super().__init__(num_classes, embedding_dim, CombinedMargin(scale, m1, m2, m3),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        return CombinedMargin(hp["scale"], hp["m1"], hp["m2"], hp["m3"])
 
 
-def _elastic_std(std, plus, normal, plus_default):
-    return (plus_default if plus else normal) if std is None else float(std)
+class _ElasticLoss(_MarginLoss):
+    """``std=None`` means the paper's value: 0.05, or ``PLUS_STD`` with ``plus``."""
+
+    KIND = "arc"
+    PLUS_STD = 0.0175
+
+    def policy_from(self, hp):
+        std = (self.PLUS_STD if hp["plus"] else 0.05) if hp["std"] is None else hp["std"]
+        return ElasticMargin(self.KIND, hp["scale"], hp["mean"], std, hp["plus"], hp["legacy_permutation"],
+                             hp["generator"])
 
 
 @register("elastic-arcface", family="margin", task="embedding", paper=ELASTIC,
           summary="ArcFace with a margin drawn per sample from N(mean, std^2); plus=True gives larger "
                   "margins to harder samples.")
-class ElasticArcFaceLoss(MarginHead):
+class ElasticArcFaceLoss(_ElasticLoss):
     """``std=None`` means the paper's value: 0.05, or 0.0175 with ``plus``."""
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, mean: float = 0.5,
                  std: float | None = None, plus: bool = False, legacy_permutation: bool = False,
                  reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None, generator: torch.Generator | None = None):
-        pol = ElasticMargin("arc", scale, mean, _elastic_std(std, plus, 0.05, 0.0175), plus, legacy_permutation,
-                            generator)
-        super().__init__(num_classes, embedding_dim, pol,
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
 
 
 @register("elastic-cosface", family="margin", task="embedding", paper=ELASTIC,
           summary="CosFace with a margin drawn per sample from N(mean, std^2); plus=True gives larger "
                   "margins to harder samples.")
-class ElasticCosFaceLoss(MarginHead):
+class ElasticCosFaceLoss(ElasticArcFaceLoss):
     """``std=None`` means the paper's value: 0.05, or 0.025 with ``plus``."""
+
+    KIND = "cos"
+    PLUS_STD = 0.025
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, mean: float = 0.35,
                  std: float | None = None, plus: bool = False, legacy_permutation: bool = False,
                  reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None, generator: torch.Generator | None = None):
-        pol = ElasticMargin("cos", scale, mean, _elastic_std(std, plus, 0.05, 0.025), plus, legacy_permutation,
-                            generator)
-        super().__init__(num_classes, embedding_dim, pol,
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
 
 
 @register("cfcd", family="margin", task="embedding", paper=CFCD,
           summary="MadaCos: per-batch adaptive scale and margin putting the median sample's target "
                   "probability at alpha.")
-class CFCDLoss(MarginHead):
+class CFCDLoss(_MarginLoss):
+    """``last_scale`` / ``last_margin``: the last batch's values, a read-only
+    diagnostic (no later call depends on them)."""
+
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.02, bbar: str = "median",
                  min_scale: float = 32.0, reduction: str = "mean", head: str = "auto",
                  chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
-        super().__init__(num_classes, embedding_dim, CFCDMargin(alpha, bbar, min_scale),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        return CFCDMargin(hp["alpha"], hp["bbar"], hp["min_scale"])
 
     @property
-    def last_scale(self):
+    def last_scale(self) -> float | None:
         return self.policy.last_scale
 
     @property
-    def last_margin(self):
+    def last_margin(self) -> float | None:
         return self.policy.last_margin
 
 
 @register("unpg", family="margin", task="embedding", paper=UNPG,
           summary="ArcFace/CosFace plus in-batch negative pair similarities (box-and-whisker filtered) "
                   "as extra softmax columns.")
-class UNPGLoss(MarginHead):
+class UNPGLoss(_MarginLoss):
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5,
                  base: str = "arcface", whisker: float = 1.5, reduction: str = "mean", head: str = "auto",
                  chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None):
-        if base == "arcface":
-            pol = ArcMargin(scale, margin)
-        elif base == "cosface":
-            pol = CosMargin(scale, margin)
-        else:
-            raise ValueError(f"base: expected 'arcface' or 'cosface', got {base!r}")
-        if not whisker >= 0:
-            raise ValueError(f"whisker: expected a value >= 0, got {whisker!r}")
-        super().__init__(num_classes, embedding_dim, pol, unpg_whisker=float(whisker),
-                         **_head_kw(head, chunk_size, sample_rate, process_group, reduction))
+        super().__init__(num_classes, embedding_dim)
+
+    def policy_from(self, hp):
+        base = check_choice("base", hp["base"], ("arcface", "cosface"))
+        pol = ArcMargin(hp["scale"], hp["margin"]) if base == "arcface" else CosMargin(hp["scale"], hp["margin"])
+        return UNPGMargin(pol, hp["whisker"])

@@ -29,7 +29,7 @@ or with any ``grad_output`` is exact.
 
 Valid only for a scalar output whose row weights are known at forward
 ('mean' or 'sum', sample weights without gradient); the head falls back to
-:mod:`losskit.heads.chunked` otherwise.  Memory: one ``[b, C]`` block (tile-major with
+:mod:`losskit.kernels.chunked_lse` otherwise.  Memory: one ``[b, C]`` block (tile-major with
 the fixed reference; ``b``
 from :func:`auto_row_chunk`) and the ``[C, D]`` weight gradient, stored
 until backward.  The weight normalisation is applied to the logit columns
@@ -50,17 +50,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from losskit.kernels.constants import FIXED_REF_MAX_SCALE, LN2, LOG2E, NORM_EPS, UNDERFLOW
+
 __all__ = ["fused_margin_ce", "FusedMarginCE", "auto_row_chunk", "AUTO_ROW_ELEMS"]
 
-_NORM_EPS = 1e-12
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-#: rows of a block whose sum of exp(logit - reference) falls below this are
-#: recomputed with their row maximum as the reference
-_UNDERFLOW = 1e-25
-#: the fixed reference max(s, t_i, E) is used up to this scale; beyond it
-#: (CFCD's adaptive scale can reach hundreds) every block uses row maxima
-_FIXED_REF_MAX_SCALE = 80.0
 #: automatic row chunk: at least this many logits per block (16 MiB in fp32)
 AUTO_ROW_ELEMS = 2 ** 22
 #: classes per slice when the last block finishes the weight gradient (4 MiB at D = 512)
@@ -189,7 +182,7 @@ class FusedMarginCE(torch.autograd.Function):
             yc = ly.clamp_min(0)
             coef = torch.where(valid, coef.to(dtype), torch.zeros((), dtype=dtype, device=dev))
             w = weight.detach().to(dtype)
-            inv = torch.linalg.vector_norm(w, dim=1).clamp_min_(_NORM_EPS).reciprocal_()
+            inv = torch.linalg.vector_norm(w, dim=1).clamp_min_(NORM_EPS).reciprocal_()
             inv2 = inv * inv
             wy = w[yc] * (inv[yc] * valid)[:, None]                         # w_hat[y_i]  [B, D]
 
@@ -208,11 +201,11 @@ class FusedMarginCE(torch.autograd.Function):
                     e = extra_fn(xe)
                 if e is None:
                     xe = None
-            e2 = (e.detach().to(dtype) * _LOG2E).expand(B) if xe is not None else None
+            e2 = (e.detach().to(dtype) * LOG2E).expand(B) if xe is not None else None
 
-            t2 = torch.where(valid, t, torch.zeros_like(t)) * _LOG2E
-            fixed = scale <= _FIXED_REF_MAX_SCALE
-            xs = x * (scale * _LOG2E)
+            t2 = torch.where(valid, t, torch.zeros_like(t)) * LOG2E
+            fixed = scale <= FIXED_REF_MAX_SCALE
+            xs = x * (scale * LOG2E)
             loss_rows = torch.zeros(B, dtype=dtype, device=dev)
             g_t = torch.zeros(B, dtype=dtype, device=dev)          # dL/dt_i
             g_e = torch.zeros((), dtype=dtype, device=dev)         # dL/dE
@@ -237,12 +230,12 @@ class FusedMarginCE(torch.autograd.Function):
                 eb = e2[r0:r1] if e2 is not None else None
                 gxb = None
                 if fixed:
-                    ref = torch.full_like(tb, scale * _LOG2E)
+                    ref = torch.full_like(tb, scale * LOG2E)
                     ref = torch.maximum(ref, tb)
                     if eb is not None:
                         ref = torch.maximum(ref, eb)
                     pieces, s, gxb = _tiled_block(xb, w, inv, lb, tb, eb, ref, buf, T, rows_max, need_x)
-                    bad = (s < _UNDERFLOW).nonzero().squeeze(1)
+                    bad = (s < UNDERFLOW).nonzero().squeeze(1)
                     if bad.numel():
                         # rows whose every logit is far below the fixed reference: redo them
                         # with their own maximum (rare; allocates [bad, C])
@@ -259,7 +252,7 @@ class FusedMarginCE(torch.autograd.Function):
                     p, s, ref = _block(xb, w, inv, lb, tb, eb, None, buf[: r1 - r0])
                 lse2 = torch.log2(s) + ref                           # base-2 log-sum-exp
                 vb = lb >= 0
-                loss_rows[r0:r1] = torch.where(vb, (lse2 - tb) * _LN2, torch.zeros_like(s))
+                loss_rows[r0:r1] = torch.where(vb, (lse2 - tb) * LN2, torch.zeros_like(s))
                 cb = coef[r0:r1]
                 g_t[r0:r1] = cb * (torch.exp2(tb - lse2) - 1.0) * vb
                 if eb is not None:

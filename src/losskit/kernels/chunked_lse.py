@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from losskit.kernels.constants import FIXED_REF_MAX_SCALE, LOG2E, NORM_EPS, UNDERFLOW
+
 __all__ = ["nontarget_lse", "NonTargetLSE", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 8192
-_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-_LOG2E = 1.4426950408889634
 
 
 class _Plan:
@@ -43,7 +43,7 @@ class _Plan:
         self.weight, self.chunk, self.dtype = weight, chunk, dtype
         C, D = weight.shape
         self.C, self.D = C, D
-        self.inv = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min_(_NORM_EPS).reciprocal_()
+        self.inv = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min_(NORM_EPS).reciprocal_()
         self.targets: dict[int, tuple[Tensor, Tensor]] = {}
         valid = (labels >= 0) & (labels < C)
         rows = valid.nonzero().squeeze(1)
@@ -55,6 +55,7 @@ class _Plan:
                 self.targets[k * chunk] = (rows[sel], lab[sel] - k * chunk)
         self._buf = torch.empty(min(chunk, C), D + 1, dtype=dtype, device=weight.device)
         self._buf[:, -1] = 1.0
+        self._logits: Tensor | None = None
 
     def chunks(self):
         for a in range(0, self.C, self.chunk):
@@ -66,18 +67,24 @@ class _Plan:
         torch.mul(self.weight[a:b], self.inv[a:b, None], out=out[:, :-1])
         return out
 
+    def wa_view(self, a: int, b: int) -> Tensor:
+        """The rows ``[a, b)`` that :meth:`wa` wrote last (no recomputation)."""
+        return self._buf[: b - a]
+
+    def logits(self, xa: Tensor, a: int, b: int) -> Tensor:
+        """``xa [w_hat, 1]^T`` for the chunk ``[a, b)`` into one ``[B, chunk]``
+        buffer reused by every chunk (a fresh block per chunk is mapped and
+        page-faulted anew by glibc above its mmap threshold)."""
+        n = xa.shape[0] * (b - a)
+        if self._logits is None:
+            self._logits = torch.empty(xa.shape[0] * min(self.chunk, self.C), dtype=self.dtype, device=xa.device)
+        out = self._logits[:n].view(xa.shape[0], b - a)
+        return torch.mm(xa, self.wa(a, b).t(), out=out)
+
     def mask(self, p: Tensor, a: int, value: float) -> None:
         t = self.targets.get(a)
         if t is not None:
             p.index_put_(t, torch.tensor(value, dtype=p.dtype, device=p.device))
-
-
-#: below this sum of exp(logit - scale) the fixed reference may have lost
-#: precision; such rows are recomputed with an online maximum
-_UNDERFLOW = 1e-25
-#: the fixed reference (the logits' upper bound ``scale``) is used up to this
-#: scale; beyond it (CFCD can reach hundreds) the online maximum is used
-_FIXED_REF_MAX_SCALE = 80.0
 
 
 @torch.no_grad()
@@ -91,7 +98,7 @@ def _forward_online(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, ch
     m = torch.full((B,), float("-inf"), dtype=xn.dtype, device=xn.device)
     s = torch.zeros(B, dtype=xn.dtype, device=xn.device)
     for a, b in plan.chunks():
-        logit = torch.mm(xa, plan.wa(a, b).t())
+        logit = plan.logits(xa, a, b)
         plan.mask(logit, a, float("-inf"))
         m_new = torch.maximum(m, logit.amax(dim=1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -111,21 +118,21 @@ def _forward(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk: in
     log2(e) folded into the same GEMM.  Rows whose sum underflows (all
     non-target cosines far below 1) are recomputed with an online maximum."""
     B, C = xn.shape[0], weight.shape[0]
-    if scale > _FIXED_REF_MAX_SCALE or B == 0 or C == 0:
+    if scale > FIXED_REF_MAX_SCALE or B == 0 or C == 0:
         return _forward_online(xn, weight, labels, scale, chunk)
     plan = _Plan(weight, labels, chunk, xn.dtype)
     xa = torch.empty(B, xn.shape[1] + 1, dtype=xn.dtype, device=xn.device)
-    torch.mul(xn, scale * _LOG2E, out=xa[:, :-1])
-    xa[:, -1] = -scale * _LOG2E
+    torch.mul(xn, scale * LOG2E, out=xa[:, :-1])
+    xa[:, -1] = -scale * LOG2E
     s = torch.zeros(B, dtype=xn.dtype, device=xn.device)
     ones = torch.ones(min(chunk, C), dtype=xn.dtype, device=xn.device)
     for a, b in plan.chunks():
-        p = torch.mm(xa, plan.wa(a, b).t()).exp2_()
+        p = plan.logits(xa, a, b).exp2_()
         plan.mask(p, a, 0.0)
         s.addmv_(p, ones[: b - a])
     out = torch.log(s).add_(scale)
     n_classes = torch.full_like(s, C) - ((labels >= 0) & (labels < C)).to(s.dtype)
-    bad = ((s < _UNDERFLOW) & (n_classes > 0)).nonzero().squeeze(1)
+    bad = ((s < UNDERFLOW) & (n_classes > 0)).nonzero().squeeze(1)
     if bad.numel():
         out[bad] = _forward_online(xn[bad], weight, labels[bad], scale, chunk)
     return out
@@ -173,8 +180,8 @@ class NonTargetLSE(torch.autograd.Function):
                 gc = torch.where(valid, grad_cos.to(dtype), torch.zeros_like(out))
             plan = _Plan(weight, labels, chunk, dtype)
             xa = torch.empty(B, D + 1, dtype=dtype, device=x.device)
-            torch.mul(x, scale * _LOG2E, out=xa[:, :-1])
-            torch.mul(n_safe, -_LOG2E, out=xa[:, -1])
+            torch.mul(x, scale * LOG2E, out=xa[:, :-1])
+            torch.mul(n_safe, -LOG2E, out=xa[:, -1])
             empty_rows = (~finite).nonzero().squeeze(1)        # no non-target class (C = 1)
             xg = x * g[:, None] if need_w else None
             gx = torch.zeros_like(x) if need_x else None
@@ -183,9 +190,8 @@ class NonTargetLSE(torch.autograd.Function):
             if gc is not None and need_w:
                 tgt_rows_w = x * gc[:, None]                     # target cosine's grad w.r.t. w_hat_y
             for a, b in plan.chunks():
-                wa = plan.wa(a, b)
-                wn = wa[:, :-1]
-                p = torch.mm(xa, wa.t()).exp2_()                # softmax over non-targets
+                p = plan.logits(xa, a, b).exp2_()               # softmax over non-targets
+                wn = plan.wa_view(a, b)[:, :-1]
                 plan.mask(p, a, 0.0)
                 if empty_rows.numel():
                     p[empty_rows] = 0.0
@@ -219,7 +225,7 @@ def _target_rows_normalised(weight: Tensor, labels: Tensor, like: Tensor) -> Ten
     if C == 0:
         return torch.zeros_like(like)
     w = weight[labels.clamp(0, C - 1)].to(like.dtype)
-    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(NORM_EPS)
     return w * valid[:, None].to(like.dtype)
 
 
