@@ -1,6 +1,8 @@
 """The head implementations give the same numbers: chunked == dense in loss
-and gradients for every reduction and with sample weights; sampled (Partial
-FC) selection; mixed precision; edge cases."""
+and gradients for every reduction and with sample weights, with tensor checks
+on (buffered fixed-reference path) and off (the no-host-sync path: online
+log-sum-exp, out-of-place ops); sampled (Partial FC) selection; mixed
+precision; edge cases."""
 
 import pytest
 import torch
@@ -58,6 +60,46 @@ def test_chunked_equals_dense(name, kw, reduction):
         b = _run(chunk, x, y, weights)
         for u, v, what in zip(b, a, ("loss", "grad x", "grad W")):
             _close(u, v, f"{name} {reduction} w={weights is not None} {what}")
+
+
+NOSYNC_NAMES = [n for n in NAMES if n[0] not in ("cfcd", "unpg")]   # data-dependent by design
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name,kw", NOSYNC_NAMES)
+def test_chunked_equals_dense_with_checks_off(name, kw, reduction):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, generator=g)
+    y = torch.randint(0, C, (B,), generator=g)
+    y[0] = y[4]
+    y[2] = -1
+    y[5] = C - 1         # the last, partial chunk
+    w = torch.rand(B, generator=g)
+    dense, chunk = _pair(name, kw, reduction)
+    for weights in (None, w):
+        a = _run(dense, x, y, weights)
+        with losskit.tensor_checks(False):
+            b = _run(chunk, x, y, weights)
+        for u, v, what in zip(b, a, ("loss", "grad x", "grad W")):
+            _close(u, v, f"checks off: {name} {reduction} w={weights is not None} {what}")
+
+
+def test_chunk_kernel_no_sync_path_is_taken_and_gradchecks(monkeypatch):
+    from losskit.kernels import chunked_lse as K
+    calls = []
+    for fn in ("_forward_nosync", "_backward_nosync"):
+        orig = getattr(K, fn)
+        monkeypatch.setattr(K, fn, lambda *a, _o=orig, _n=fn, **k: (calls.append(_n), _o(*a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    W = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, -1, 10, 3])
+    with losskit.tensor_checks(False):
+        assert torch.autograd.gradcheck(lambda a, b: nontarget_lse(a, b, y, 3.0, 4),
+                                        (x.requires_grad_(True), W.requires_grad_(True)))
+        assert torch.autograd.gradcheck(lambda a, b: nontarget_lse(a, b, y, 3.0, 4, return_target=True)[1].sum()
+                                        + nontarget_lse(a, b, y, 3.0, 4).square().sum(), (x, W))
+    assert "_forward_nosync" in calls and "_backward_nosync" in calls
 
 
 def test_chunk_kernel_gradcheck_float64():
@@ -147,21 +189,25 @@ def test_huge_logits_do_not_overflow():
     assert torch.isfinite(out) and float(out.detach()) < 1e-20
 
 
-def test_chunked_underflow_rows_fall_back_to_online_max():
-    # every non-target cosine near -1: exp(64 cos - 64) underflows in fp32
+@pytest.mark.parametrize("checks", [True, False])
+def test_chunked_underflow_rows_fall_back_to_online_max(checks):
+    # every non-target cosine near -1: exp(64 cos - 64) underflows in fp32; with checks on those rows
+    # are recomputed with their own maximum, with checks off the online maximum covers every row
     W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.05], [-1.0, -0.05]])
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    y = torch.tensor([0, 1])
-    for name in ("cosface", "cfcd"):
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    for name in ("cosface", "arcface") + (("cfcd",) if checks else ()):
         ms = [losskit.get(name, num_classes=4, embedding_dim=2, head=h, chunk_size=2) for h in ("dense", "chunked")]
         res = []
         for m in ms:
             m.weight.data.copy_(W)
             xx = x.clone().requires_grad_(True)
-            out = m(xx, y)
-            out.backward()
+            with losskit.tensor_checks(checks if m.head == "chunked" else True):
+                out = m(xx, y)
+                out.backward()
             res.append((out.detach(), xx.grad, m.weight.grad))
         for u, v in zip(*res):
+            assert torch.isfinite(u).all()
             _close(u, v, name)
 
 

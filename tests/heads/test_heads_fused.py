@@ -370,3 +370,38 @@ def test_fused_underflow_rows_across_tiles(tile, monkeypatch):
     for name in ("cosface", "arcface"):
         _fused_matches_dense_on(name, W, x, y, rows=3)
     assert sum(redone) == 2                 # row 0 of the first block, once per loss
+
+
+@pytest.mark.parametrize("tile", [1, 512])
+def test_fused_unpg_with_an_underflowing_row(tile, monkeypatch):
+    """Regression: the underflow recomputation looped ``for a, e, pt in pieces`` and overwrote
+    UNPG's extra term ``e`` (AttributeError in the forward, which computes the gradients).
+    Row 1 has every cosine (and every in-batch negative) near 0 at s = 64: its fixed-reference sum
+    underflows and is redone; loss and gradients still equal dense."""
+    monkeypatch.setattr(fused_mod, "_TILE", tile)
+    redone = []
+    orig_block = fused_mod._block
+
+    def block(*a, **k):
+        if a[6] is None:
+            redone.append(a[0].shape[0])
+        return orig_block(*a, **k)
+
+    monkeypatch.setattr(fused_mod, "_block", block)
+    W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.05], [-1.0, -0.05]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    for kw in ({"whisker": 1.0}, {"base": "cosface", "whisker": 0.5}):
+        res = []
+        for h in ("dense", "fused"):
+            m = losskit.get("unpg", num_classes=4, embedding_dim=2, head=h, **kw)
+            m.row_chunk_size = 2
+            m.weight.data.copy_(W)
+            xx = x.clone().requires_grad_(True)
+            out = m(xx, y)
+            out.backward()
+            res.append((out.detach(), xx.grad, m.weight.grad))
+        for u, v in zip(*res):
+            assert torch.isfinite(u).all()
+            _close(u, v, f"unpg {kw}")
+    assert sum(redone) >= 2          # the underflow path ran (once per configuration)

@@ -242,8 +242,8 @@ class FusedMarginCE(torch.autograd.Function):
                         pb, sb, rb = _block(xb[bad], w, inv, lb[bad], tb[bad],
                                             eb[bad] if eb is not None else None, None)
                         pb.mul_(inv)
-                        for a, e, pt in pieces:
-                            pt[bad] = pb[:, a:e]
+                        for a, b_, pt in pieces:    # not ``e``: that is UNPG's extra term
+                            pt[bad] = pb[:, a:b_]
                         s[bad], ref[bad] = sb, rb
                         if gxb is not None:
                             gxb[bad] = torch.mm(pb, w)

@@ -1,0 +1,396 @@
+"""Case factories for the contract suite: for every registered entry, how to
+build it small and what valid inputs look like.
+
+A new entry gets the whole suite by registering, as long as its kind/task has
+a generic factory here:
+
+* objective, task ``embedding``: ``loss(embeddings [B, D], labels [B],
+  sample_weight=None)``; ``num_classes`` / ``embedding_dim`` are filled in
+  when the constructor needs them; labels are class-balanced (every class has
+  >= 2 rows, so the episode losses' default support/query split has queries);
+* objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* weighter, memory, miner: built with their defaults (``memory_size`` small);
+* optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
+* recipe: needs a runner in :data:`RECIPE_RUNS`.
+
+Entries that need more (another required hyperparameter, an extra input,
+another mean denominator, a documented exemption) have a row in the tables
+below.  An entry with no case is a test *failure* saying
+``no contract case for <name>``, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+import losskit
+
+B = 12  # default batch: 3 classes x 4 rows
+D = 8
+NUM_CLASSES = 5  # for heads: tiny
+MARGIN_HEADS = {  # head variants run for every objective with a ``head`` hyperparameter
+    "dense": {"head": "dense"},
+    "chunked": {"head": "chunked", "chunk_size": 2},  # several class chunks even at C = 5
+    "fused": {"head": "fused"},
+    "sampled": {"head": "sampled", "sample_rate": 0.8},  # 4 of 5 classes: positives plus a random one
+}
+
+PREF_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+class NoCase(Exception):
+    pass
+
+
+def fail_no_case(name: str, why: str) -> None:
+    pytest.fail(f"no contract case for {name!r}: {why}. Add a row to tests/contracts/contract_cases.py "
+                "(a new kind/task needs a case factory; an entry with extra required hyperparameters or "
+                "inputs needs a row in EXTRA_HPARAMS / EXTRA_INPUTS).", pytrace=False)
+
+
+# ----------------------------------------------------------------------------- per-entry tables
+
+#: constructor hyperparameters an entry needs besides the generic ones
+EXTRA_HPARAMS: dict[str, dict[str, Any]] = {}
+
+#: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
+EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
+    # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
+    "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
+              .to(dt).to(dev)},
+}
+
+
+def _query_rows(inp: "Inputs") -> Tensor:
+    """The documented default split: the first ceil(n_c / 2) rows of each
+    class (in batch order) are support, the rest are queries."""
+    y = inp.labels.tolist()
+    seen: dict[int, int] = {}
+    total = {c: y.count(c) for c in set(y)}
+    q = []
+    for c in y:
+        seen[c] = seen.get(c, 0) + 1
+        q.append(seen[c] > (total[c] + 1) // 2)
+    return torch.tensor(q, dtype=torch.bool)
+
+
+#: rows an objective scores (others hold 0 with reduction='none'); the
+#: documented mean denominator is their number unless DENOMINATORS says otherwise
+SCORED_ROWS: dict[str, Callable[["Inputs"], Tensor]] = {
+    # episode losses: support rows define the prototypes and are not scored;
+    # 'mean' divides by the number of query rows (functional/episodes.py)
+    "proto-triplet": _query_rows,
+    "gpam": _query_rows,
+}
+
+#: documented 'mean' denominators other than the number of scored rows: fn(inputs, hparams) -> N
+DENOMINATORS: dict[str, Callable[["Inputs", dict], float]] = {
+    # beta-DPO: the mean is over the pairs kept by the beta-guided filter (paper and official code)
+    "beta-dpo": lambda inp, hp: max(1, int(inp.B * hp.get("keep_ratio", 0.8))) if inp.B else 1,
+}
+
+#: entries whose per-row gradient depends only on that row (a zero weight on
+#: row i gives a zero gradient on row i, not just a zero total); default: the
+#: families below, minus the exceptions
+ROW_INDEPENDENT_FAMILIES = ("baseline", "margin", "preference")
+ROW_COUPLED = {
+    "unpg": "in-batch negative pairs enter every row's softmax",
+}
+
+#: entries whose 'none' output does not follow a permutation of the rows, and why
+NOT_PERMUTATION_EQUIVARIANT = {
+    "elastic-arcface": "margins are drawn per row in batch order",
+    "elastic-cosface": "margins are drawn per row in batch order",
+    "beta-dpo": "the beta-guided filter draws the kept pairs at random, in batch order",
+}
+
+#: entries that gradcheck cannot check, and why (the gradient is right by design, not the full derivative)
+GRADCHECK_EXEMPT = {
+    "cfcd": "scale and margin are detached batch statistics (stop-gradient, as the paper)",
+    "beta-dpo": "beta_batch is a detached batch statistic (as the paper and official code)",
+}
+
+#: the no-host-sync contract (test_forward_makes_no_host_sync_with_checks_off): what reads tensors on
+#: the host by design even with ``losskit.tensor_checks(False)``, so it cannot be traced by
+#: ``torch.compile(fullgraph=True)``.  Key: an entry name (every head) or ``"head=<backend>"`` (every
+#: entry on that head); value: the reason, shown in the skip message.  Everything else must pass
+#: (docs/margin.md, "torch.compile and tensor_checks(False)").
+HOST_SYNC_EXEMPT = {
+    "head=fused": "the fused kernel groups target columns by class tile (a host list per row block) and "
+                  "recomputes the rows whose fixed-reference sum underflows (a data-dependent row set); "
+                  "head='auto' picks chunked/dense instead with tensor checks off",
+    "head=sampled": "Partial FC draws a data-dependent class set (torch.unique of the batch's positives)",
+    "cfcd": "the adaptive scale and margin come from batch statistics (the median by default) read as "
+            "Python floats",
+    "unpg": "box-and-whisker filtering keeps a data-dependent number of in-batch negatives",
+}
+
+
+def host_sync_exemption(case: "ObjectiveCase") -> str | None:
+    """The documented reason why ``case`` may read tensors on the host, or ``None``."""
+    head = case.variant.get("head")
+    return HOST_SYNC_EXEMPT.get(case.name) or (HOST_SYNC_EXEMPT.get(f"head={head}") if head else None)
+
+
+#: hyperparameter values that must be refused at construction with a ValueError naming them
+#: (found by trying the library from outside, issue 9 item 4; NaN is checked for every float)
+INVALID_HPARAMS: dict[str, dict[str, list]] = {
+    "combined-margin": {"m1": [0.0, -1.0]},
+    "elastic-arcface": {"mean": [math.pi]},
+    "cfcd": {"min_scale": [0.0]},
+    "triplet": {"margin": [-1.0]},
+    "arcface": {"margin": [-0.1, math.pi]},
+    "cosface": {"margin": [-0.1]},
+    "dpo": {"beta": [0.0, -1.0]},
+}
+
+#: entries the issue says must be registered, by kind and class (or function) name
+EXPECTED_ENTRIES = {
+    ("weighter", "GLOW"),
+    ("memory", "CrossBatchMemory"),
+    ("miner", "MultiSimilarityMiner"),
+    ("miner", "TripletMiner"),
+    ("recipe", "run_drift"),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    """Named inputs of one call: ``positional`` names, then keywords."""
+
+    positional: tuple[str, ...]
+    tensors: dict[str, Tensor]
+    float_names: tuple[str, ...]  # the differentiable inputs (poisoned by the non-finite test)
+    labels: Tensor | None = None
+    extra_float: tuple[str, ...] = ()  # other float inputs that must be finite (not differentiated)
+
+    @property
+    def B(self) -> int:
+        return self.tensors[self.positional[0]].shape[0]
+
+    def replace(self, **new: Tensor) -> "Inputs":
+        t = dict(self.tensors)
+        t.update(new)
+        return Inputs(self.positional, t, self.float_names, t.get("labels", self.labels), self.extra_float)
+
+    def leaves(self) -> "Inputs":
+        """A copy whose float inputs are fresh leaves requiring grad."""
+        return self.replace(**{n: self.tensors[n].detach().clone().requires_grad_(True) for n in self.float_names})
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "Inputs":
+        new = {}
+        for n in self.float_names + self.extra_float:
+            new[n] = self.tensors[n].detach().to(device=device or self.tensors[n].device, dtype=dtype)
+        if device is not None:
+            for n, t in self.tensors.items():
+                if n not in new:
+                    new[n] = t.to(device)
+        return self.replace(**new)
+
+    def permute(self, perm: Tensor) -> "Inputs":
+        return self.replace(**{n: t[perm] for n, t in self.tensors.items()})
+
+    def call(self, obj, sample_weight: Tensor | None = None, seed: int = 0):
+        torch.manual_seed(seed)  # entries that draw random numbers (ElasticFace, Partial FC, beta-DPO)
+        args = [self.tensors[n] for n in self.positional]
+        kw = {n: t for n, t in self.tensors.items() if n not in self.positional}
+        if sample_weight is not None:
+            kw["sample_weight"] = sample_weight
+        return obj(*args, **kw)
+
+
+def balanced_labels(b: int, g: torch.Generator, one_class: bool = False) -> Tensor:
+    """Shuffled labels with ``min(3, ceil(b / 2))`` classes of near-equal size."""
+    if one_class or b == 0:
+        return torch.zeros(b, dtype=torch.long)
+    c = min(3, max(1, (b + 1) // 2))
+    y = torch.arange(b) % c
+    return y[torch.randperm(b, generator=g)]
+
+
+def class_order_permutation(labels: Tensor, g: torch.Generator) -> Tensor:
+    """A random permutation that keeps the order of the rows within each class
+    (so that batch-order rules, like the episode split, are unchanged)."""
+    slots = labels[torch.randperm(labels.shape[0], generator=g)]
+    queues = {int(c): (labels == c).nonzero().squeeze(1).tolist() for c in torch.unique(labels)}
+    return torch.tensor([queues[int(c)].pop(0) for c in slots], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- objective cases
+
+@dataclass
+class ObjectiveCase:
+    id: str
+    name: str
+    spec: Any
+    variant: dict[str, Any] = field(default_factory=dict)
+    missing: str | None = None  # why no case can be built (reported as a failure)
+
+    # -- building
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    def hparams(self, d: int = D) -> dict[str, Any]:
+        if self.missing:
+            fail_no_case(self.name, self.missing)
+        hp = dict(EXTRA_HPARAMS.get(self.name, {}))
+        req = set(self.spec.required) | set(self.spec.hparams)
+        if "num_classes" in req:
+            hp["num_classes"] = NUM_CLASSES
+        if "embedding_dim" in req:
+            hp["embedding_dim"] = d
+        hp.update(self.variant)
+        return hp
+
+    def build(self, reduction: str = "mean", *, d: int = D, device="cpu", seed: int = 0, **over):
+        torch.manual_seed(seed)
+        hp = {**self.hparams(d), **over}
+        if "reduction" in self.spec.hparams or "reduction" in self.spec.required:
+            hp["reduction"] = reduction
+        obj = losskit.get(self.name, **hp)
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.to(device)
+        return obj
+
+    # -- inputs
+    def inputs(self, b: int = B, *, d: int = D, dtype=torch.float32, device="cpu", seed: int = 0,
+               one_class: bool = False, noncontiguous: bool = False) -> Inputs:
+        if self.missing:
+            fail_no_case(self.name, self.missing)
+        g = torch.Generator().manual_seed(seed)
+        extra = {k: f(b, dtype, device, g) for k, f in EXTRA_INPUTS.get(self.name, {}).items()}
+        if self.task == "embedding":
+            if noncontiguous:
+                x = torch.randn(d, b, generator=g, dtype=torch.float64).t()  # strides (1, B)
+            else:
+                x = torch.randn(b, d, generator=g, dtype=torch.float64)
+            x = x.to(dtype).to(device)
+            if noncontiguous:
+                assert b < 2 or d < 2 or not x.is_contiguous()
+            y = balanced_labels(b, g, one_class).to(device)
+            return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
+                          tuple(extra))
+        if self.task == "preference":
+            ts = {}
+            for n in PREF_NAMES:
+                t = -(torch.rand(2 * b if noncontiguous else b, generator=g, dtype=torch.float64) * 8 + 0.5)
+                t = t.to(dtype).to(device)
+                ts[n] = t[::2] if noncontiguous else t
+            return Inputs(PREF_NAMES, {**ts, **extra}, PREF_NAMES, None, tuple(extra))
+        fail_no_case(self.name, f"task {self.task!r} has no input factory")
+
+    # -- documented rules
+    def scored(self, inp: Inputs) -> Tensor:
+        f = SCORED_ROWS.get(self.name)
+        dev = inp.tensors[inp.positional[0]].device
+        return f(inp).to(dev) if f is not None else torch.ones(inp.B, dtype=torch.bool, device=dev)
+
+    def denominator(self, inp: Inputs) -> float:
+        f = DENOMINATORS.get(self.name)
+        if f is not None:
+            return float(f(inp, {**self.spec.hparams, **self.hparams()}))
+        return float(max(int(self.scored(inp).sum()), 1))
+
+    @property
+    def row_independent(self) -> bool:
+        return self.spec.family in ROW_INDEPENDENT_FAMILIES and self.name not in ROW_COUPLED
+
+    @property
+    def has_classes(self) -> bool:
+        return self.task == "embedding"
+
+
+def objective_cases() -> list[ObjectiveCase]:
+    out = []
+    for s in losskit.specs(kind="objective"):
+        missing = None
+        if s.task not in ("embedding", "preference"):
+            missing = f"task {s.task!r} has no input factory"
+        else:
+            generic = {"num_classes", "embedding_dim"}
+            extra = [r for r in s.required if r not in generic and r not in EXTRA_HPARAMS.get(s.name, {})]
+            if extra:
+                missing = f"required hyperparameters {extra} have no value in EXTRA_HPARAMS"
+        out.append(ObjectiveCase(s.name, s.name, s, {}, missing))
+        if missing is None and "head" in s.hparams:
+            for hname, v in MARGIN_HEADS.items():
+                out.append(ObjectiveCase(f"{s.name}[head={hname}]", s.name, s, dict(v)))
+    return out
+
+
+# ----------------------------------------------------------------------------- other kinds
+
+#: constructor hyperparameters per entry of the other kinds
+KIND_HPARAMS: dict[str, dict[str, Any]] = {}
+
+#: for the "load_state_dict keeps the constructor's hyperparameters" check: other values per entry
+ALT_HPARAMS: dict[str, dict[str, Any]] = {
+    "glow": {"alpha": 2.0, "beta": 5.0, "w_min": 0.1},
+}
+
+#: fills for common required hyperparameters of optimizers and schedulers
+COMMON_FILLS = {"lr": 0.05, "total_steps": 10, "T_max": 10, "step_size": 2, "num_training_steps": 10,
+                "warmup_steps": 2, "num_warmup_steps": 2}
+
+
+def kind_hparams(s, extra: dict | None = None) -> dict[str, Any]:
+    hp = dict(KIND_HPARAMS.get(s.name, {}))
+    if s.kind == "memory" and "memory_size" in s.hparams:
+        hp.setdefault("memory_size", 16)  # wraps around within a few steps of B = 6
+    if s.kind == "memory" and "start_iteration" in s.hparams:
+        hp.setdefault("start_iteration", 2)  # a warm-up, so that a lost iteration count shows
+    for r in s.required:
+        if r in hp:
+            continue
+        if r in COMMON_FILLS:
+            hp[r] = COMMON_FILLS[r]
+        else:
+            fail_no_case(s.name, f"required hyperparameter {r!r} has no value in KIND_HPARAMS")
+    hp.update(extra or {})
+    return hp
+
+
+def _toy_drift(recipe) -> None:
+    from losskit.recipes.drift import DSATRecord
+
+    class Tab(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.zeros(3, 4))
+            self.g = torch.Generator().manual_seed(0)
+
+        def sample(self, contexts):
+            return [int(torch.multinomial(torch.softmax(self.logits[x].detach(), 0), 1, generator=self.g))
+                    for x, _, _ in contexts]
+
+        def logprobs(self, prompts, responses):
+            lp = torch.log_softmax(self.logits[torch.as_tensor(prompts)], -1)
+            return lp.gather(1, torch.as_tensor(responses)[:, None]).squeeze(1)
+
+    pol = Tab()
+    logs = recipe(pol, [DSATRecord(x, 0) for x in range(3)])
+    assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
+
+
+#: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
+RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
+    "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+}
+
+
+def specs_of(kind: str) -> list:
+    return losskit.specs(kind=kind)
+
+
+def deepcopy(obj):
+    return copy.deepcopy(obj)
