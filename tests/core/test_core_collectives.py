@@ -9,6 +9,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -87,8 +88,18 @@ def two_ranks():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     with tempfile.TemporaryDirectory() as d:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method=method)
+        method = "spawn"  # not fork: a forked child inherits the parent's OpenMP/gloo locks (hangs seen)
+        ctx = mp.start_processes(_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method=method)
+        deadline = time.monotonic() + 120
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the 2 gloo processes did not finish within 120 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
         return [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
 
 

@@ -104,8 +104,8 @@ def ranks():
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     with tempfile.TemporaryDirectory() as d:
-        # fork: no re-import of torch in the children (spawn takes several seconds per process)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # spawn, not fork: a forked child inherits the parent's OpenMP/gloo locks and hung in the full suite
+        method = "spawn"
         ctx = mp.start_processes(_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method=method)
         deadline = time.monotonic() + 180
         try:
