@@ -410,25 +410,30 @@ def test_head_backends_give_the_dense_numbers(case: ObjectiveCase, device):
 
 @contextlib.contextmanager
 def _host_sync_raises():
-    names = ("item", "tolist", "__bool__", "__int__", "__float__")
+    # nonzero/unique/masked indexing return data-dependent shapes: the count is read on the host
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
     saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved_fn = torch.nonzero
 
     def boom(self, *a, **k):
         raise AssertionError("host synchronisation with tensor checks off")
 
     for n in names:
         setattr(torch.Tensor, n, boom)
+    torch.nonzero = boom
     try:
         yield
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+        torch.nonzero = saved_fn
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_forward_makes_no_host_sync_with_checks_off(case: ObjectiveCase, device):
-    """``with losskit.tensor_checks(False)`` a forward never reads a tensor on
-    the host (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``), so that
+    """``with losskit.tensor_checks(False)`` a forward and its backward never read a
+    tensor on the host (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``,
+    ``nonzero``), so that
     ``torch.compile(fullgraph=True)`` can trace it.  Exempt by design: the
     table HOST_SYNC_EXEMPT of contract_cases.py."""
     why = host_sync_exemption(case)
@@ -439,7 +444,9 @@ def test_forward_makes_no_host_sync_with_checks_off(case: ObjectiveCase, device)
     w = torch.ones(B, device=device)
     try:
         with losskit.tensor_checks(False), _host_sync_raises():
-            inp.call(obj, w)
+            out = inp.call(obj, w)
+            if out.requires_grad:
+                out.backward()
     except AssertionError as e:
         import traceback
         tb = [f for f in traceback.extract_tb(e.__traceback__) if "losskit" in f.filename]
