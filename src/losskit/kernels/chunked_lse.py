@@ -123,7 +123,7 @@ def _forward_online(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, ch
 def _forward(xn: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk: int) -> Tensor:
     """Sum of ``exp(scale * cos - scale)`` (the logits are bounded by
     ``scale``, so no running maximum is needed); the subtraction rides in the
-    GEMM as an extra column, and exp2 (about 3x faster than exp on CPU) with
+    GEMM as an extra column, and exp2 (faster than exp on CPU, docs/margin.md) with
     log2(e) folded into the same GEMM.  Rows whose sum underflows (all
     non-target cosines far below 1) are recomputed with an online maximum."""
     B, C = xn.shape[0], weight.shape[0]
@@ -298,7 +298,7 @@ class NonTargetLSE(torch.autograd.Function):
                     torch.mm(p.t(), xg, out=gwc)                 # grad w.r.t. normalised rows
                     if tgt_rows_w is not None:
                         # every row, with 0 where its target is in another chunk (O(B D),
-                        # no host read); index_put_(accumulate) is ~10x faster than index_add_ on CPU
+                        # no host read); index_put_(accumulate) is much faster than index_add_ on CPU
                         idx, hit = plan.target(a, b)
                         gwc.index_put_((idx[:, 0],), torch.where(hit, tgt_rows_w, 0.0), accumulate=True)
                     # through w / ||w||: (g - (g . w_hat) w_hat) / ||w||

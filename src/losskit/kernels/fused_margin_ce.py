@@ -59,20 +59,17 @@ AUTO_ROW_ELEMS = 2 ** 22
 #: classes per slice when the last block finishes the weight gradient (4 MiB at D = 512)
 _CLASS_STEP = 2048
 #: classes per tile of the fixed-reference path: a 512 x 512 fp32 weight tile (1 MiB) stays
-#: in cache between the logit product and the input-gradient product (on the project's CPU,
-#: 128 rows x 100k classes x D = 512: both products 0.31 s per block in 512-class tiles,
-#: 0.34 s over all classes at once)
+#: in cache between the logit product and the input-gradient product (measured: docs/margin.md,
+#: "Heads", the fused row)
 _TILE = 512
 
 
 def auto_row_chunk(batch: int, num_classes: int, dim: int) -> int:
     """Rows per block: ``max(2**22 // C, D // 4)`` (at most ``B``).  Each
     block re-reads ``W_hat`` twice and reads+writes the ``[C, D]`` gradient
-    buffer once, so short blocks are memory-bound: on the project's CPU
-    (B = 1024, C = 100k, D = 512, one thread) 16 rows took 10.4 s, 41 rows
-    6.3-7.1 s, 64 rows 5.4-5.6 s, 128 rows 4.6-5.3 s, 256 rows 4.4-4.8 s
-    (matmul floor 3.6-4.5 s).  ``D // 4`` rows keep the block at a quarter
-    of the weight's size."""
+    buffer once, so short blocks are memory-bound (timings per block size:
+    docs/margin.md, "Row block size").  ``D // 4`` rows keep the block at a
+    quarter of the weight's size."""
     return max(1, min(batch, max(AUTO_ROW_ELEMS // max(num_classes, 1), dim // 4)))
 
 
