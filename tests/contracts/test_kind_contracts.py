@@ -5,7 +5,6 @@ error."""
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 

@@ -121,7 +121,7 @@ def test_triplet_matches_naive(mining, nonzero):
 
 @pytest.mark.parametrize("mining", ["all", "hard"])
 def test_triplet_matches_pml(mining):
-    pml = pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning import losses, miners
 
     x, y = _data(B=24, D=8, C=4, seed=3, dtype=torch.float32)
@@ -250,7 +250,7 @@ def test_bad_hparams():
 
 
 def test_contrastive_with_a_similarity_matches_pml():
-    pml = pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning import distances, losses
 
     x, y = _data(B=24, D=8, C=4, seed=8, dtype=torch.float32)

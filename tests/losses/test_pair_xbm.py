@@ -35,7 +35,7 @@ def test_xbm_matches_loss_against_queue():
 
 
 def test_xbm_matches_pml_cross_batch_memory():
-    pml = pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning import losses, miners
 
     ref = losses.CrossBatchMemory(losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), embedding_size=6,

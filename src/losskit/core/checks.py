@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -221,4 +221,3 @@ def check_sample_weight(sample_weight: Any, batch: int, like: Tensor) -> Tensor 
     return sample_weight.to(like.dtype)
 
 
-Validator = Callable[[str, Any], Any]

@@ -16,7 +16,6 @@ built during forward from ``core.reduction.row_coefficients``).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from losskit.core.checks import check_bool, check_hparam, check_int

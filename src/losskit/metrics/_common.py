@@ -7,11 +7,7 @@ import torch
 from torch import Tensor
 
 from losskit.core.checks import check_finite
-from losskit.distances import DISTANCE_NAMES, BaseDistance, get_distance
-
-#: the names ``metric=`` accepts: the distance vocabulary (:mod:`losskit.distances`)
-METRICS = DISTANCE_NAMES
-
+from losskit.distances import BaseDistance, get_distance
 
 def as_embeddings(x, name: str = "embeddings") -> Tensor:
     """A floating ``[N, D]`` tensor (numpy accepted); float16/bfloat16 are promoted
