@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from losskit.distributed import collectives as col
 
@@ -77,30 +73,11 @@ def _worker(rank, world, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_ranks():
+def two_ranks(run_gloo):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with tempfile.TemporaryDirectory() as d:
-        method = "spawn"  # not fork: a forked child inherits the parent's OpenMP/gloo locks (hangs seen)
-        ctx = mp.start_processes(_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method=method)
-        deadline = time.monotonic() + 120
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the 2 gloo processes did not finish within 120 s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        return [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
+    return run_gloo(_worker, 2, timeout=120)
 
 
 def test_world_and_sizes(two_ranks):

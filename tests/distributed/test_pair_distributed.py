@@ -5,15 +5,11 @@ processes are joined with a deadline and killed if they hang.
 """
 
 import os
-import socket
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import losskit
 from losskit.distributed.collectives import all_gather_with_grad
@@ -93,31 +89,11 @@ def _worker(rank, world, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ranks():
+def ranks(run_gloo):
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
-    with tempfile.TemporaryDirectory() as d:
-        # spawn, not fork: a forked child inherits the parent's OpenMP/gloo locks and hung in the full suite
-        method = "spawn"
-        ctx = mp.start_processes(_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method=method)
-        deadline = time.monotonic() + 180
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the 2 gloo processes did not finish within 180 s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        return [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
+    return run_gloo(_worker, 2, timeout=180)
 
 
 @pytest.mark.parametrize("i", range(len(ROWS)))

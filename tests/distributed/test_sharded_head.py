@@ -5,14 +5,10 @@ and updated parameters), with no multiply by the world size anywhere;
 reduction='none' gives the rank's own rows (unequal row counts too)."""
 
 import os
-import socket
-import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import losskit
 
@@ -20,7 +16,6 @@ C, D_IN, D = 11, 5, 6
 EQUAL = [4, 4]
 UNEQUAL = [3, 5]
 LR = 0.5
-START_METHOD = "spawn"
 CASES = [
     ("arcface", {}),
     ("cosface", {"scale": 16.0}),
@@ -86,33 +81,9 @@ def _copy(lin):
     return out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two(fn, *args, timeout=120.0):
-    """Start 2 processes (spawn: a fresh interpreter, no lock inherited from the test process), join
-    them, and kill them on timeout or failure."""
-    ctx = mp.start_processes(fn, args=(2, *args), nprocs=2, join=False, start_method=START_METHOD)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError("gloo workers did not finish")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sharded_head_with_ddp_backbone_takes_the_single_process_step():
-    with tempfile.TemporaryDirectory() as d:
-        _run_two(_worker, _free_port(), d)
-        r = [torch.load(os.path.join(d, f"r{k}.pt")) for k in range(2)]
+def test_sharded_head_with_ddp_backbone_takes_the_single_process_step(run_gloo):
+    r = run_gloo(_worker, 2, timeout=120)
     x, y, w, W, lin0 = _data()
     for name, kw in CASES:
         backbone = _copy(lin0)
