@@ -350,6 +350,31 @@ def test_fused_class_tiles_equal_dense(tile, monkeypatch, count_fused):
     assert len(count_fused) == 8
 
 
+def test_fused_uses_the_threaded_tile_with_several_threads(monkeypatch):
+    """With more than one torch thread the tiles are ``_TILE_THREADED`` classes (fewer parallel
+    regions); shrunk here so that several tiles are used, the numbers are still dense's."""
+    monkeypatch.setattr(fused_mod, "_TILE", 10 ** 6)          # the one-thread tile would be one tile
+    monkeypatch.setattr(fused_mod, "_TILE_THREADED", 3)
+    seen = []
+    orig = fused_mod._tiled_block
+
+    def spy(*a, **k):
+        seen.append(a[8])                                       # T
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fused_mod, "_tiled_block", spy)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, y, w = _data(seed=6)
+        dense, fused = _pair("arcface", {}, "mean")
+        for u, v, what in zip(_run(fused, x, y, w), _run(dense, x, y, w), ("loss", "grad x", "grad W")):
+            _close(u, v, f"threaded tile {what}")
+    finally:
+        torch.set_num_threads(n)
+    assert seen and set(seen) == {3}
+
+
 @pytest.mark.parametrize("tile", [1, 2, 3])
 def test_fused_underflow_rows_across_tiles(tile, monkeypatch):
     """Rows whose every non-target logit underflows under the fixed reference are redone with

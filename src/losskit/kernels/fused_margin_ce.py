@@ -62,6 +62,11 @@ _CLASS_STEP = 2048
 #: in cache between the logit product and the input-gradient product (measured: docs/margin.md,
 #: "Heads", the fused row)
 _TILE = 512
+#: ... and with more than one torch thread: every op on a tile is an OpenMP region ending in a
+#: barrier, and with other jobs on the cores each barrier waits for a descheduled thread, so many
+#: small tiles made the head 3x the matmul floor under contention (4096: 1.5x; quiet: +4%;
+#: docs/margin.md, "Threads and contention"); the buffer is the same size either way
+_TILE_THREADED = 4096
 
 
 def auto_row_chunk(batch: int, num_classes: int, dim: int) -> int:
@@ -214,7 +219,7 @@ class FusedMarginCE(torch.autograd.Function):
             if fixed:
                 # class tiles of ``_TILE`` classes, tile-major: tile k of a block is a
                 # contiguous [rows, n_k] view, so its GEMMs read W[a:e] while it is in cache
-                T = max(1, min(_TILE, C))
+                T = max(1, min(_TILE if torch.get_num_threads() == 1 else _TILE_THREADED, C))
                 n_tiles = -(-C // T)
                 buf = torch.empty(n_tiles * rows_max * T, dtype=dtype, device=dev)
             else:
