@@ -202,17 +202,23 @@ def test_non_finite_input_is_a_clear_error(case: ObjectiveCase, bad, device):
         t = base.tensors[name].clone()
         t.view(-1)[min(1, t.numel() - 1)] = bad
         obj = case.build("mean", device=device)
-        try:
-            out = base.replace(**{name: t}).call(obj)
-        except ValueError as e:
-            if name not in str(e):
-                problems.append(f"{name}={bad}: ValueError does not name {name!r}: {e}")
-            continue
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{name}={bad}: {type(e).__name__} instead of ValueError: {e}")
-            continue
-        problems.append(f"{name}={bad}: accepted silently (loss {out.detach().cpu().tolist()})")
+        _must_refuse(problems, f"{name}={bad}", name, lambda: base.replace(**{name: t}).call(obj))
     assert not problems, "\n".join(problems)
+
+
+def _must_refuse(problems: list, what: str, name: str, call, errors: tuple = (ValueError,)) -> None:
+    """``call()`` must raise one of ``errors`` whose message names ``name``; else note the problem."""
+    try:
+        out = call()
+    except errors as e:
+        if name not in str(e):
+            problems.append(f"{what}: the {type(e).__name__} does not name {name!r}: {e}")
+        return
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{what}: {type(e).__name__} instead of {errors[0].__name__}: {e}")
+        return
+    shown = out.detach().cpu().tolist() if isinstance(out, torch.Tensor) else type(out).__name__
+    problems.append(f"{what}: accepted silently ({shown})")
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -475,16 +481,8 @@ def test_hyperparameters_are_captured_and_nan_is_refused(case: ObjectiveCase):
     for k, v in case.spec.hparams.items():
         if type(v) is not float or not math.isfinite(v) or k in case.variant:
             continue
-        try:
-            case.build("mean", **{k: math.nan})
-        except (ValueError, TypeError) as e:
-            if k not in str(e):
-                problems.append(f"{k}=nan: the error does not name {k!r}: {e}")
-            continue
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{k}=nan: {type(e).__name__}: {e}")
-            continue
-        problems.append(f"{k}=nan: accepted")
+        _must_refuse(problems, f"{k}=nan", k, lambda k=k: case.build("mean", **{k: math.nan}),
+                     errors=(ValueError, TypeError))
     assert not problems, "\n".join(problems)
 
 
@@ -495,16 +493,7 @@ def test_invalid_hyperparameters_are_refused(case: ObjectiveCase):
     problems = []
     for k, values in INVALID_HPARAMS.get(case.name, {}).items():
         for v in values:
-            try:
-                case.build("mean", **{k: v})
-            except ValueError as e:
-                if k not in str(e):
-                    problems.append(f"{k}={v}: the error does not name {k!r}: {e}")
-                continue
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"{k}={v}: {type(e).__name__} instead of ValueError: {e}")
-                continue
-            problems.append(f"{k}={v}: accepted")
+            _must_refuse(problems, f"{k}={v}", k, lambda k=k, v=v: case.build("mean", **{k: v}))
     assert not problems, "\n".join(problems)
 
 

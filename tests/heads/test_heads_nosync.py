@@ -57,29 +57,15 @@ def test_the_probe_catches_a_sync():
         m(*_data())
 
 
-@pytest.mark.parametrize("name,kw", [("arcface", {}), ("cosface", {}), ("combined-margin", {"m1": 1.2}),
-                                     ("normalized-softmax", {})])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_dense_forward_and_backward_make_no_python_host_sync(name, kw, reduction):
-    m = losskit.get(name, num_classes=C, embedding_dim=D, head="dense", reduction=reduction, **kw)
-    x, y = _data()
-    x.requires_grad_(True)
-    w = torch.rand(6)
-    with losskit.tensor_checks(False), _no_host_sync():
-        out = m(x, y, sample_weight=w)
-        out.sum().backward()
-    assert out.shape == (() if reduction == "mean" else (6,))
-
-
 NOSYNC_CHUNKED = [("arcface", {}), ("cosface", {}), ("combined-margin", {"m1": 1.2}), ("normalized-softmax", {}),
                   ("elastic-arcface", {"plus": True}), ("elastic-cosface", {})]
 
 
 @pytest.mark.parametrize("name,kw", NOSYNC_CHUNKED)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("head", ["chunked", "auto"])
-def test_chunked_and_auto_forward_and_backward_make_no_python_host_sync(name, kw, reduction, head):
-    # chunk_size 3: several chunks, a partial last one, chunks with and without targets
+@pytest.mark.parametrize("head", ["dense", "chunked", "auto"])
+def test_forward_and_backward_make_no_python_host_sync(name, kw, reduction, head):
+    # chunk_size 3 (chunked/auto): several chunks, a partial last one, chunks with and without targets
     m = losskit.get(name, num_classes=C, embedding_dim=D, head=head, chunk_size=3, reduction=reduction, **kw)
     x, y = _data()
     x.requires_grad_(True)
