@@ -7,8 +7,11 @@ import losskit
 from losskit.functional.episodes import icnn_loss, icnn_score
 
 
-def naive_icnn(x, y, k=4, omega=True, anchors=None):
-    """The ICNN score, one anchor at a time, from the definitions in docs/episodes.md."""
+def naive_icnn(x, y, k=4, omega=False, anchors=None, cand=None):
+    """The ICNN score, one anchor at a time, from the definitions in docs/pair.md
+    (the authors' ``modified_score``: the nearest other-class row among the
+    ``cand`` nearest rows, ``k + 1`` by default, ``'batch'`` for all of them;
+    none there: the anchor's same-class terms are 0)."""
     B = x.shape[0]
     y = [int(v) for v in y]
     d = [[math.sqrt(sum((float(x[i, t]) - float(x[j, t])) ** 2 for t in range(x.shape[1])))
@@ -19,12 +22,16 @@ def naive_icnn(x, y, k=4, omega=True, anchors=None):
     if not valid:
         return float("nan")
     k = min(k, B - 2)
-    nbrs = {i: sorted((j for j in range(B) if j != i), key=lambda j: d[i][j])[:k] for i in valid}
+    n_cand = B - 1 if cand == "batch" else min(B - 1, k + 1 if cand is None else cand)
+    order = {i: sorted((j for j in range(B) if j != i), key=lambda j: d[i][j]) for i in valid}
+    nbrs = {i: order[i][:k] for i in valid}
     same_nd, other_d = {}, {}
     for i in valid:
-        nn_other = min(d[i][j] for j in range(B) if y[j] != y[i])
+        others = [d[i][j] for j in order[i][:n_cand] if y[j] != y[i]]
+        nn_other = min(others) if others else math.inf
         d_k = d[i][nbrs[i][-1]]
-        same_nd[i] = [d[i][j] / max(nn_other, d_k) for j in nbrs[i] if y[j] == y[i]]
+        same_nd[i] = [0.0 if nn_other == math.inf else d[i][j] / max(nn_other, d_k)
+                      for j in nbrs[i] if y[j] == y[i]]
         other_d[i] = [d[i][j] for j in nbrs[i] if y[j] != y[i]]
     with_same = [i for i in valid if same_nd[i]]
     lam_s = 1.0 - (sum(sum(v) / len(v) for v in (same_nd[i] for i in with_same)) / len(with_same)
@@ -60,13 +67,33 @@ def batch(P=4, K=4, D=5, seed=0, dtype=torch.float64, spread=1.0):
 
 @pytest.mark.parametrize("omega", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_hard_score_matches_naive(omega, seed):
-    x, y = batch(seed=seed)
-    ref = naive_icnn(x, y, omega=omega)
+@pytest.mark.parametrize("cand", [None, 2, "batch"])
+def test_hard_score_matches_naive(omega, seed, cand):
+    x, y = batch(seed=seed, spread=2.0)
+    ref = naive_icnn(x, y, omega=omega, cand=cand)
     assert 0.0 <= ref <= 1.0
-    torch.testing.assert_close(icnn_score(x, y, k=4, omega=omega).item(), ref)
-    m = losskit.get("icnn", omega=omega)
+    nc = 10**6 if cand == "batch" else cand
+    torch.testing.assert_close(icnn_score(x, y, k=4, omega=omega, nn_candidates=nc).item(), ref)
+    m = losskit.get("icnn", omega=omega, nn_candidates=nc)
     torch.testing.assert_close(m.score(x, y).item(), ref)
+
+
+def test_default_loss_is_the_authors_code():
+    # -log((lambda + gamma) / 2), hard neighbours, nearest other class among the k + 1 nearest
+    for seed in range(3):
+        x, y = batch(seed=seed, spread=2.0)
+        ref = naive_icnn(x, y)
+        torch.testing.assert_close(icnn_loss(x, y).item(), -math.log(ref))
+        torch.testing.assert_close(losskit.get("icnn")(x, y).item(), -math.log(ref))
+        torch.testing.assert_close(icnn_loss(x, y, log=False).item(), 1.0 - ref)
+    # the search scope matters: a batch where the nearest other-class row is not among the k + 1 nearest
+    x = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4], [0.5], [5.0], [5.1]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    near = icnn_score(x, y, k=2).item()
+    whole = icnn_score(x, y, k=2, nn_candidates=10**6).item()
+    torch.testing.assert_close(near, naive_icnn(x, y, k=2))
+    torch.testing.assert_close(whole, naive_icnn(x, y, k=2, cand="batch"))
+    assert near > whole  # none found among the 3 nearest counts as a perfect same-class term
 
 
 def test_query_anchors_and_small_k_match_naive():
@@ -82,12 +109,16 @@ def test_query_anchors_and_small_k_match_naive():
 
 def test_relaxation_converges_to_hard_score_and_mean_share_is_score():
     x, y = batch(seed=4)
-    ref = naive_icnn(x, y)
-    loss = icnn_loss(x, y, tau=1e-4)
+    ref = naive_icnn(x, y, omega=True, cand="batch")
+    soft = dict(omega=True, log=False, nn_candidates=10**6)  # the previous default, now options
+    loss = icnn_loss(x, y, tau=1e-4, **soft)
     torch.testing.assert_close(loss.item(), 1.0 - ref, rtol=0, atol=1e-6)
-    per = icnn_loss(x, y, tau=0.1, reduction="none")
+    per = icnn_loss(x, y, tau=0.1, reduction="none", **soft)
     assert per.shape == (16,)
-    torch.testing.assert_close(per.mean(), 1.0 - icnn_score(x, y, tau=0.1))
+    torch.testing.assert_close(per.mean(), 1.0 - icnn_score(x, y, tau=0.1, omega=True, nn_candidates=10**6))
+    # -log of the relaxed score with log=True
+    torch.testing.assert_close(icnn_loss(x, y, tau=0.1, omega=True, nn_candidates=10**6),
+                               -torch.log(icnn_score(x, y, tau=0.1, omega=True, nn_candidates=10**6)))
     # the relaxation differs from the hard score at finite tau (it is not the identity)
     assert abs(per.mean().item() - (1.0 - ref)) > 1e-4
 
@@ -102,8 +133,9 @@ def test_scale_invariant_and_better_separation_scores_higher():
 def test_gradcheck_float64():
     x, y = batch(P=3, K=3, D=3, seed=6)
     x.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2), (x,))
-    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2, omega=False, reduction="none"), (x,))
+    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2, omega=True), (x,))
+    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3, tau=0.2, log=False, reduction="none"), (x,))
+    assert torch.autograd.gradcheck(lambda e: icnn_loss(e, y, k=3), (x,))  # the default (hard neighbours)
 
 
 def test_optimising_the_loss_raises_the_score():
@@ -134,7 +166,9 @@ def test_sample_weight_and_reductions():
     torch.testing.assert_close(icnn_loss(x, y, anchors="query", sample_weight=w), (perq * w).sum() / q.sum())
     torch.testing.assert_close(icnn_loss(x, y, anchors="query", reduction="sum", sample_weight=w), (perq * w).sum())
     # the query anchors' mean share is the query-anchor score
-    torch.testing.assert_close(1.0 - perq.sum() / q.sum(), icnn_score(x, y, tau=0.05, anchors="query"))
+    torch.testing.assert_close(per[0], per.mean())  # -log(score): one batch value per valid anchor
+    perq1 = icnn_loss(x, y, anchors="query", reduction="none", tau=0.05, log=False)
+    torch.testing.assert_close(1.0 - perq1.sum() / q.sum(), icnn_score(x, y, tau=0.05, anchors="query"))
 
 
 def test_no_valid_anchor_is_zero_with_graph():
@@ -172,6 +206,7 @@ def test_bf16_and_duplicate_points():
     (dict(tau=-0.1), ValueError, r"tau: expected a value >= 0.0, got -0.1"),
     (dict(tau=float("nan")), ValueError, r"tau: expected a finite number >= 0.0, got nan"),
     (dict(omega="yes"), TypeError, r"omega: expected True or False, got 'yes'"),
+    (dict(nn_candidates=0), ValueError, r"nn_candidates: expected an integer >= 1, got 0"),
     (dict(anchors="support"), ValueError, r"anchors: expected one of \('all', 'query'\), got 'support'"),
 ])
 def test_hyperparameters_checked_at_construction_and_by_the_function(kw, err, msg):
@@ -221,5 +256,5 @@ def test_registry_entry():
     s = losskit.spec("icnn")
     assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2305.09062")
     assert s.hparams["k"] == 4
-    assert losskit.get("icnn", k=3).hparams == {"k": 3, "tau": 0.05, "omega": True, "anchors": "all",
-                                                "reduction": "mean"}
+    assert losskit.get("icnn", k=3).hparams == {"k": 3, "tau": 0.0, "omega": False, "anchors": "all",
+                                                "log": True, "nn_candidates": None, "reduction": "mean"}

@@ -21,7 +21,7 @@ def naive_split(y):
     return support
 
 
-def naive_proto_triplet(x, y, support, margin, negatives="all", distance="euclidean", normalize=False):
+def naive_proto_triplet(x, y, support, margin, negatives="hardest", distance="euclidean", normalize=False):
     """One loss per batch row (support rows 0), from the paper's equations.
     ``normalize``: the distance L2-normalises both the query and the prototype."""
     rows = range(len(y))
@@ -212,7 +212,7 @@ def test_hyperparameters_checked_at_construction_and_by_the_function(kw, err, ms
 
 def test_hparams_captured_and_value_checks_switch():
     m = losskit.get("proto-triplet", margin=0.3, distance="cosine")
-    assert m.hparams == {"margin": 0.3, "negatives": "all", "distance": "cosine", "reduction": "mean"}
+    assert m.hparams == {"margin": 0.3, "negatives": "hardest", "distance": "cosine", "reduction": "mean"}
     x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, -1])
     with losskit.tensor_checks(False):  # the label range is a value check: skipped
         assert torch.isfinite(m(x, y))
@@ -223,3 +223,30 @@ def test_registry_entry():
     assert s.kind == "objective"
     assert (s.family, s.task, s.paper.arxiv) == ("pair", "embedding", "2305.09062")
     assert s.hparams["margin"] == 0.5
+
+
+def code_proto_triplet(queries, y_q, protos, y_p, margin=0.5):
+    """The authors' ``proto_triplet_loss`` (maumruiz/FSL-Loss, algorithms/icnn_loss.py) as loops:
+    distance sqrt(||q - c||^2 + 1e-6), hardest other prototype, mean over queries."""
+    vals = []
+    for q, c in zip(queries, y_q):
+        d = {int(k): math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(q, p)) + 1e-6)
+             for p, k in zip(protos, y_p)}
+        pos = d[int(c)]
+        neg = min(v for k, v in d.items() if k != int(c))
+        vals.append(max(0.0, pos - neg + margin))
+    return sum(vals) / len(vals)
+
+
+def test_default_is_the_authors_code():
+    g = torch.Generator().manual_seed(3)
+    way, shot, query = 5, 3, 4
+    support = torch.randn(way * shot, 6, generator=g, dtype=torch.float64)
+    queries = torch.randn(way * query, 6, generator=g, dtype=torch.float64)
+    ys, yq = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
+    protos = torch.stack([support[ys == c].mean(0) for c in range(way)])
+    x, y = torch.cat([support, queries]), torch.cat([ys, yq])
+    mask = torch.arange(len(y)) < len(ys)
+    ref = code_proto_triplet(queries, yq, protos, torch.arange(way))
+    # the only difference is the code's 1e-6 under the square root
+    torch.testing.assert_close(losskit.get("proto-triplet")(x, y, support_mask=mask).item(), ref, rtol=0, atol=1e-5)

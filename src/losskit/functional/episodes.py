@@ -181,7 +181,7 @@ def _proto_triplet_hparams(margin: float, negatives: str, distance: str | BaseDi
 
 
 def proto_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5,
-                       negatives: str = "all", distance: str | BaseDistance = "euclidean",
+                       negatives: str = "hardest", distance: str | BaseDistance = "euclidean",
                        reduction: str = "mean", sample_weight: Tensor | None = None,
                        support_mask: Tensor | None = None) -> Tensor:
     """Proto-Triplet loss (Mendez-Ruiz et al., 2023).
@@ -189,8 +189,13 @@ def proto_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5,
     Prototypes ``c_k`` are the means of the support rows of class ``k``.  For a
     query ``q`` of class ``y`` and the other prototype classes ``K'``::
 
+        negatives='hardest' (default, the authors' code): l(q) = [d(q, c_y) - min_{k in K'} d(q, c_k) + margin]_+
         negatives='all'     (the notes' form):  l(q) = 1/|K'| sum_{k in K'} [d(q, c_y) - d(q, c_k) + margin]_+
-        negatives='hardest' (the authors' code): l(q) = [d(q, c_y) - min_{k in K'} d(q, c_k) + margin]_+
+
+    The default is ``proto_triplet_loss`` of maumruiz/FSL-Loss
+    (``algorithms/icnn_loss.py``: hardest other prototype, margin 0.5, mean
+    over queries), except that the distance is the exact Euclidean one (the
+    code adds 1e-6 under the square root).
 
     ``d`` is ``distance``, a name of the distance vocabulary
     (:mod:`losskit.distances`: ``'euclidean'`` (default), ``'squared-euclidean'``
@@ -243,10 +248,16 @@ def _wvar(weights: Tensor, values: Tensor) -> Tensor:
     return (weights * (values - mu) ** 2).sum() / tot
 
 
-def _icnn_parts(x: Tensor, y: Tensor, k: int, tau: float, omega: bool, anchor: Tensor) -> tuple[Tensor, Tensor]:
+def _icnn_parts(x: Tensor, y: Tensor, k: int, tau: float, omega: bool, anchor: Tensor,
+                nn_candidates: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-row shares ``c_i`` (their mean over the valid anchors is the ICNN
     score; 0 elsewhere) and the valid-anchor mask, both ``[B]``.  Computed
-    over every row with masks (no host synchronisation)."""
+    over every row with masks (no host synchronisation).
+
+    ``nn_candidates``: how many nearest rows are searched for the nearest
+    other-class row ``dnn_i`` (None: ``k + 1``, the authors' ``ipc``
+    default); an anchor with none among them gets ``nd = 0`` (the code's
+    ``d / inf``).  A number ``>= B - 1`` searches the whole batch."""
     B = x.shape[0]
     if B < 3:  # no row can have both another row of its class and one of another class
         return _zeros(x), torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -259,7 +270,8 @@ def _icnn_parts(x: Tensor, y: Tensor, k: int, tau: float, omega: bool, anchor: T
     nv = vf.sum()
     d = _EUCLIDEAN.pairwise(x)  # [B, B]
     k_eff = min(k, B - 2)  # the authors' code: k = n - 2 when k + 2 >= n
-    top = torch.topk(d.masked_fill(eye, float("inf")), k_eff + 1, dim=1, largest=False)
+    cand = min(B - 1, k_eff + 1 if nn_candidates is None else nn_candidates)
+    top = torch.topk(d.masked_fill(eye, float("inf")), max(k_eff + 1, cand), dim=1, largest=False)
     d_k = top.values[:, k_eff - 1]  # k-th nearest distance
     hard = torch.zeros_like(eye).scatter(1, top.indices[:, :k_eff], True)
     if tau > 0:
@@ -271,8 +283,13 @@ def _icnn_parts(x: Tensor, y: Tensor, k: int, tau: float, omega: bool, anchor: T
     # gamma: share of same-class neighbours
     gamma = ws.sum(1) / w.sum(1).clamp_min(_TINY)
     # lambda, same class: distances over max(nearest other-class distance, k-th distance)
-    nn_dc = d.masked_fill(~o, float("inf")).min(1).values
-    nd = (d / torch.maximum(nn_dc, d_k).clamp_min(_TINY).unsqueeze(1)).clamp(max=1.0)
+    if cand >= B - 1:  # the whole batch
+        nn_dc = d.masked_fill(~o, float("inf")).min(1).values
+    else:  # among the cand nearest rows, as the authors' code (inf when none: nd = 0 below)
+        oc = o.gather(1, top.indices[:, :cand])
+        nn_dc = top.values[:, :cand].masked_fill(~oc, float("inf")).min(1).values
+    den = torch.maximum(nn_dc, d_k).clamp_min(_TINY).unsqueeze(1)
+    nd = torch.where(torch.isinf(den), torch.zeros_like(d), d / den).clamp(max=1.0)
     a = ws.sum(1).clamp(max=1.0)
     ms = (ws * nd).sum(1) / ws.sum(1).clamp_min(_TINY)
     lam_s = 1.0 - (nv / (a * vf).sum().clamp_min(_TINY)) * a * ms
@@ -310,60 +327,88 @@ def _icnn_hparams(k: int, tau: float, omega: bool, anchors: str) -> tuple[int, f
             check_choice("anchors", anchors, ANCHORS))
 
 
-def icnn_score(embeddings: Tensor, labels: Tensor, k: int = 4, omega: bool = True,
-               tau: float = 0.0, anchors: str = "all", support_mask: Tensor | None = None) -> Tensor:
-    """The ICNN score in [0, 1] (higher = better separated); ``tau=0`` is the
-    exact (hard-neighbour) score, ``tau > 0`` the relaxation used by the loss.
+def _icnn_extra_hparams(log: bool, nn_candidates: int | None) -> tuple[bool, int | None]:
+    """Validated ``(log, nn_candidates)`` of the ICNN loss."""
+    return check_bool("log", log), check_int("nn_candidates", nn_candidates, low=1, allow_none=True)
 
-    Every other row of the batch is a neighbour candidate; anchors are every
-    row (``anchors='all'``) or the query rows.  Only anchors with at least one
-    other row of their class and one row of another class count.  Returns NaN
-    when no anchor counts (the score is undefined there).  See docs/pair.md (episode losses)
-    for the exact terms.
+
+def icnn_score(embeddings: Tensor, labels: Tensor, k: int = 4, omega: bool = False,
+               tau: float = 0.0, anchors: str = "all", support_mask: Tensor | None = None, *,
+               nn_candidates: int | None = None) -> Tensor:
+    """The ICNN score in [0, 1] (higher = better separated); ``tau=0`` is the
+    exact (hard-neighbour) score, ``tau > 0`` the soft relaxation.
+
+    Defaults are the authors' released code (``modified_score`` in
+    maumruiz/FSL-Loss, ``algorithms/icnn_loss.py``): ``(lambda + gamma) / 2``
+    (``omega=False``), the nearest other-class row looked for among the
+    ``k + 1`` nearest rows (``nn_candidates``).  Every other row of the batch
+    is a neighbour candidate; anchors are every row (``anchors='all'``) or the
+    query rows.  Only anchors with at least one other row of their class and
+    one row of another class count.  Returns NaN when no anchor counts (the
+    score is undefined there).  See docs/pair.md (episode losses) for the
+    exact terms.
     """
     k, tau, omega, anchors = _icnn_hparams(k, tau, omega, anchors)
-    return _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask)
+    _, nn_candidates = _icnn_extra_hparams(True, nn_candidates)
+    return _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask, nn_candidates)
 
 
-def _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask) -> Tensor:
+def _icnn_score(embeddings, labels, k, tau, omega, anchors, support_mask, nn_candidates=None) -> Tensor:
     _check_inputs(embeddings, labels, allow_nota=False)
     anchor = _icnn_anchors(labels, anchors, support_mask)
     with _no_autocast(embeddings):
-        shares, valid = _icnn_parts(embeddings.to(_work_dtype(embeddings)), labels, k, tau, omega, anchor)
+        shares, valid = _icnn_parts(embeddings.to(_work_dtype(embeddings)), labels, k, tau, omega, anchor,
+                                    nn_candidates)
         vf = valid.to(shares.dtype)
         score = (shares * vf).sum() / vf.sum()  # 0 / 0 = NaN when no anchor counts
     return score.to(embeddings.dtype)
 
 
-def icnn_loss(embeddings: Tensor, labels: Tensor, k: int = 4, tau: float = 0.05, omega: bool = True,
+def icnn_loss(embeddings: Tensor, labels: Tensor, k: int = 4, tau: float = 0.0, omega: bool = False,
               anchors: str = "all", reduction: str = "mean", sample_weight: Tensor | None = None,
-              support_mask: Tensor | None = None) -> Tensor:
-    """ICNN loss ``1 - ICNN`` with soft neighbour membership (Mendez-Ruiz et al., 2023).
+              support_mask: Tensor | None = None, *, log: bool = True, nn_candidates: int | None = None) -> Tensor:
+    """ICNN loss (Mendez-Ruiz et al., 2023), by default as the authors' code trains it.
 
-    Per anchor ``i`` the share ``l_i = 1 - c_i``; the mean of ``c_i`` over the
-    valid anchors equals the (relaxed) ICNN score, so with ``reduction='mean'``
-    and every anchor valid the loss is exactly ``1 - ICNN_tau``.  Invalid
-    anchors and non-anchor rows get 0 (``reduction='none'`` gives ``[B]``);
-    ``'mean'`` divides by the number of anchor rows (``B`` with
-    ``anchors='all'``, the query rows with ``'query'``).  ``tau`` is the
-    sigmoid temperature relative to each anchor's neighbour radius; ``tau=0``
-    uses the hard neighbours (gamma then has no gradient, as in the authors'
-    code).
+    Defaults (maumruiz/FSL-Loss, ``algorithms/icnn_loss.py``, ``get_icnn_loss``
+    with ``fullicnn``): hard neighbours (``tau=0``), score
+    ``(lambda + gamma) / 2`` (``omega=False``), the nearest other-class row
+    among the ``k + 1`` nearest (``nn_candidates=None``), and the loss
+    ``-log(score)`` (``log=True``).  ``log=False`` gives ``1 - score``;
+    ``tau > 0`` the soft neighbour membership (sigmoid weights of relative
+    temperature ``tau``; our relaxation, not the authors'), ``omega=True``
+    the paper notes' ``(lambda + gamma + omega) / 3``.
+
+    Per anchor: with ``log=False`` the share ``l_i = 1 - c_i``, whose mean
+    over the valid anchors is ``1 - score``; with ``log=True`` every valid
+    anchor gets ``l_i = -log(score)`` (the score is a batch quantity; it is
+    floored at 1e-12).  Invalid anchors and non-anchor rows get 0
+    (``reduction='none'`` gives ``[B]``); ``'mean'`` divides by the number of
+    anchor rows (``B`` with ``anchors='all'``, the query rows with
+    ``'query'``), so with every anchor valid ``'mean'`` is exactly the loss.
+    ``tau=0``: gamma has no gradient (as in the authors' code).
     """
     check_reduction(reduction)
     k, tau, omega, anchors = _icnn_hparams(k, tau, omega, anchors)
-    return _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask)
+    log, nn_candidates = _icnn_extra_hparams(log, nn_candidates)
+    return _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask,
+                      log, nn_candidates)
 
 
-def _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask) -> Tensor:
+def _icnn_loss(embeddings, labels, k, tau, omega, anchors, reduction, sample_weight, support_mask,
+               log=True, nn_candidates=None) -> Tensor:
     """:func:`icnn_loss` on validated hyperparameters."""
     _check_inputs(embeddings, labels, allow_nota=False)
     anchor = _icnn_anchors(labels, anchors, support_mask)
     with _no_autocast(embeddings):
         x = embeddings.to(_work_dtype(embeddings))
         sw = check_sample_weight(sample_weight, x.shape[0], x)
-        shares, valid = _icnn_parts(x, labels, k, tau, omega, anchor)
-        per = torch.where(valid, 1.0 - shares, shares)  # shares are 0 where not valid
+        shares, valid = _icnn_parts(x, labels, k, tau, omega, anchor, nn_candidates)
+        if log:
+            vf = valid.to(shares.dtype)
+            score = (shares * vf).sum() / vf.sum().clamp_min(1.0)
+            per = torch.where(valid, -torch.log(score.clamp_min(_TINY)), shares)  # shares are 0 where not valid
+        else:
+            per = torch.where(valid, 1.0 - shares, shares)
         out = reduce_loss(per, reduction, sw, denominator=anchor.sum(), checked=True)
     return out.to(embeddings.dtype)
 

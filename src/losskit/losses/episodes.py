@@ -21,6 +21,7 @@ from losskit.functional.episodes import (
     _gpam_hparams,
     _gpam_loss,
     _gpam_predict,
+    _icnn_extra_hparams,
     _icnn_hparams,
     _icnn_loss,
     _icnn_score,
@@ -51,14 +52,15 @@ class _EpisodeLoss(nn.Module):
           summary="Triplet hinge between a query, its class prototype and the other prototypes "
                   "(support/query split inside the batch).")
 class ProtoTripletLoss(_EpisodeLoss):
-    """Proto-Triplet loss: ``[d(q, c_y) - d(q, c_k) + margin]_+`` averaged over
-    the other prototypes ``k`` (``negatives='all'``) or against the nearest one
-    (``negatives='hardest'``, the authors' code).  Margin 0.5 is the authors'
+    """Proto-Triplet loss: ``[d(q, c_y) - d(q, c_k) + margin]_+`` against the
+    nearest other prototype (``negatives='hardest'``, the default: the authors'
+    code, maumruiz/FSL-Loss ``algorithms/icnn_loss.py``) or averaged over the
+    other prototypes ``k`` (``negatives='all'``).  Margin 0.5 is the authors'
     code default.  ``distance``: a name of the distance vocabulary
     (:mod:`losskit.distances`) or a distance object; ``self.distance`` is the
     resolved object."""
 
-    def __init__(self, margin: float = 0.5, negatives: str = "all", distance: str | BaseDistance = "euclidean",
+    def __init__(self, margin: float = 0.5, negatives: str = "hardest", distance: str | BaseDistance = "euclidean",
                  reduction: str = "mean"):
         super().__init__()
         self.margin, self.negatives, self.distance = _proto_triplet_hparams(margin, negatives, distance)
@@ -72,29 +74,38 @@ class ProtoTripletLoss(_EpisodeLoss):
 
 
 @register("icnn", family="pair", task="embedding", paper=SUSANA,
-          summary="1 - ICNN: the inter/intra-class nearest-neighbour score (k = 4) with soft "
-                  "neighbour membership.")
+          summary="-log ICNN: the inter/intra-class nearest-neighbour score (k = 4), as the "
+                  "authors' code trains it (soft relaxation and 1 - score as options).")
 class ICNNLoss(_EpisodeLoss):
-    """ICNN loss ``1 - ICNN``, ``ICNN = (lambda + gamma + omega) / 3`` over the
-    ``k`` nearest neighbours of every anchor, relaxed with sigmoid neighbour
-    weights of relative temperature ``tau``.  ``omega=False`` gives the
-    authors' code's ``(lambda + gamma) / 2``.  :meth:`score` returns the exact
-    (hard) score."""
+    """ICNN loss over the ``k`` nearest neighbours of every anchor.
 
-    def __init__(self, k: int = 4, tau: float = 0.05, omega: bool = True, anchors: str = "all",
-                 reduction: str = "mean"):
+    Defaults as the authors' released code trains it (maumruiz/FSL-Loss,
+    ``algorithms/icnn_loss.py``: ``modified_score`` and ``get_icnn_loss``):
+    hard neighbours (``tau=0``), score ``(lambda + gamma) / 2``
+    (``omega=False``), the nearest other-class row among the ``k + 1``
+    nearest (``nn_candidates=None``), loss ``-log(score)`` (``log=True``).
+    Options: ``tau > 0`` soft neighbour membership (our relaxation),
+    ``omega=True`` the ``(lambda + gamma + omega) / 3`` score, ``log=False``
+    the loss ``1 - score``, ``nn_candidates`` (e.g. ``shot + query`` as the
+    code's ``fullicnn`` passes, or ``>= B - 1`` for the whole batch).
+    :meth:`score` returns the exact (hard) score."""
+
+    def __init__(self, k: int = 4, tau: float = 0.0, omega: bool = False, anchors: str = "all",
+                 log: bool = True, nn_candidates: int | None = None, reduction: str = "mean"):
         super().__init__()
         self.k, self.tau, self.omega, self.anchors = _icnn_hparams(k, tau, omega, anchors)
+        self.log, self.nn_candidates = _icnn_extra_hparams(log, nn_candidates)
         self.reduction = check_reduction(reduction)
 
     def forward(self, embeddings: Tensor, labels: Tensor, sample_weight: Tensor | None = None,
                 support_mask: Tensor | None = None) -> Tensor:
         return _icnn_loss(embeddings, labels, self.k, self.tau, self.omega, self.anchors,
-                          self.reduction, sample_weight, support_mask)
+                          self.reduction, sample_weight, support_mask, self.log, self.nn_candidates)
 
     def score(self, embeddings: Tensor, labels: Tensor, support_mask: Tensor | None = None) -> Tensor:
         """The exact ICNN score in [0, 1] (hard neighbours); NaN when no anchor counts."""
-        return _icnn_score(embeddings, labels, self.k, 0.0, self.omega, self.anchors, support_mask)
+        return _icnn_score(embeddings, labels, self.k, 0.0, self.omega, self.anchors, support_mask,
+                           self.nn_candidates)
 
 
 
