@@ -25,17 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losskit.core.checks import check_bool, check_choice, check_hparam, check_reduction, check_sample_weight
+from losskit.core.checks import check_bool, check_choice, check_hparam, check_int, check_reduction, check_sample_weight
 from losskit.core.context import PairReference
 from losskit.core.reduction import reduce_loss, zero_with_graph
 from losskit.distances import BaseDistance, CosineSimilarity, get_distance
+from losskit.kernels.pair_blocks import ContrastiveRule, TCMRule, TripletRule, pair_block_sums
 from losskit.mining.pairs import block_pair_masks, resolve_reference
 from losskit.mining.triplet import TRIPLET_MINING, hard_triplets, mine_triplets
 
-__all__ = ["PairInputs", "contrastive_loss", "triplet_loss", "tcm_regularizer", "PAIR_AVERAGES",
+__all__ = ["PairInputs", "contrastive_loss", "triplet_loss", "tcm_regularizer", "PAIR_AVERAGES", "DENSE_MAX_PAIRS",
            "check_contrastive_hparams", "check_triplet_hparams", "check_tcm_hparams"]
 
 PAIR_AVERAGES = ("nonzero", "all")
+
+#: with ``chunk_size=None`` a loss builds the dense ``B x M`` matrix under autograd up to this many
+#: pairs (static shapes, ``torch.compile``-able) and walks row blocks beyond it
+#: (:mod:`losskit.kernels.pair_blocks`: memory ``O(chunk x M)``)
+DENSE_MAX_PAIRS = 1 << 22
 
 
 class PairInputs:
@@ -79,6 +85,17 @@ class PairInputs:
         others = None if self.others is None else self.others.to(self.work_dtype)
         return distance.pairwise(self.embeddings.to(self.work_dtype), others), pos, neg
 
+    def chunked(self, chunk_size: int | None) -> bool:
+        """Whether to walk row blocks: ``chunk_size`` given, or more than ``DENSE_MAX_PAIRS`` pairs."""
+        return chunk_size is not None or self.B * self.M > DENSE_MAX_PAIRS
+
+    def block_sums(self, distance: BaseDistance, rule, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """``(sums [terms, B], counts [terms])`` of ``rule`` over row blocks (never ``B x M``)."""
+        q = distance.prepare(self.embeddings.to(self.work_dtype))
+        ref = self.ref
+        r, r_labels = (None, None) if ref.is_batch else (distance.prepare(ref.embeddings.to(self.work_dtype)), ref.labels)
+        return pair_block_sums(q, r, self.labels, r_labels, ref.self_index, rule, chunk_size)
+
     def count(self, n: Tensor, dtype: torch.dtype) -> Tensor:
         """A pair count, summed over processes when the reference says so, at least 1."""
         return self.ref.count(n.to(dtype)).clamp_min(1)
@@ -119,7 +136,8 @@ def check_contrastive_hparams(pos_margin, neg_margin, distance, normalize, squar
 def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0, neg_margin: float = 1.0,
                      reduction: str = "mean", sample_weight: Tensor | None = None, *,
                      distance: str | BaseDistance = "euclidean", normalize: bool = True, squared_hinge: bool = False,
-                     pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
+                     pair_average: str = "nonzero", reference: PairReference | None = None,
+                     chunk_size: int | None = None) -> Tensor:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) with PML's two margins.
 
     Per ordered pair: positives ``[d - pos_margin]_+``, negatives
@@ -128,11 +146,19 @@ def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0
     ``1/2 [.]_+^2``.  Positive and negative terms are each averaged over
     their pairs (``pair_average='nonzero'``: over pairs with a nonzero loss,
     PML's AvgNonZeroReducer; ``'all'``: over all pairs) and summed.
+    ``chunk_size``: anchor rows per block (None: dense up to ``DENSE_MAX_PAIRS``
+    pairs, blocks of about 4M values beyond).
     """
     dist = check_contrastive_hparams(pos_margin, neg_margin, distance, normalize, squared_hinge, pair_average)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
+    if b.chunked(chunk_size):
+        rule = ContrastiveRule(dist, pos_margin, neg_margin, squared_hinge, pair_average == "nonzero")
+        sums, counts = b.block_sums(dist, rule, chunk_size)
+        per = b.share(sums[0], b.count(counts[0], sums.dtype)) + b.share(sums[1], b.count(counts[1], sums.dtype))
+        return b.finish(per)
     mat, pos, neg = b.pairs(dist)
     lp = F.relu(dist.margin(mat, pos_margin)) * pos
     ln = F.relu(dist.margin(neg_margin, mat)) * neg
@@ -160,7 +186,8 @@ def check_triplet_hparams(margin, mining, distance, normalize, smooth, pair_aver
 def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2, mining: str = "semi-hard",
                  reduction: str = "mean", sample_weight: Tensor | None = None, *,
                  distance: str | BaseDistance = "squared-euclidean", normalize: bool = True, smooth: bool = False,
-                 pair_average: str = "nonzero", reference: PairReference | None = None) -> Tensor:
+                 pair_average: str = "nonzero", reference: PairReference | None = None,
+                 chunk_size: int | None = None) -> Tensor:
     """Triplet loss (FaceNet): ``[d(a,p) - d(a,n) + margin]_+`` over mined triplets.
 
     FaceNet uses squared Euclidean distances of L2-normalised embeddings and
@@ -169,12 +196,18 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2, mining
     Averaged over triplets with a nonzero loss (``pair_average='nonzero'``)
     or over all mined triplets (``'all'``).  ``hard`` has static shapes
     (``torch.compile``-able); ``all`` and ``semi-hard`` mine a data-dependent
-    number of triplets.
+    number of triplets.  ``chunk_size``: anchor rows per block (None: dense
+    up to ``DENSE_MAX_PAIRS`` pairs, blocks beyond; every mining mode).
     """
     dist = check_triplet_hparams(margin, mining, distance, normalize, smooth, pair_average)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
+    if b.chunked(chunk_size):
+        sums, counts = b.block_sums(dist, TripletRule(dist, margin, mining, smooth, pair_average == "nonzero"),
+                                    chunk_size)
+        return b.finish(b.share(sums[0], b.count(counts[0], sums.dtype)))
     mat, pos, neg = b.pairs(dist)
     if mining == "hard":  # one triplet per anchor that has a positive and a negative
         p, n, has = hard_triplets(mat.detach(), pos, neg, dist)
@@ -205,18 +238,27 @@ def check_tcm_hparams(lambda_plus, lambda_minus, margin_plus, margin_minus):
 
 def tcm_regularizer(embeddings: Tensor, labels: Tensor, lambda_plus: float = 1.0, lambda_minus: float = 1.0,
                     margin_plus: float = 0.9, margin_minus: float = 0.5, reduction: str = "mean",
-                    sample_weight: Tensor | None = None, *, reference: PairReference | None = None) -> Tensor:
+                    sample_weight: Tensor | None = None, *, reference: PairReference | None = None,
+                    chunk_size: int | None = None) -> Tensor:
     """The TCM regulariser (Zhang et al., ICLR 2024, arXiv 2307.04047), on cosine similarities S::
 
         lambda+ * sum_{pos, S <= m+} (m+ - S) / #{pos, S <= m+}
       + lambda- * sum_{neg, S >= m-} (S - m-) / #{neg, S >= m-}
 
-    over ordered pairs; each term is 0 when no pair is selected.
+    over ordered pairs; each term is 0 when no pair is selected.  ``chunk_size``:
+    anchor rows per block (None: dense up to ``DENSE_MAX_PAIRS`` pairs, blocks beyond).
     """
     check_tcm_hparams(lambda_plus, lambda_minus, margin_plus, margin_minus)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     b = PairInputs(embeddings, labels, reduction, sample_weight, reference)
     if b.empty:
         return b.zeros()
+    if b.chunked(chunk_size):
+        cos = CosineSimilarity()
+        sums, counts = b.block_sums(cos, TCMRule(cos, margin_plus, margin_minus), chunk_size)
+        tp = b.share(sums[0], b.count(counts[0], sums.dtype))
+        tn = b.share(sums[1], b.count(counts[1], sums.dtype))
+        return b.finish(lambda_plus * tp + lambda_minus * tn)
     sim, pos, neg = b.pairs(CosineSimilarity())
     sel_p = pos & (sim <= margin_plus)
     sel_n = neg & (sim >= margin_minus)
