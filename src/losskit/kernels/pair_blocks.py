@@ -8,16 +8,20 @@ The anchor-by-reference distance matrix is never held whole.
 * forward (no autograd): ``mat_b = d(Q_b, R)`` (one matrix product), the
   loss's :class:`BlockRule` turns it into per-row sums of each term
   ``[T, c]`` and the term's pair counts (mined triplets, nonzero pairs);
-* backward: each block is recomputed under autograd (one product), the rule
-  builds ``G_b = dL/dmat_b`` ``[c, M]`` from the upstream per-row gradients,
-  and ``torch.autograd.grad(mat_b, (Q_b, R), G_b)`` gives ``dQ_b`` and adds
-  to ``dR`` (two products).
+* backward: each block is recomputed (one product), the rule builds
+  ``G_b = dL/dmat_b`` ``[c, M]`` from the upstream per-row gradients, and
+  ``dQ_b = G_b' R``, ``dR += G_b'^T Q_b`` (two products; ``G_b'`` is ``G_b``
+  through the distance's element-wise derivative, plus row/column-sum terms
+  for the Euclidean distances).
 
 Four matrix products in all against the three of ``X X^T`` and its backward
 (the floor); extra memory ``O(chunk x M)`` (a few block-sized temporaries)
 plus ``O(B x D)`` for the gradients, never ``B x M``.  Mining decisions are
 recomputed in backward from the same values with the same operations, so
-forward and backward see the same pairs and triplets.
+forward and backward see the same pairs and triplets.  Triplets with hard or
+semi-hard mining (at most one per row or per positive pair) are kept from
+forward instead: backward needs only their rows, ``O(T x D)`` in slices, and
+no block is recomputed (one product in all).
 
 The pair shares (``B / N`` with the global pair count ``N``) are applied by
 the caller to the per-row sums, outside the Function, so counts summed over
@@ -31,14 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losskit.distances import BaseDistance, default_chunk_size
-from losskit.mining.pairs import block_pair_masks
+from losskit.distances import (BaseDistance, DotProductSimilarity, EuclideanDistance, SquaredEuclideanDistance,
+                               default_chunk_size)
 
 __all__ = ["PAIR_BLOCK_ELEMENTS", "BlockRule", "ContrastiveRule", "TCMRule", "TripletRule",
            "PairBlocksFunction", "pair_block_sums"]
 
-#: values per block of the distance matrix when no chunk size is given (16 MiB in float32)
-PAIR_BLOCK_ELEMENTS = 1 << 22
+#: values per block of the distance matrix when no chunk size is given (4 MiB in float32: the
+#: ten to twenty element-wise passes over each block then mostly hit the cache; 256 rows of a
+#: 4096-row reference measured 1.2-1.3x faster than 1024 rows on the 2-core build machine)
+PAIR_BLOCK_ELEMENTS = 1 << 20
 
 
 class BlockRule:
@@ -47,11 +53,13 @@ class BlockRule:
     ``values(mat, pos, neg)`` -> ``(sums [terms, c], counts [terms])``;
     ``grad(mat, pos, neg, g [terms, c])`` -> ``dL/dmat [c, M]`` for the loss
     ``sum_t sum_i g[t, i] sums[t, i]``.  ``rows_per_block(M)``: anchor rows per
-    block when no chunk size is given (a rule with ``[P, M]`` temporaries asks
-    for fewer).
+    block when no chunk size is given.  ``sparse`` rules (triplets with one
+    triplet per positive pair or per row) also hand forward's triplets to
+    backward (``mined``), which then never recomputes a block.
     """
 
     terms = 1
+    sparse = False
 
     def __init__(self, distance: BaseDistance):
         self.distance = distance
@@ -73,7 +81,11 @@ def _hinge(x: Tensor, smooth: bool) -> Tensor:
 
 
 def _hinge_grad(x: Tensor, smooth: bool) -> Tensor:
-    return torch.sigmoid(x) if smooth else (x > 0).to(x.dtype)
+    return torch.sigmoid(x) if smooth else torch.where(x > 0, 1.0, 0.0).to(x.dtype)
+
+
+def _count(t: Tensor) -> Tensor:
+    return torch.count_nonzero(t)
 
 
 class ContrastiveRule(BlockRule):
@@ -88,28 +100,30 @@ class ContrastiveRule(BlockRule):
         self.pm, self.nm, self.sq, self.nonzero = pos_margin, neg_margin, squared_hinge, nonzero
 
     def _raw(self, mat, pos, neg):
-        zp = F.relu(self.distance.margin(mat, self.pm)).mul_(pos)
-        zn = F.relu(self.distance.margin(self.nm, mat)).mul_(neg)
+        zero = mat.new_zeros(())
+        zp = torch.where(pos, self.distance.margin(mat, self.pm), zero).relu_()
+        zn = torch.where(neg, self.distance.margin(self.nm, mat), zero).relu_()
         return zp, zn
 
     def values(self, mat, pos, neg):
         zp, zn = self._raw(mat, pos, neg)
         if self.nonzero:
-            counts = torch.stack([(zp > 0).sum(), (zn > 0).sum()]).to(mat.dtype)
+            counts = torch.stack([_count(zp), _count(zn)]).to(mat.dtype)
         else:
-            counts = torch.stack([pos.sum(), neg.sum()]).to(mat.dtype)
+            counts = torch.stack([_count(pos), _count(neg)]).to(mat.dtype)
         if self.sq:
-            zp, zn = 0.5 * zp * zp, 0.5 * zn * zn
+            zp, zn = zp.square_().mul_(0.5), zn.square_().mul_(0.5)
         return torch.stack([zp.sum(1), zn.sum(1)]), counts
 
     def grad(self, mat, pos, neg, g):
         zp, zn = self._raw(mat, pos, neg)
-        if self.sq:  # d/dmat 1/2 z^2 = z dz/dmat
-            gp, gn = zp, zn
-        else:
-            gp, gn = (zp > 0).to(mat.dtype), (zn > 0).to(mat.dtype)
-        # dz_p/dmat = +sa, dz_n/dmat = -sa (on their support)
-        return gp.mul_((self.sa * g[0]).unsqueeze(1)).add_(gn.mul_((-self.sa * g[1]).unsqueeze(1)))
+        # dz_p/dmat = +sa, dz_n/dmat = -sa on their support; d 1/2 z^2 = z dz
+        a = (self.sa * g[0]).unsqueeze(1)
+        b = (-self.sa * g[1]).unsqueeze(1)
+        if self.sq:
+            return zp.mul_(a).add_(zn.mul_(b))
+        zero = mat.new_zeros(())
+        return torch.where(zp > 0, a, torch.where(zn > 0, b, zero))
 
 
 class TCMRule(BlockRule):
@@ -125,13 +139,15 @@ class TCMRule(BlockRule):
     def values(self, mat, pos, neg):
         sel_p = pos & (mat <= self.mp)
         sel_n = neg & (mat >= self.mm)
-        sums = torch.stack([((self.mp - mat) * sel_p).sum(1), ((mat - self.mm) * sel_n).sum(1)])
-        return sums, torch.stack([sel_p.sum(), sel_n.sum()]).to(mat.dtype)
+        zero = mat.new_zeros(())
+        sums = torch.stack([torch.where(sel_p, self.mp - mat, zero).sum(1),
+                            torch.where(sel_n, mat - self.mm, zero).sum(1)])
+        return sums, torch.stack([_count(sel_p), _count(sel_n)]).to(mat.dtype)
 
     def grad(self, mat, pos, neg, g):
-        sel_p = (pos & (mat <= self.mp)).to(mat.dtype)
-        sel_n = (neg & (mat >= self.mm)).to(mat.dtype)
-        return sel_n.mul_(g[1].unsqueeze(1)).sub_(sel_p.mul_(g[0].unsqueeze(1)))
+        zero = mat.new_zeros(())
+        G = torch.where(neg & (mat >= self.mm), g[1].unsqueeze(1), zero)
+        return torch.where(pos & (mat <= self.mp), -g[0].unsqueeze(1), G)
 
 
 class TripletRule(BlockRule):
@@ -141,8 +157,10 @@ class TripletRule(BlockRule):
 
     * ``hard``: one triplet per anchor (farthest positive, closest negative);
     * ``semi-hard``: per positive pair, the closest negative farther than the
-      positive, else the farthest negative (a sort of each row's negatives and
-      a binary search: ``O(c M log M)``, no ``[P, M]`` temporary);
+      positive, else the farthest negative (with at most 16 positives per row
+      on average: one masked pass over the row per positive pair, in slices of
+      ``c`` pairs; with more: a sort of each row's negatives and a binary
+      search, ``O(c M log M)``);
     * ``all``: every (positive, negative) pair of the anchor, enumerated over
       slices of the block's positive pairs (``[slice, M]`` temporaries, slices
       of at most ``chunk`` pairs): time ``O(B P M)`` for ``P`` positives per
@@ -153,6 +171,25 @@ class TripletRule(BlockRule):
     def __init__(self, distance, margin, mining, smooth, nonzero):
         super().__init__(distance)
         self.m, self.mining, self.smooth, self.nonzero = margin, mining, smooth, nonzero
+        # hard and semi-hard: a few triplets per row; forward keeps them (``mined``) and backward
+        # needs only their rows (``O(T x D)``), no block recompute
+        self.sparse = mining in ("hard", "semi-hard")
+        self._last = None
+
+    def mined(self, mat: Tensor, row_offset: int):
+        """The triplets of the block just scored by :meth:`values`: ``(a, p, n, v)``
+        with global anchor rows and ``v = margin(mat_ap, mat_an)`` (rows without a
+        triplet dropped)."""
+        a, p, n, has = self._last
+        self._last = None
+        if has is not None:
+            a, p, n = a[has], p[has], n[has]
+        v = self.distance.margin(mat[a, p], mat[a, n])
+        return a + row_offset, p, n, v, mat[a, p], mat[a, n]
+
+    def triplet_weights(self, v: Tensor, g_rows: Tensor) -> Tensor:
+        """``dL/dv`` per triplet, ``g`` the upstream gradient of each triplet's anchor."""
+        return _hinge_grad(v + self.m, self.smooth) * g_rows
 
     def rows_per_block(self, n_rows, n_cols):
         return default_chunk_size(n_rows, n_cols, PAIR_BLOCK_ELEMENTS // (4 if self.mining == "semi-hard" else 1))
@@ -175,15 +212,24 @@ class TripletRule(BlockRule):
         a, p = torch.nonzero(pos & neg.any(1, keepdim=True), as_tuple=True)
         if a.numel() == 0:
             return a, p, p.clone()
+        c, M = mat.shape
+        farthest = f.masked_fill(~neg, -inf).argmax(1)
+        if a.numel() <= 16 * c:
+            # few positives per row: per positive pair, the closest negative farther than it, in
+            # slices of at most c pairs ([slice, M] temporaries)
+            n = torch.empty_like(p)
+            for s in range(0, a.numel(), c):
+                aa, pp = a[s:s + c], p[s:s + c]
+                fa = f[aa]
+                semi = neg[aa] & (fa > f[aa, pp].unsqueeze(1))
+                closest = fa.masked_fill_(~semi, inf).argmin(1)
+                n[s:s + c] = torch.where(semi.any(1), closest, farthest[aa])
+            return a, p, n
+        # many positives per row: sort each row's negatives once, binary-search every positive
         vals, order = torch.sort(f.masked_fill(~neg, inf), dim=1, stable=True)
-        n_neg = neg.sum(1)
-        # per entry of the block: how many negatives of its row are not farther (sorted rows; +inf pads
-        # the non-negatives); read at the positives: the first negative strictly farther than the positive
-        j = torch.searchsorted(vals, f, right=True)[a, p]
-        semi = j < n_neg[a]
-        closest_semi = order[a, j.clamp(max=vals.shape[1] - 1)]
-        farthest = f.masked_fill(~neg, -inf).argmax(1)[a]
-        return a, p, torch.where(semi, closest_semi, farthest)
+        j = torch.searchsorted(vals, f, right=True)[a, p]  # +inf pads the non-negatives
+        closest = order[a, j.clamp(max=M - 1)]
+        return a, p, torch.where(j < neg.sum(1)[a], closest, farthest[a])
 
     def _all_slices(self, pos):
         """The block's positive pairs in slices of at most ``c`` (the block's rows):
@@ -201,21 +247,25 @@ class TripletRule(BlockRule):
             v = self.distance.margin(mat.gather(1, p.unsqueeze(1)), mat.gather(1, n.unsqueeze(1))).squeeze(1)
             lt = _hinge(v + self.m, self.smooth) * has
             cnt = (lt > 0).sum() if self.nonzero else has.sum()
+            self._last = (torch.arange(c, device=mat.device), p, n, has)
             return lt.unsqueeze(0), cnt.to(mat.dtype).reshape(1)
         if self.mining == "semi-hard":
             a, p, n = self._semi(mat, pos, neg)
             lt = _hinge(self.distance.margin(mat[a, p], mat[a, n]) + self.m, self.smooth)
             cnt = (lt > 0).sum() if self.nonzero else torch.full((), a.numel(), device=mat.device)
             sums[0].index_add_(0, a, lt)
+            self._last = (a, p, n, None)
             return sums, cnt.to(mat.dtype).reshape(1)
-        cnt = mat.new_zeros(())
+        cnt = mat.new_zeros((), dtype=torch.long)
         has_neg = neg.any(1, keepdim=True)
+        zero = mat.new_zeros(())
         for a, p in self._all_slices(pos & has_neg):
             negs = neg[a]
-            lt = _hinge(self.distance.margin(mat[a, p].unsqueeze(1), mat[a]) + self.m, self.smooth) * negs
+            v = self.distance.margin(mat[a, p].unsqueeze(1), mat[a]).add_(self.m)
+            lt = torch.where(negs, _hinge(v, self.smooth), zero)
             sums[0].index_add_(0, a, lt.sum(1))
-            cnt = cnt + ((lt > 0) & negs).sum() if self.nonzero else cnt + negs.sum()
-        return sums, cnt.reshape(1)
+            cnt = cnt + (_count(lt) if self.nonzero else _count(negs))
+        return sums, cnt.to(mat.dtype).reshape(1)
 
     def grad(self, mat, pos, neg, g):
         G = torch.zeros_like(mat)
@@ -235,20 +285,111 @@ class TripletRule(BlockRule):
             G.index_put_((a, n), -sa * w, accumulate=True)
             return G
         has_neg = neg.any(1, keepdim=True)
+        zero = mat.new_zeros(())
         for a, p in self._all_slices(pos & has_neg):
-            hg = _hinge_grad(self.distance.margin(mat[a, p].unsqueeze(1), mat[a]) + self.m, self.smooth)
-            hg = hg.mul_(neg[a]).mul_(g0[a].unsqueeze(1))
+            v = self.distance.margin(mat[a, p].unsqueeze(1), mat[a]).add_(self.m)
+            if self.smooth:
+                hg = torch.where(neg[a], v.sigmoid_(), zero).mul_(g0[a].unsqueeze(1))
+            else:
+                hg = torch.where(neg[a] & (v > 0), g0[a].unsqueeze(1), zero)
             G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
             G.index_add_(0, a, hg, alpha=-sa)
         return G
 
 
+class _Metric:
+    """The distance as an element-wise function of ``S = Q R^T`` (prepared rows),
+    so blocks and their gradients are plain matrix products:
+
+    * ``dot`` (dot product, cosine): ``mat = S``;
+    * ``sq`` (squared Euclidean): ``mat = max(0, |q|^2 + |r|^2 - 2 S)``;
+    * ``euclid``: ``sqrt`` of that, with a zero gradient at 0 (as ``_safe_sqrt``).
+
+    Any other distance object (``kind None``) goes through its own
+    ``_matrix`` under autograd, block by block.
+    """
+
+    def __init__(self, distance: BaseDistance):
+        self.distance = distance
+        if isinstance(distance, EuclideanDistance):
+            self.kind = "euclid"
+        elif isinstance(distance, SquaredEuclideanDistance):
+            self.kind = "sq"
+        elif isinstance(distance, DotProductSimilarity):
+            self.kind = "dot"
+        else:
+            self.kind = None
+
+    def norms(self, x: Tensor) -> Tensor | None:
+        return None if self.kind in ("dot", None) else (x * x).sum(1)
+
+    def block(self, qb: Tensor, r: Tensor, nq: Tensor | None, nr: Tensor | None) -> Tensor:
+        if self.kind is None:
+            return self.distance._matrix(qb, r)
+        if self.kind == "dot":
+            return torch.mm(qb, r.T)
+        # |r|^2 - 2 q.r in one product, then + |q|^2
+        mat = torch.addmm(nr.unsqueeze(0), qb, r.T, alpha=-2.0).add_(nq.unsqueeze(1)).clamp_min_(0.0)
+        return mat.sqrt_() if self.kind == "euclid" else mat
+
+    def backward_block(self, G: Tensor, mat: Tensor, qb: Tensor, r: Tensor, gq_b: Tensor | None,
+                       gr: Tensor | None) -> None:
+        """Add ``dL/dQ_b`` to ``gq_b`` and ``dL/dR`` to ``gr`` for ``G = dL/dmat`` (``G`` is overwritten)."""
+        half = 1.0
+        if self.kind == "euclid":  # d sqrt(e) / de = 1 / (2 d), 0 at d = 0 (the 1/2 goes into the products)
+            G = torch.where(mat > 0, G.div_(mat), 0.0)
+            half = 0.5
+        if self.kind == "dot":
+            if gq_b is not None:
+                gq_b.addmm_(G, r)
+            if gr is not None:
+                gr.addmm_(G.T, qb)
+            return
+        # e_ij = |q_i|^2 + |r_j|^2 - 2 q_i.r_j: de/dq_i = 2 q_i - 2 r_j, de/dr_j = 2 r_j - 2 q_i
+        if gq_b is not None:
+            gq_b.addmm_(G, r, alpha=-2.0 * half).add_(qb * (2.0 * half * G.sum(1, keepdim=True)))
+        if gr is not None:
+            gr.addmm_(G.T, qb, alpha=-2.0 * half).add_(r * (2.0 * half * G.sum(0).unsqueeze(1)))
+
+    def backward_pairs(self, coef: Tensor, d: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``coef_t * d mat(x_t, y_t) / d x_t`` for paired rows (``d``: the pairs' values);
+        the derivative with respect to ``y_t`` is its negative for the Euclidean
+        distances and ``coef_t x_t`` for the dot product."""
+        if self.kind == "dot":
+            return coef.unsqueeze(1) * y
+        if self.kind == "euclid":
+            coef = torch.where(d > 0, coef / d.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(coef))
+            return coef.unsqueeze(1) * (x - y)
+        return (2.0 * coef).unsqueeze(1) * (x - y)
+
+
+def block_pair_masks(q_labels: Tensor, r_labels: Tensor, self_index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pos, neg)`` ``[c, M]`` as :func:`losskit.mining.pairs.block_pair_masks`: same
+    label and not the anchor's own column / another label and not that column, in
+    two passes and a scatter of ``c`` entries."""
+    pos = q_labels.unsqueeze(1) == r_labels.unsqueeze(0)
+    neg = ~pos
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    has = self_index >= 0
+    cols = self_index.clamp_min(0)
+    # rows without a self column write back their own value at column 0
+    pos[rows, cols] = pos[rows, cols] & ~has
+    neg[rows, cols] = neg[rows, cols] & ~has
+    return pos, neg
+
+
+def _triplet_slices(T: int, D: int, elements: int):
+    """Slices of the triplet list whose ``[slice, D]`` row gathers hold at most ``elements`` values."""
+    step = max(1, elements // max(D, 1))
+    for s in range(0, T, step):
+        yield s, min(T, s + step)
+
+
 class PairBlocksFunction(torch.autograd.Function):
     """Inputs: prepared anchors ``q`` [B, D], references ``r`` [M, D] (None:
-    the batch itself), labels, ``self_index`` [B] (``-1``: none), the rule,
-    the distance and the chunk size (None: the rule's default).  Outputs the
-    per-row sums ``[terms, B]`` and the pair counts ``[terms]`` (not
-    differentiable)."""
+    the batch itself), labels, ``self_index`` [B] (``-1``: none), the rule and
+    the chunk size (None: the rule's default).  Outputs the per-row sums
+    ``[terms, B]`` and the pair counts ``[terms]`` (not differentiable)."""
 
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, self_index, rule, chunk):
@@ -256,55 +397,100 @@ class PairBlocksFunction(torch.autograd.Function):
         rr, rl = (q, q_labels) if self_ref else (r, r_labels)
         B, M = q.shape[0], rr.shape[0]
         step = chunk or rule.rows_per_block(B, M)
-        matrix = rule.distance._matrix
+        metric = _Metric(rule.distance)
+        nq = metric.norms(q)
+        nr = nq if self_ref else metric.norms(rr)
         sums = q.new_zeros(rule.terms, B)
         counts = q.new_zeros(rule.terms)
+        sparse = rule.sparse and metric.kind is not None
+        mined = []
         with torch.no_grad():
             for s in range(0, B, step):
                 e = min(B, s + step)
-                mat = matrix(q[s:e], rr)
+                mat = metric.block(q[s:e], rr, None if nq is None else nq[s:e], nr)
                 pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
                 blk, cnt = rule.values(mat, pos, neg)
                 sums[:, s:e] = blk
                 counts += cnt
+                if rule.sparse:
+                    t = rule.mined(mat, s)
+                    if sparse:
+                        mined.append(t)
                 del mat, pos, neg, blk
-        ctx.rule, ctx.step, ctx.self_ref = rule, step, self_ref
-        ctx.save_for_backward(q, r, q_labels, r_labels, self_index)
+        ctx.rule, ctx.step, ctx.self_ref, ctx.metric, ctx.sparse = rule, step, self_ref, metric, sparse
+        if sparse:
+            a, p, n, v, d_ap, d_an = (torch.cat(x) for x in zip(*mined)) if mined else (None,) * 6
+            ctx.save_for_backward(q, r, a, p, n, v, d_ap, d_an)
+        else:
+            ctx.save_for_backward(q, r, q_labels, r_labels, self_index, nq, None if self_ref else nr)
         ctx.mark_non_differentiable(counts)
         return sums, counts
 
     @staticmethod
     def backward(ctx, g_sums, _g_counts):
-        q, r, q_labels, r_labels, self_index = ctx.saved_tensors
-        rule, step, self_ref = ctx.rule, ctx.step, ctx.self_ref
-        rr, rl = (q, q_labels) if self_ref else (r, r_labels)
+        rule, step, self_ref, metric = ctx.rule, ctx.step, ctx.self_ref, ctx.metric
         need_q = ctx.needs_input_grad[0]
         need_r = need_q if self_ref else ctx.needs_input_grad[1]
-        B = q.shape[0]
+        q, r = ctx.saved_tensors[:2]
+        rr = q if self_ref else r
         gq = torch.zeros_like(q) if need_q else None
         gr = gq if self_ref else (torch.zeros_like(rr) if need_r else None)
+        done = (gq, None if self_ref else gr, None, None, None, None, None)
         if g_sums is None or not (need_q or need_r):
-            return gq, None if self_ref else gr, None, None, None, None, None
+            return done
         g_sums = g_sums.to(q.dtype)
-        matrix = rule.distance._matrix
-        r_leaf = rr.detach().requires_grad_(need_r)
+        if ctx.sparse:
+            _, _, a, p, n, v, d_ap, d_an = ctx.saved_tensors
+            if a is None:
+                return done
+            D = q.shape[1]
+            for s, e in _triplet_slices(a.numel(), D, step * rr.shape[0]):  # the block budget
+                aa, pp, nn = a[s:e], p[s:e], n[s:e]
+                w = rule.triplet_weights(v[s:e], g_sums[0, aa])
+                qa = q[aa]
+                for col, c, d in ((pp, rule.sa * w, d_ap[s:e]), (nn, -rule.sa * w, d_an[s:e])):
+                    ry = rr[col]
+                    dx = metric.backward_pairs(c, d, qa, ry)
+                    if need_q:
+                        gq.index_add_(0, aa, dx)
+                    if need_r:
+                        gr.index_add_(0, col, c.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
+            return done
+        _, _, q_labels, r_labels, self_index, nq, nr = ctx.saved_tensors
+        rl = q_labels if self_ref else r_labels
+        nr = nq if self_ref else nr
+        B = q.shape[0]
+        if metric.kind is None:  # an unknown distance object: its own _matrix under autograd
+            r_leaf = rr.detach().requires_grad_(need_r)
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                q_leaf = q[s:e].detach().requires_grad_(need_q)
+                with torch.enable_grad():
+                    mat = metric.block(q_leaf, r_leaf, None, None)
+                pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
+                G = rule.grad(mat.detach(), pos, neg, g_sums[:, s:e])
+                inputs = [t for t, need in ((q_leaf, need_q), (r_leaf, need_r)) if need]
+                grads = torch.autograd.grad(mat, inputs, G)
+                if need_q:
+                    gq[s:e] += grads[0]
+                if need_r:
+                    gr += grads[-1]
+            return done
         for s in range(0, B, step):
             e = min(B, s + step)
-            q_leaf = q[s:e].detach().requires_grad_(need_q)
-            with torch.enable_grad():
-                mat = matrix(q_leaf, r_leaf)
+            qb = q[s:e]
+            mat = metric.block(qb, rr, None if nq is None else nq[s:e], nr)
             pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
-            G = rule.grad(mat.detach(), pos, neg, g_sums[:, s:e])
-            inputs = [t for t, need in ((q_leaf, need_q), (r_leaf, need_r)) if need]
-            grads = torch.autograd.grad(mat, inputs, G)
-            k = 0
-            if need_q:
-                gq[s:e] += grads[0]
-                k = 1
-            if need_r:
-                gr += grads[k]
-            del mat, G, grads, pos, neg
-        return gq, None if self_ref else gr, None, None, None, None, None
+            G = rule.grad(mat, pos, neg, g_sums[:, s:e])
+            del pos, neg
+            if self_ref and need_q:  # gq is gr: the block's own rows get both parts
+                gq_b = torch.zeros_like(qb)
+                metric.backward_block(G, mat, qb, rr, gq_b, gr)
+                gq[s:e] += gq_b
+            else:
+                metric.backward_block(G, mat, qb, rr, gq[s:e] if need_q else None, gr if need_r else None)
+            del mat, G
+        return done
 
 
 def pair_block_sums(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Tensor | None, self_index: Tensor,
