@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--dataset", choices=["digits", "omniglot"], default="digits")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--splits", type=int, default=3)
+    ap.add_argument("--only-splits", type=int, nargs="+", default=None,
+                    help="run only these split indices (of 0..splits-1)")
     ap.add_argument("--epochs", type=int, default=None, help="default: 30 (digits), 10 (omniglot)")
     ap.add_argument("--configs", nargs="+", default=["ms", "ms+tcm", "ms05", "ms05+tcm"], choices=list(CONFIGS))
     ap.add_argument("--embedding-dim", type=int, default=64)
@@ -166,7 +168,7 @@ def main(argv=None):
           "| held-out genuine <= m+ % | held-out impostor >= m- % |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {c: [] for c in args.configs}
-    for sp in range(args.splits):
+    for sp in (range(args.splits) if args.only_splits is None else args.only_splits):
         is_train = split(y, C, sp)
         for c in args.configs:
             r = run(args, x, y, is_train, c, sp)

@@ -55,9 +55,15 @@ def _ids(case):
     return f.__name__ + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
 
 
+@pytest.fixture
+def dense_all_mining(monkeypatch):
+    """Triplet all / semi-hard always walk blocks; this gives back their dense form (``chunk_size=None``)."""
+    monkeypatch.setattr(fp, "ALWAYS_BLOCKS", ())
+
+
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_chunked_equals_dense_value_and_gradient(case, reduction):
+def test_chunked_equals_dense_value_and_gradient(case, reduction, dense_all_mining):
     f, kw = case
     x, y = _data()
     w = torch.rand(x.shape[0], dtype=x.dtype)
@@ -85,7 +91,7 @@ def test_chunked_matches_the_loop_references(mining):
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], (triplet_loss, {"mining": "hard"}),
                                   (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "all"})],
                          ids=lambda c: _ids(c))
-def test_chunked_against_a_reference_set(case):
+def test_chunked_against_a_reference_set(case, dense_all_mining):
     f, kw = case
     x, y = _data(B=9)
     r, ry = _data(B=17, seed=3)
@@ -122,7 +128,7 @@ def test_chunked_gradcheck(case):
                                   (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "all"})],
                          ids=lambda c: _ids(c))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_blocks_bound_the_largest_temporary(case, reduction):
+def test_blocks_bound_the_largest_temporary(case, reduction, dense_all_mining):
     f, kw = case
     B, D, chunk = 192, 8, 16
     x = torch.randn(B, D, requires_grad=True)
@@ -139,6 +145,12 @@ def test_blocks_bound_the_largest_temporary(case, reduction):
 
 def test_large_batches_walk_blocks_by_default(monkeypatch):
     x, y = _data(B=40)
+    assert fp.ALWAYS_BLOCKS == ("all", "semi-hard")
+    with LargestTensor() as mode:  # all and semi-hard walk blocks at any size
+        triplet_loss(x, y, mining="all")
+        triplet_loss(x, y, mining="semi-hard")
+    assert mode.largest < 40 * 40 * 40
+    monkeypatch.setattr(fp, "ALWAYS_BLOCKS", ())
     want = [contrastive_loss(x, y), triplet_loss(x, y), tcm_regularizer(x, y)]
     monkeypatch.setattr(fp, "DENSE_MAX_PAIRS", 100)  # 40 x 40 pairs is now "large"
     monkeypatch.setattr(pair_blocks, "PAIR_BLOCK_ELEMENTS", 400)  # default blocks: 10 rows of 40
@@ -151,7 +163,7 @@ def test_large_batches_walk_blocks_by_default(monkeypatch):
     torch.testing.assert_close(losskit.get("triplet", mining="hard")(x, y), triplet_loss(x, y, mining="hard"))
 
 
-def test_bf16_and_empty_and_single_class():
+def test_bf16_and_empty_and_single_class(dense_all_mining):
     x, y = _data(B=30, dtype=torch.float32)
     xb = x.bfloat16().requires_grad_(True)
     for f, kw in [(contrastive_loss, {}), (tcm_regularizer, {}), (triplet_loss, {"mining": "semi-hard"})]:
