@@ -89,7 +89,9 @@ def test_chunked_matches_the_loop_references(mining):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], (triplet_loss, {"mining": "hard"}),
-                                  (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "all"})],
+                                  (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "all"}),
+                                  (contrastive_loss, {"squared_hinge": True, "distance": "dot"}),
+                                  (triplet_loss, {"mining": "hard", "distance": "euclidean", "smooth": True})],
                          ids=lambda c: _ids(c))
 def test_chunked_against_a_reference_set(case, dense_all_mining):
     f, kw = case
@@ -99,14 +101,15 @@ def test_chunked_against_a_reference_set(case, dense_all_mining):
     w = torch.rand(9, dtype=x.dtype)
     x, r = x.requires_grad_(True), r.requires_grad_(True)
     ref = PairReference(r, ry, self_index=self_index, batch_size=20, count_reduce=lambda n: 3 * n)
-    dense = f(x, y, reduction="none", sample_weight=w, reference=ref, **kw)
-    gd = torch.autograd.grad(dense.sum(), (x, r))
-    out = f(x, y, reduction="none", sample_weight=w, reference=ref, chunk_size=2, **kw)
-    g = torch.autograd.grad(out.sum(), (x, r))
-    torch.testing.assert_close(out, dense)
-    torch.testing.assert_close(g[0], gd[0])
-    torch.testing.assert_close(g[1], gd[1])
-    assert g[1].abs().sum() > 0
+    for reduction in ("none", "mean", "sum"):
+        dense = f(x, y, reduction=reduction, sample_weight=w, reference=ref, **kw)
+        gd = torch.autograd.grad(dense.sum(), (x, r))
+        out = f(x, y, reduction=reduction, sample_weight=w, reference=ref, chunk_size=2, **kw)
+        g = torch.autograd.grad(out.sum(), (x, r))
+        torch.testing.assert_close(out, dense)
+        torch.testing.assert_close(g[0], gd[0])
+        torch.testing.assert_close(g[1], gd[1])
+        assert g[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", [(contrastive_loss, {"pos_margin": 0.3}), (tcm_regularizer, {}),

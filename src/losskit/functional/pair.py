@@ -27,9 +27,10 @@ from torch import Tensor
 
 from losskit.core.checks import check_bool, check_choice, check_hparam, check_int, check_reduction, check_sample_weight
 from losskit.core.context import PairReference
-from losskit.core.reduction import reduce_loss, zero_with_graph
+from losskit.core.reduction import reduce_loss, row_coefficients, zero_with_graph
 from losskit.distances import BaseDistance, CosineSimilarity, get_distance
-from losskit.kernels.pair_blocks import ContrastiveRule, TCMRule, TripletRule, pair_block_sums
+from losskit.kernels.pair_blocks import (ContrastiveRule, TCMRule, TripletRule, eager_capable, pair_block_sums,
+                                        pair_block_totals)
 from losskit.mining.pairs import block_pair_masks, resolve_reference
 from losskit.mining.triplet import TRIPLET_MINING, hard_triplets, mine_triplets
 
@@ -95,12 +96,30 @@ class PairInputs:
         pairs, or a triplet ``mining`` in ``ALWAYS_BLOCKS``."""
         return chunk_size is not None or self.B * self.M > DENSE_MAX_PAIRS or mining in ALWAYS_BLOCKS
 
-    def block_sums(self, distance: BaseDistance, rule, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-        """``(sums [terms, B], counts [terms])`` of ``rule`` over row blocks (never ``B x M``)."""
+    def _prepared(self, distance: BaseDistance):
         q = distance.prepare(self.embeddings.to(self.work_dtype))
         ref = self.ref
         r, r_labels = (None, None) if ref.is_batch else (distance.prepare(ref.embeddings.to(self.work_dtype)), ref.labels)
-        return pair_block_sums(q, r, self.labels, r_labels, ref.self_index, rule, chunk_size)
+        return q, r, r_labels
+
+    def block_sums(self, distance: BaseDistance, rule, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """``(sums [terms, B], counts [terms])`` of ``rule`` over row blocks (never ``B x M``)."""
+        q, r, r_labels = self._prepared(distance)
+        return pair_block_sums(q, r, self.labels, r_labels, self.ref.self_index, rule, chunk_size)
+
+    def blocks(self, distance: BaseDistance, rule, chunk_size: int | None, combine) -> Tensor:
+        """The loss over row blocks.  ``combine(values, counts)`` turns per-term values
+        (``[terms, B]`` per-row sums, or ``[terms]`` totals) and pair counts into the
+        per-anchor loss or the reduced loss (pair shares are linear in the values).
+        Scalar reductions take the one-pass path (gradients built in forward:
+        three matrix products), ``'none'`` the recomputing one (four)."""
+        q, r, r_labels = self._prepared(distance)
+        if self.reduction == "none" or not eager_capable(rule):
+            sums, counts = pair_block_sums(q, r, self.labels, r_labels, self.ref.self_index, rule, chunk_size)
+            return self.finish(combine(sums, counts))
+        coef = row_coefficients(self.B, self.reduction, self.weight, dtype=q.dtype, device=q.device)
+        totals, counts = pair_block_totals(q, r, self.labels, r_labels, self.ref.self_index, coef, rule, chunk_size)
+        return combine(totals, counts).to(self.embeddings.dtype) + zero_with_graph(self.embeddings, self.others)
 
     def count(self, n: Tensor, dtype: torch.dtype) -> Tensor:
         """A pair count, summed over processes when the reference says so, at least 1."""
@@ -162,9 +181,8 @@ def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0
         return b.zeros()
     if b.chunked(chunk_size):
         rule = ContrastiveRule(dist, pos_margin, neg_margin, squared_hinge, pair_average == "nonzero")
-        sums, counts = b.block_sums(dist, rule, chunk_size)
-        per = b.share(sums[0], b.count(counts[0], sums.dtype)) + b.share(sums[1], b.count(counts[1], sums.dtype))
-        return b.finish(per)
+        return b.blocks(dist, rule, chunk_size, lambda v, n: b.share(v[0], b.count(n[0], v.dtype))
+                        + b.share(v[1], b.count(n[1], v.dtype)))
     mat, pos, neg = b.pairs(dist)
     lp = F.relu(dist.margin(mat, pos_margin)) * pos
     ln = F.relu(dist.margin(neg_margin, mat)) * neg
@@ -212,9 +230,8 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.2, mining
     if b.empty:
         return b.zeros()
     if b.chunked(chunk_size, mining):
-        sums, counts = b.block_sums(dist, TripletRule(dist, margin, mining, smooth, pair_average == "nonzero"),
-                                    chunk_size)
-        return b.finish(b.share(sums[0], b.count(counts[0], sums.dtype)))
+        rule = TripletRule(dist, margin, mining, smooth, pair_average == "nonzero")
+        return b.blocks(dist, rule, chunk_size, lambda v, n: b.share(v[0], b.count(n[0], v.dtype)))
     mat, pos, neg = b.pairs(dist)
     if mining == "hard":  # one triplet per anchor that has a positive and a negative
         p, n, has = hard_triplets(mat.detach(), pos, neg, dist)
@@ -262,10 +279,9 @@ def tcm_regularizer(embeddings: Tensor, labels: Tensor, lambda_plus: float = 1.0
         return b.zeros()
     if b.chunked(chunk_size):
         cos = CosineSimilarity()
-        sums, counts = b.block_sums(cos, TCMRule(cos, margin_plus, margin_minus), chunk_size)
-        tp = b.share(sums[0], b.count(counts[0], sums.dtype))
-        tn = b.share(sums[1], b.count(counts[1], sums.dtype))
-        return b.finish(lambda_plus * tp + lambda_minus * tn)
+        return b.blocks(cos, TCMRule(cos, margin_plus, margin_minus), chunk_size,
+                        lambda v, n: lambda_plus * b.share(v[0], b.count(n[0], v.dtype))
+                        + lambda_minus * b.share(v[1], b.count(n[1], v.dtype)))
     sim, pos, neg = b.pairs(CosineSimilarity())
     sel_p = pos & (sim <= margin_plus)
     sel_n = neg & (sim >= margin_minus)

@@ -39,7 +39,7 @@ from losskit.distances import (BaseDistance, DotProductSimilarity, EuclideanDist
                                default_chunk_size)
 
 __all__ = ["PAIR_BLOCK_ELEMENTS", "BlockRule", "ContrastiveRule", "TCMRule", "TripletRule",
-           "PairBlocksFunction", "pair_block_sums"]
+           "PairBlocksFunction", "PairTotalsFunction", "eager_capable", "pair_block_sums", "pair_block_totals"]
 
 #: values per block of the distance matrix when no chunk size is given (4 MiB in float32: the
 #: ten to twenty element-wise passes over each block then mostly hit the cache; 256 rows of a
@@ -126,6 +126,33 @@ class ContrastiveRule(BlockRule):
         return torch.where(zp > 0, a, torch.where(zn > 0, b, zero))
 
 
+    def eager(self, mat, pos, neg, coef):
+        """Sums, counts and the gradient parts for the loss ``sum_t sum_i coef_i sums[t, i]``:
+        the positive term as a pair list (few per row), the negative term dense."""
+        pr, pc = torch.nonzero(pos, as_tuple=True)
+        dp = mat[pr, pc]
+        zp = F.relu(self.distance.margin(dp, self.pm))
+        zero = mat.new_zeros(())
+        zn = torch.where(neg, self.distance.margin(self.nm, mat), zero).relu_()
+        if self.nonzero:
+            counts = torch.stack([_count(zp), _count(zn)]).to(mat.dtype)
+        else:
+            counts = torch.stack([torch.full((), pr.numel(), device=mat.device), _count(neg)]).to(mat.dtype)
+        col = (-self.sa * coef).unsqueeze(1)
+        if self.sq:
+            wp = coef[pr] * self.sa * zp
+            sp = 0.5 * zp * zp
+            Gn = zn * col  # d 1/2 z^2 = z dz
+            sn = zn.square_().mul_(0.5).sum(1)
+        else:
+            wp = coef[pr] * torch.where(zp > 0, self.sa, 0.0).to(mat.dtype)
+            sp = zp
+            sn = zn.sum(1)
+            Gn = torch.where(zn > 0, col, zero)
+        sums = torch.stack([mat.new_zeros(mat.shape[0]).index_add_(0, pr, sp), sn])
+        return sums, counts, [("pairs", pr, pc, wp, dp), ("dense", Gn)]
+
+
 class TCMRule(BlockRule):
     """TCM on cosine similarities: ``sum (m+ - S) 1[S <= m+]`` over positives
     and ``sum (S - m-) 1[S >= m-]`` over negatives; counts: selected pairs."""
@@ -148,6 +175,19 @@ class TCMRule(BlockRule):
         zero = mat.new_zeros(())
         G = torch.where(neg & (mat >= self.mm), g[1].unsqueeze(1), zero)
         return torch.where(pos & (mat <= self.mp), -g[0].unsqueeze(1), G)
+
+    def eager(self, mat, pos, neg, coef):
+        """As :meth:`ContrastiveRule.eager`: positives as a pair list, negatives dense."""
+        pr, pc = torch.nonzero(pos, as_tuple=True)
+        sp = mat[pr, pc]
+        sel_p = sp <= self.mp
+        sel_n = neg & (mat >= self.mm)
+        zero = mat.new_zeros(())
+        sums = torch.stack([mat.new_zeros(mat.shape[0]).index_add_(0, pr, torch.where(sel_p, self.mp - sp, zero)),
+                            torch.where(sel_n, mat - self.mm, zero).sum(1)])
+        counts = torch.stack([_count(sel_p), _count(sel_n)]).to(mat.dtype)
+        wp = torch.where(sel_p, -coef[pr], zero)
+        return sums, counts, [("pairs", pr, pc, wp, sp), ("dense", torch.where(sel_n, coef.unsqueeze(1), zero))]
 
 
 class TripletRule(BlockRule):
@@ -266,6 +306,33 @@ class TripletRule(BlockRule):
             sums[0].index_add_(0, a, lt.sum(1))
             cnt = cnt + (_count(lt) if self.nonzero else _count(negs))
         return sums, cnt.to(mat.dtype).reshape(1)
+
+    def eager(self, mat, pos, neg, coef):
+        """Sums, count and the gradient part for ``sum_i coef_i sums[0, i]``: the mined
+        triplets as two pair lists (hard, semi-hard), or dense (all)."""
+        if self.sparse:
+            sums, counts = self.values(mat, pos, neg)
+            a, p, n, v, d_ap, d_an = self.mined(mat, 0)
+            w = self.triplet_weights(v, coef[a])
+            return sums, counts, [("pairs", a, p, self.sa * w, d_ap), ("pairs", a, n, -self.sa * w, d_an)]
+        sums = mat.new_zeros(1, mat.shape[0])
+        G = torch.zeros_like(mat)
+        cnt = mat.new_zeros((), dtype=torch.long)
+        zero = mat.new_zeros(())
+        sa = self.sa
+        for a, p in self._all_slices(pos & neg.any(1, keepdim=True)):
+            negs = neg[a]
+            v = self.distance.margin(mat[a, p].unsqueeze(1), mat[a]).add_(self.m)
+            lt = torch.where(negs, _hinge(v, self.smooth), zero)
+            sums[0].index_add_(0, a, lt.sum(1))
+            cnt = cnt + (_count(lt) if self.nonzero else _count(negs))
+            if self.smooth:
+                hg = torch.where(negs, v.sigmoid_(), zero).mul_(coef[a].unsqueeze(1))
+            else:
+                hg = torch.where(negs & (v > 0), coef[a].unsqueeze(1), zero)
+            G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
+            G.index_add_(0, a, hg, alpha=-sa)
+        return sums, cnt.to(mat.dtype).reshape(1), [("dense", G)]
 
     def grad(self, mat, pos, neg, g):
         G = torch.zeros_like(mat)
@@ -491,6 +558,101 @@ class PairBlocksFunction(torch.autograd.Function):
                 metric.backward_block(G, mat, qb, rr, gq[s:e] if need_q else None, gr if need_r else None)
             del mat, G
         return done
+
+
+class PairTotalsFunction(torch.autograd.Function):
+    """The scalar reductions' path: ``totals[t] = sum_i coef_i sums[t, i]`` and the
+    counts ``[terms]``, with every gradient built during forward (one pass over
+    the blocks: the block product and, per term, ``dQ_b``/``dR`` from the dense
+    part (two products) and the pair lists (row gathers) -- three products in
+    all, the floor's count).  Backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, q, r, q_labels, r_labels, self_index, coef, rule, chunk):
+        self_ref = r is None
+        rr, rl = (q, q_labels) if self_ref else (r, r_labels)
+        B, M = q.shape[0], rr.shape[0]
+        step = chunk or rule.rows_per_block(B, M)
+        metric = _Metric(rule.distance)
+        need_q = ctx.needs_input_grad[0]
+        need_r = need_q if self_ref else ctx.needs_input_grad[1]
+        nq = metric.norms(q)
+        nr = nq if self_ref else metric.norms(rr)
+        T = rule.terms
+        gq = [torch.zeros_like(q) if need_q else None for _ in range(T)]
+        gr = gq if self_ref else [torch.zeros_like(rr) if need_r else None for _ in range(T)]
+        totals = q.new_zeros(T)
+        counts = q.new_zeros(T)
+        coef = coef.to(q.dtype)
+        with torch.no_grad():
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                qb = q[s:e]
+                mat = metric.block(qb, rr, None if nq is None else nq[s:e], nr)
+                pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
+                sums, cnt, parts = rule.eager(mat, pos, neg, coef[s:e])
+                totals += (sums * coef[s:e]).sum(1)
+                counts += cnt
+                del pos, neg, sums
+                if need_q or need_r:
+                    for k, part in enumerate(parts):
+                        term = k if T > 1 else 0
+                        if part[0] == "dense":
+                            G = part[1]
+                            if self_ref and need_q:
+                                gq_b = torch.zeros_like(qb)
+                                metric.backward_block(G, mat, qb, rr, gq_b, gr[term])
+                                gq[term][s:e] += gq_b
+                            else:
+                                metric.backward_block(G, mat, qb, rr, gq[term][s:e] if need_q else None,
+                                                      gr[term] if need_r else None)
+                        else:
+                            _, rows, cols, w, d = part
+                            _pair_grads(metric, q, rr, rows + s, cols, w, d, gq[term] if need_q else None,
+                                        gr[term] if need_r else None, step * M)
+                del mat, parts
+        ctx.grads = (gq, None if self_ref else gr)
+        ctx.mark_non_differentiable(counts)
+        return totals, counts
+
+    @staticmethod
+    def backward(ctx, g_totals, _g_counts):
+        gq, gr = ctx.grads
+        out_q = out_r = None
+        if g_totals is not None:
+            g = g_totals
+            if gq[0] is not None:
+                out_q = sum(gq[t] * g[t].to(gq[t].dtype) for t in range(len(gq)))
+            if gr is not None and gr[0] is not None:
+                out_r = sum(gr[t] * g[t].to(gr[t].dtype) for t in range(len(gr)))
+        return out_q, out_r, None, None, None, None, None, None
+
+
+def _pair_grads(metric: _Metric, q: Tensor, r: Tensor, rows: Tensor, cols: Tensor, w: Tensor, d: Tensor,
+                gq: Tensor | None, gr: Tensor | None, elements: int) -> None:
+    """Add ``w_t d mat(q_rows_t, r_cols_t) / d(q, r)`` for a pair list, in slices of
+    at most ``elements`` gathered values."""
+    for s, e in _triplet_slices(rows.numel(), q.shape[1], elements):
+        rw, cl, ww = rows[s:e], cols[s:e], w[s:e]
+        qa, ry = q[rw], r[cl]
+        dx = metric.backward_pairs(ww, d[s:e], qa, ry)
+        if gq is not None:
+            gq.index_add_(0, rw, dx)
+        if gr is not None:
+            gr.index_add_(0, cl, ww.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
+
+
+def eager_capable(rule: BlockRule) -> bool:
+    """Whether :func:`pair_block_totals` can run ``rule`` (its distance is one of
+    the four built-in ones; another distance object takes the recomputing path)."""
+    return hasattr(rule, "eager") and _Metric(rule.distance).kind is not None
+
+
+def pair_block_totals(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Tensor | None, self_index: Tensor,
+                      coef: Tensor, rule: BlockRule, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(totals [terms], counts [terms])``: ``totals[t] = sum_i coef_i sums[t, i]``
+    with the gradients built in forward (``coef`` from ``core.reduction.row_coefficients``)."""
+    return PairTotalsFunction.apply(q, r, q_labels, r_labels, self_index, coef, rule, chunk)
 
 
 def pair_block_sums(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Tensor | None, self_index: Tensor,
