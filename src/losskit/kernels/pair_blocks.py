@@ -31,6 +31,8 @@ processes (torch.distributed) need nothing here.  Inputs are *prepared*
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +47,13 @@ __all__ = ["PAIR_BLOCK_ELEMENTS", "BlockRule", "ContrastiveRule", "TCMRule", "Tr
 #: ten to twenty element-wise passes over each block then mostly hit the cache; 256 rows of a
 #: 4096-row reference measured 1.2-1.3x faster than 1024 rows on the 2-core build machine)
 PAIR_BLOCK_ELEMENTS = 1 << 20
+
+
+def _block_elements() -> int:
+    """Values per block: ``PAIR_BLOCK_ELEMENTS`` with one intra-op thread, four
+    times that with more (fewer, longer operations: at B = 4096 with 2 threads,
+    1024-row blocks measured 2.8x the floor against 4.1x for 256 rows)."""
+    return PAIR_BLOCK_ELEMENTS if torch.get_num_threads() == 1 else 4 * PAIR_BLOCK_ELEMENTS
 
 
 class BlockRule:
@@ -67,13 +76,32 @@ class BlockRule:
         self.sa = -1.0 if distance.is_similarity else 1.0
 
     def rows_per_block(self, n_rows: int, n_cols: int) -> int:
-        return default_chunk_size(n_rows, n_cols, PAIR_BLOCK_ELEMENTS)
+        return default_chunk_size(n_rows, n_cols, _block_elements())
 
     def values(self, mat: Tensor, pos: Tensor, neg: Tensor):
         raise NotImplementedError
 
     def grad(self, mat: Tensor, pos: Tensor, neg: Tensor, g: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Scatter-adds (``index_add_``, ``index_put_(accumulate=True)``) on CPU run
+    far slower with more than one intra-op thread on a busy machine (measured:
+    a [768, 512] ``index_add_`` into [4096, 512] took 620 ms with 2 threads and
+    9 ms with 1 on the 2-core build machine under load); they run with one
+    thread, the matrix products keep the caller's count.  (The thread count is
+    process-wide: another Python thread running torch meanwhile sees 1.)"""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _hinge(x: Tensor, smooth: bool) -> Tensor:
@@ -232,7 +260,7 @@ class TripletRule(BlockRule):
         return _hinge_grad(v + self.m, self.smooth) * g_rows
 
     def rows_per_block(self, n_rows, n_cols):
-        return default_chunk_size(n_rows, n_cols, PAIR_BLOCK_ELEMENTS // (4 if self.mining == "semi-hard" else 1))
+        return default_chunk_size(n_rows, n_cols, _block_elements() // (4 if self.mining == "semi-hard" else 1))
 
     def _far(self, mat):
         return -mat if self.distance.is_similarity else mat
@@ -330,8 +358,9 @@ class TripletRule(BlockRule):
                 hg = torch.where(negs, v.sigmoid_(), zero).mul_(coef[a].unsqueeze(1))
             else:
                 hg = torch.where(negs & (v > 0), coef[a].unsqueeze(1), zero)
-            G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
-            G.index_add_(0, a, hg, alpha=-sa)
+            with _one_thread():
+                G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
+                G.index_add_(0, a, hg, alpha=-sa)
         return sums, cnt.to(mat.dtype).reshape(1), [("dense", G)]
 
     def grad(self, mat, pos, neg, g):
@@ -359,8 +388,9 @@ class TripletRule(BlockRule):
                 hg = torch.where(neg[a], v.sigmoid_(), zero).mul_(g0[a].unsqueeze(1))
             else:
                 hg = torch.where(neg[a] & (v > 0), g0[a].unsqueeze(1), zero)
-            G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
-            G.index_add_(0, a, hg, alpha=-sa)
+            with _one_thread():
+                G.index_put_((a, p), sa * hg.sum(1), accumulate=True)
+                G.index_add_(0, a, hg, alpha=-sa)
         return G
 
 
@@ -400,8 +430,10 @@ class _Metric:
         return mat.sqrt_() if self.kind == "euclid" else mat
 
     def backward_block(self, G: Tensor, mat: Tensor, qb: Tensor, r: Tensor, gq_b: Tensor | None,
-                       gr: Tensor | None) -> None:
-        """Add ``dL/dQ_b`` to ``gq_b`` and ``dL/dR`` to ``gr`` for ``G = dL/dmat`` (``G`` is overwritten)."""
+                       gr: Tensor | None, col_acc: Tensor | None = None) -> None:
+        """Add ``dL/dQ_b`` to ``gq_b`` and ``dL/dR`` to ``gr`` for ``G = dL/dmat`` (``G`` is
+        overwritten).  For the Euclidean distances the ``r_j * sum_i G_ij`` part of
+        ``dL/dR`` is left in ``col_acc`` ``[M]`` (added once by :meth:`finish_cols`)."""
         half = 1.0
         if self.kind == "euclid":  # d sqrt(e) / de = 1 / (2 d), 0 at d = 0 (the 1/2 goes into the products)
             G = torch.where(mat > 0, G.div_(mat), 0.0)
@@ -416,7 +448,16 @@ class _Metric:
         if gq_b is not None:
             gq_b.addmm_(G, r, alpha=-2.0 * half).add_(qb * (2.0 * half * G.sum(1, keepdim=True)))
         if gr is not None:
-            gr.addmm_(G.T, qb, alpha=-2.0 * half).add_(r * (2.0 * half * G.sum(0).unsqueeze(1)))
+            gr.addmm_(G.T, qb, alpha=-2.0 * half)
+            col_acc.add_(G.sum(0), alpha=2.0 * half)
+
+    def finish_cols(self, gr: Tensor | None, r: Tensor, col_acc: Tensor | None) -> None:
+        """``gr += r * col_acc`` (the Euclidean distances' reference-norm term)."""
+        if gr is not None and col_acc is not None and self.kind in ("sq", "euclid"):
+            gr.add_(r * col_acc.unsqueeze(1))
+
+    def col_buffer(self, r: Tensor) -> Tensor | None:
+        return r.new_zeros(r.shape[0]) if self.kind in ("sq", "euclid") else None
 
     def backward_pairs(self, coef: Tensor, d: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``coef_t * d mat(x_t, y_t) / d x_t`` for paired rows (``d``: the pairs' values);
@@ -518,10 +559,11 @@ class PairBlocksFunction(torch.autograd.Function):
                 for col, c, d in ((pp, rule.sa * w, d_ap[s:e]), (nn, -rule.sa * w, d_an[s:e])):
                     ry = rr[col]
                     dx = metric.backward_pairs(c, d, qa, ry)
-                    if need_q:
-                        gq.index_add_(0, aa, dx)
-                    if need_r:
-                        gr.index_add_(0, col, c.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
+                    with _one_thread():
+                        if need_q:
+                            gq.index_add_(0, aa, dx)
+                        if need_r:
+                            gr.index_add_(0, col, c.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
             return done
         _, _, q_labels, r_labels, self_index, nq, nr = ctx.saved_tensors
         rl = q_labels if self_ref else r_labels
@@ -543,6 +585,7 @@ class PairBlocksFunction(torch.autograd.Function):
                 if need_r:
                     gr += grads[-1]
             return done
+        col_acc = metric.col_buffer(rr) if need_r else None
         for s in range(0, B, step):
             e = min(B, s + step)
             qb = q[s:e]
@@ -550,13 +593,10 @@ class PairBlocksFunction(torch.autograd.Function):
             pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
             G = rule.grad(mat, pos, neg, g_sums[:, s:e])
             del pos, neg
-            if self_ref and need_q:  # gq is gr: the block's own rows get both parts
-                gq_b = torch.zeros_like(qb)
-                metric.backward_block(G, mat, qb, rr, gq_b, gr)
-                gq[s:e] += gq_b
-            else:
-                metric.backward_block(G, mat, qb, rr, gq[s:e] if need_q else None, gr if need_r else None)
+            # (self reference: gq is gr; the products read q, never the buffer)
+            metric.backward_block(G, mat, qb, rr, gq[s:e] if need_q else None, gr if need_r else None, col_acc)
             del mat, G
+        metric.finish_cols(gr if need_r else None, rr, col_acc)
         return done
 
 
@@ -584,6 +624,7 @@ class PairTotalsFunction(torch.autograd.Function):
         totals = q.new_zeros(T)
         counts = q.new_zeros(T)
         coef = coef.to(q.dtype)
+        col_accs = [metric.col_buffer(rr) if need_r else None for _ in range(T)]
         with torch.no_grad():
             for s in range(0, B, step):
                 e = min(B, s + step)
@@ -598,19 +639,16 @@ class PairTotalsFunction(torch.autograd.Function):
                     for k, part in enumerate(parts):
                         term = k if T > 1 else 0
                         if part[0] == "dense":
-                            G = part[1]
-                            if self_ref and need_q:
-                                gq_b = torch.zeros_like(qb)
-                                metric.backward_block(G, mat, qb, rr, gq_b, gr[term])
-                                gq[term][s:e] += gq_b
-                            else:
-                                metric.backward_block(G, mat, qb, rr, gq[term][s:e] if need_q else None,
-                                                      gr[term] if need_r else None)
+                            # (self reference: gq is gr; the products read q, never the buffer)
+                            metric.backward_block(part[1], mat, qb, rr, gq[term][s:e] if need_q else None,
+                                                  gr[term] if need_r else None, col_accs[term])
                         else:
                             _, rows, cols, w, d = part
                             _pair_grads(metric, q, rr, rows + s, cols, w, d, gq[term] if need_q else None,
                                         gr[term] if need_r else None, step * M)
                 del mat, parts
+            for t in range(T):
+                metric.finish_cols(gr[t] if need_r else None, rr, col_accs[t])
         ctx.grads = (gq, None if self_ref else gr)
         ctx.mark_non_differentiable(counts)
         return totals, counts
@@ -636,10 +674,11 @@ def _pair_grads(metric: _Metric, q: Tensor, r: Tensor, rows: Tensor, cols: Tenso
         rw, cl, ww = rows[s:e], cols[s:e], w[s:e]
         qa, ry = q[rw], r[cl]
         dx = metric.backward_pairs(ww, d[s:e], qa, ry)
-        if gq is not None:
-            gq.index_add_(0, rw, dx)
-        if gr is not None:
-            gr.index_add_(0, cl, ww.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
+        with _one_thread():
+            if gq is not None:
+                gq.index_add_(0, rw, dx)
+            if gr is not None:
+                gr.index_add_(0, cl, ww.unsqueeze(1) * qa if metric.kind == "dot" else -dx)
 
 
 def eager_capable(rule: BlockRule) -> bool:
