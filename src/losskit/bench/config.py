@@ -62,8 +62,8 @@ class BenchConfig:
         factory=list, parse=split_objectives,
         help="comma-separated registry names or variants NAME[param=value,...], e.g. "
              "softmax,arcface,arcface[head=chunked]",
-        default_text="the task's list; embedding: softmax + every embedding objective + arcface's dense, chunked "
-                     "and sampled heads")
+        default_text="the task's list; embedding: softmax + every embedding objective + arcface's dense and "
+                     "chunked heads")
     overrides: dict[str, dict[str, Any]] = option(
         factory=dict, flag="--set", append=True, metavar="NAME.PARAM=VALUE", parse=parse_set,
         help="override a hyperparameter, e.g. --set arcface.margin=0.4 (python literal; repeatable; applies to "

@@ -129,6 +129,8 @@ def compare(rows: list[dict[str, Any]], task) -> None:
             r["rank"] = 1 + beaten
         else:
             r["rank"] = i + 1
+    for b in bases:
+        b["rank"] = None
     best = objs[0]["objective"] if objs else None
     for r in rows:
         r["vs_best"] = paired(vals[r["objective"]], vals[best], lower) if best is not None else None
@@ -282,9 +284,8 @@ def budget_warnings(run, rows: list[dict[str, Any]] | None = None) -> list[str]:
         got = still_improving(r, m.lower_is_better)
         if got:
             gain, before, last = got
-            hits.append(f"{r['objective']} {'+' if not m.lower_is_better else '-'}"
-                        f"{100 * gain if m.percent else gain:.{1 if m.percent else 3}g}"
-                        f"{' points' if m.percent else ''}")
+            amount = f"{100 * gain:.1f} points" if m.percent else f"{gain:.3g}"
+            hits.append(f"{r['objective']} {'-' if m.lower_is_better else '+'}{amount}")
     if not hits:
         return []
     return [f"BUDGET: the held-out {m.label} was still improving over the last quarter of training for "

@@ -36,9 +36,12 @@ AUGMENT_SEED_OFFSET = 104729
 
 def batch_shape(cfg, labels: Tensor) -> tuple[int, int]:
     """``(P, K)`` for ``cfg`` (``--batch-classes``/``--batch-samples``, 0 = from the data;
-    see :func:`losskit.data.samplers.pk_batch_shape`)."""
+    see :func:`losskit.data.samplers.pk_batch_shape`), from the classes with at least 2 images."""
+    counts = torch.bincount(labels.cpu())
+    pairable = labels[torch.isin(labels.cpu(), (counts >= 2).nonzero().flatten())]  # singletons never form a pair
     try:
-        return pk_batch_shape(labels, cfg.batch_size, cfg.batch_classes, cfg.batch_samples)
+        return pk_batch_shape(pairable if len(pairable) else labels, cfg.batch_size, cfg.batch_classes,
+                              cfg.batch_samples)
     except ValueError as e:
         raise BenchConfigError(f"the training split's P x K batches (--batch-classes {cfg.batch_classes}, "
                                f"--batch-samples {cfg.batch_samples}): {e}") from None
@@ -129,8 +132,10 @@ class EmbeddingTask(Task):
     objective_task = "embedding"
     filled = ("num_classes", "embedding_dim")
     default_first = ("softmax",)
-    # the margin heads; plain ``arcface`` is head='auto', which trains with the fused head
-    default_variants = {"arcface": ("arcface[head=dense]", "arcface[head=chunked]", "arcface[head=sampled]")}
+    # the margin heads; plain ``arcface`` is head='auto', which trains with the fused head.  The sampled head
+    # is not in the default list: where a batch holds every class (digits: P = C = 5) it is the full
+    # softmax and its row repeats arcface's
+    default_variants = {"arcface": ("arcface[head=dense]", "arcface[head=chunked]")}
     metrics = (
         Metric("recall@1", "R@1"),
         Metric("recall@4", "R@4"),
