@@ -345,6 +345,20 @@ ALT_HPARAMS: dict[str, dict[str, Any]] = {
     "glow": {"alpha": 2.0, "beta": 5.0, "w_min": 0.1},
 }
 
+def _toy_margins(ps):
+    """Margins of the contract's least-squares toy (the target's direction as the label)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, ps[0].shape[0], generator=g).to(ps[0].device)
+    t = torch.randn(16, ps[0].shape[1], generator=g).to(ps[0].device)
+    return ((x @ ps[0] + ps[1]) * t).sum(-1)
+
+
+#: optimizers whose step takes a closure returning per-sample margins, not a loss (Normalized LR+GD:
+#: the step is normalized by the logistic weights sigma(-m_i)); the contract steps them with this closure
+MARGIN_CLOSURE_OPTIMIZERS: dict[str, Callable] = {
+    "normalized-lr-gd": _toy_margins,
+}
+
 #: fills for common required hyperparameters of optimizers and schedulers
 COMMON_FILLS = {"lr": 0.05, "total_steps": 10, "T_max": 10, "step_size": 2, "num_training_steps": 10,
                 "warmup_steps": 2, "num_warmup_steps": 2}
