@@ -76,6 +76,11 @@ def main() -> None:
         ax.plot(ks, ref, "k:", label="sqrt(K) from the first point")
         ax.set(xscale="log", yscale="log", xlabel="episodes K", ylabel="pseudo-regret",
                title="adversarial linear MDP: regret against K")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xticks(ks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
