@@ -472,6 +472,7 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
                              squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, order):
         mine = [c for c in cells if c["objective"] == name and "hist" in c]
+        mine = [c for c in mine if c["hist"]["bins"] == mine[0]["hist"]["bins"]]  # cells of older runs differ
         edges, counts, show = _pooled(mine)
         if len(edges) - 1 == show * HIST_FINE:
             edges, counts = _crop(edges, counts, show)
