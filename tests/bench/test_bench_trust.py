@@ -311,6 +311,8 @@ def test_a_users_model_and_bf16_train_in_the_bench(tmp_path, tiny, fakes, monkey
                   progress=False, plots=False, log=_quiet, data=tiny)
     with pytest.raises(BenchConfigError, match="module 'mynets' has no 'nothing'"):
         BenchConfig(model="mynets:nothing").validate()
+    with pytest.raises(BenchConfigError, match="--amp fp16 needs CUDA"):
+        BenchConfig(amp="fp16", device="cpu").validate()
 
 
 # ---------------------------------------------------------------- saved models, losskit eval, one-shot

@@ -166,7 +166,8 @@ class EmbeddingTask(Task):
             raise BenchConfigError(str(e)) from None
         if getattr(cfg, "oneshot", False) and cfg.dataset != "omniglot":
             raise BenchConfigError(f"--oneshot is Omniglot's 20-way one-shot task; --dataset is {cfg.dataset}")
-        if getattr(cfg, "amp", "none") == "fp16" and cfg.device in ("cpu",):
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if getattr(cfg, "amp", "none") == "fp16" and on_cpu:
             raise BenchConfigError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
 
     def check_hparams(self, label: str, hparams: dict[str, Any]) -> None:
