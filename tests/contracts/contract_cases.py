@@ -9,6 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
+  positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -65,6 +67,22 @@ EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
+}
+
+
+def _hard_negatives(b, d, dt, dev, g, h=2):
+    return torch.randn(b, h, d, generator=g, dtype=torch.float64).to(dt).to(dev)
+
+
+def _concreteness(b, d, dt, dev, g, h=2):
+    return (1 + 4 * torch.rand(b, h, generator=g, dtype=torch.float64)).to(dt).to(dev)  # the 1-5 norms' scale
+
+
+#: task ``paired``: extra inputs per entry, name -> {keyword: (builder(B, D, dtype, device, generator),
+#: differentiable)}; a differentiable input is gradchecked and poisoned like a and b
+PAIRED_INPUTS: dict[str, dict[str, tuple[Callable, bool]]] = {
+    # Cement: H = 2 perturbed-caption embeddings per row and the concreteness of each changed word
+    "cement": {"hard_negatives": (_hard_negatives, True), "concreteness": (_concreteness, False)},
 }
 
 
@@ -287,6 +305,17 @@ class ObjectiveCase:
             y = balanced_labels(b, g, one_class).to(device)
             return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
                           tuple(extra))
+        if self.task == "paired":
+            ts = {}
+            for n in ("a", "b"):
+                t = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+                    torch.randn(b, d, generator=g, dtype=torch.float64)
+                ts[n] = t.to(dtype).to(device)
+            diff, other = ["a", "b"], []
+            for n, (f, differentiable) in PAIRED_INPUTS.get(self.name, {}).items():
+                ts[n] = f(b, d, dtype, device, g)
+                (diff if differentiable else other).append(n)
+            return Inputs(("a", "b"), {**ts, **extra}, tuple(diff), None, tuple(other) + tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -321,7 +350,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference"):
+        if s.task not in ("embedding", "preference", "paired"):
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}

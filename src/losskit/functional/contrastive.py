@@ -1,0 +1,203 @@
+"""Contrastive objectives on paired embeddings ``(a, b)``: row ``i`` of ``a``
+(an image, say) and row ``i`` of ``b`` (its caption) are a positive pair, every
+other row of the other side is a negative (docs/contrastive.md).
+
+* :func:`info_nce_loss`: the symmetric CLIP loss (Radford et al. 2021,
+  arXiv 2103.00020, section 2.3 and Figure 3) and its one-sided form, dense or
+  chunked (``kernels.info_nce``), optionally gathered over processes, with
+  optional per-row hard negatives and per-negative margins (Cement);
+* :func:`cement_margins`: the Cement margins ``gamma * c`` from concreteness
+  scores; :func:`hard_negative_share`: each hard negative's share
+  ``p_h / (1 - p_i)`` of the gradient that pushes negatives away.
+
+Per row ``i`` with ``z_ij = s * <a_i, b_j>`` (``s = 1 / temperature``; ``a``
+and ``b`` L2-normalised unless ``normalize=False``)::
+
+    l_i = 1/2 (log sum_j exp z_ij + log sum_j exp z_ji) - z_ii     (symmetric)
+    l_i = log sum_j exp z_ij - z_ii                                 (one-sided, a -> b)
+
+so ``mean_i l_i`` is CLIP's ``(CE(logits, arange) + CE(logits^T, arange)) / 2``.
+With hard negatives ``h_ik`` (``[B, H, D]``) and margins ``m_ik`` the a -> b
+sum also runs over ``exp(s <a_i, h_ik> + m_ik)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losskit.core.checks import check_embeddings, check_finite, shape_str, tensor_checks_enabled
+from losskit.core.reduction import reduce_loss
+from losskit.core.checks import check_reduction, check_sample_weight
+from losskit.kernels.constants import NORM_EPS
+from losskit.kernels.info_nce import BLOCK_ELEMENTS, pair_lse
+
+__all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share", "hard_negative_logits",
+           "CONCRETENESS_RANGE"]
+
+#: the scale of the Brysbaert et al. (2014) concreteness norms: 1 (abstract) to 5 (concrete)
+CONCRETENESS_RANGE = (1.0, 5.0)
+
+
+def check_pair(a, b) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b``: floating ``[B, D]`` tensors of the same shape, dtype and device, finite."""
+    check_embeddings(a, "a", finite=False)
+    check_embeddings(b, "b", finite=False)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"b: expected {a.shape[0]} rows, one positive per row of a ({shape_str(a)}), "
+                         f"got {shape_str(b)}")
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"b: expected dimension {a.shape[1]} (a is {shape_str(a)}), got {shape_str(b)}")
+    if b.device != a.device:
+        raise ValueError(f"b: expected device {a.device} (a's device), got {b.device}")
+    check_finite(a, "a")
+    check_finite(b, "b")
+    return a, b
+
+
+def _check_scale(scale) -> Tensor | float:
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale: expected one value (a 0-dim tensor), got {shape_str(scale)}")
+        scale = scale.reshape(())
+        if tensor_checks_enabled() and not bool(torch.isfinite(scale.detach()) & (scale.detach() > 0)):
+            raise ValueError(f"scale: expected a finite value > 0 (1 / temperature), got {float(scale)}")
+        return scale
+    s = float(scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"scale: expected a finite value > 0 (1 / temperature), got {scale}")
+    return s
+
+
+def _compute(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool):
+    """Row (and column) log-sum-exps of ``s q k^T``: dense below one block, else the kernel."""
+    if chunk_size is None and q.shape[0] * k.shape[0] <= BLOCK_ELEMENTS:
+        z = (q @ k.t()) * s
+        return torch.logsumexp(z, dim=1), (torch.logsumexp(z, dim=0) if cols else None)
+    st = s if isinstance(s, Tensor) else torch.tensor(s, dtype=q.dtype, device=q.device)
+    row, col = pair_lse(q, k, st, chunk_size, cols)
+    return row, (col if cols else None)
+
+
+def hard_negative_logits(a: Tensor, hard_negatives: Tensor, scale, margins: Tensor | None = None) -> Tensor:
+    """``s <a_i, h_ik> + m_ik`` (``[B, H]``; inputs already normalised as the loss does)."""
+    z = torch.einsum("bd,bhd->bh", a, hard_negatives) * scale
+    return z if margins is None else z + margins.to(z.dtype)
+
+
+def _check_hard(a: Tensor, hard_negatives, margins):
+    if hard_negatives is None:
+        if margins is not None:
+            raise ValueError("hard_margins: given without hard_negatives")
+        return None, None
+    if not isinstance(hard_negatives, Tensor) or not hard_negatives.is_floating_point():
+        raise TypeError(f"hard_negatives: expected a floating torch.Tensor [B, H, D], got "
+                        f"{type(hard_negatives).__name__ if not isinstance(hard_negatives, Tensor) else hard_negatives.dtype}")
+    B, D = a.shape
+    if hard_negatives.dim() != 3 or hard_negatives.shape[0] != B or hard_negatives.shape[2] != D:
+        raise ValueError(f"hard_negatives: expected shape [{B}, H, {D}] (H negatives per row of a), "
+                         f"got {shape_str(hard_negatives)}")
+    if hard_negatives.device != a.device:
+        raise ValueError(f"hard_negatives: expected device {a.device}, got {hard_negatives.device}")
+    check_finite(hard_negatives, "hard_negatives")
+    if margins is not None:
+        if not isinstance(margins, Tensor) or tuple(margins.shape) != tuple(hard_negatives.shape[:2]):
+            raise ValueError(f"hard_margins: expected shape {list(hard_negatives.shape[:2])} (one per hard negative), "
+                             f"got {shape_str(margins) if isinstance(margins, Tensor) else type(margins).__name__}")
+        check_finite(margins, "hard_margins")
+    return hard_negatives, margins
+
+
+def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, symmetric: bool = True,
+                  normalize: bool = True, chunk_size: int | None = None, hard_negatives: Tensor | None = None,
+                  hard_margins: Tensor | None = None, gather: bool = False, group=None,
+                  reduction: str = "mean", sample_weight: Tensor | None = None) -> Tensor:
+    """InfoNCE on paired rows (module doc).
+
+    ``scale``: the logit scale ``1 / temperature`` (a float or a 0-dim tensor, which gets a gradient).
+    ``chunk_size``: ``None`` is dense up to ``kernels.info_nce.BLOCK_ELEMENTS`` similarities and
+    chunked above; an integer always uses the chunked kernel with that many rows per block.
+    ``gather``: under ``torch.distributed``, score the local rows against every rank's rows
+    (gathered with gradient); each rank's ``'mean'`` is over its own rows (docs/design.md,
+    "Distributed"), so two processes give one process's loss and gradients on the concatenated batch.
+    """
+    check_reduction(reduction)
+    a, b = check_pair(a, b)
+    s = _check_scale(scale)
+    h, m = _check_hard(a, hard_negatives, hard_margins)
+    sample_weight = check_sample_weight(sample_weight, a.shape[0], a)
+    out_dtype = a.dtype
+    a, b = _compute(a), _compute(b)
+    if isinstance(s, Tensor):
+        s = s.to(a.dtype)
+    if normalize:
+        a = F.normalize(a, dim=1, eps=NORM_EPS)
+        b = F.normalize(b, dim=1, eps=NORM_EPS)
+    pos = torch.linalg.vecdot(a, b) * s
+    world = 1
+    if gather:
+        from losskit.distributed.collectives import all_gather_with_grad, gather_sizes, world as _world
+        world = _world(group)[0]
+    if world > 1:
+        sizes = gather_sizes(a.shape[0], a.device, group)
+        a_all = all_gather_with_grad(a, group, sizes)
+        b_all = all_gather_with_grad(b, group, sizes)
+        row, _ = _lse(a, b_all, s, chunk_size, cols=False)
+        col = _lse(b, a_all, s, chunk_size, cols=False)[0] if symmetric else None
+    else:
+        row, col = _lse(a, b, s, chunk_size, cols=symmetric)
+    if h is not None:
+        hn = _compute(h)
+        if normalize:
+            hn = F.normalize(hn, dim=2, eps=NORM_EPS)
+        zh = hard_negative_logits(a, hn.to(a.dtype), s, m)
+        row = torch.logaddexp(row, torch.logsumexp(zh, dim=1))
+    loss = (0.5 * (row + col) if symmetric else row) - pos
+    return reduce_loss(loss.to(out_dtype), reduction, sample_weight, checked=True)
+
+
+def cement_margins(concreteness: Tensor, gamma: float, *, score_range: tuple[float, float] = CONCRETENESS_RANGE,
+                   name: str = "concreteness") -> Tensor:
+    """Cement's per-negative margins ``gamma * c`` with ``c = (score - lo) / (hi - lo)`` in ``[0, 1]``:
+    the concreteness of the word each hard negative changed, on the norms' scale (Brysbaert: 1-5).
+    A score outside the scale is an error (a value check)."""
+    if not isinstance(concreteness, Tensor) or not concreteness.is_floating_point():
+        raise TypeError(f"{name}: expected a floating torch.Tensor of scores, got "
+                        f"{type(concreteness).__name__ if not isinstance(concreteness, Tensor) else concreteness.dtype}")
+    lo, hi = score_range
+    check_finite(concreteness, name)
+    if tensor_checks_enabled() and concreteness.numel():
+        c = concreteness.detach()
+        if bool((c < lo).any() | (c > hi).any()):
+            bad = float(c[(c < lo) | (c > hi)][0])
+            raise ValueError(f"{name}: expected scores on the norms' scale [{lo:g}, {hi:g}], got {bad:g}")
+    return gamma * (concreteness - lo) / (hi - lo)
+
+
+@torch.no_grad()
+def hard_negative_share(a: Tensor, b: Tensor, hard_negatives: Tensor, scale: float | Tensor = 1 / 0.07, *,
+                        hard_margins: Tensor | None = None, normalize: bool = True) -> Tensor:
+    """The gradient-share diagnostic: for row ``i`` of the a -> b softmax ``p`` over the batch's
+    captions and the row's hard negatives, ``dl_i/dz_ij = p_ij`` for a negative and ``p_ii - 1`` for the
+    positive, so the push on the negatives is ``1 - p_ii`` in total and hard negative ``k`` takes
+    ``p_ik / (1 - p_ii)`` of it.  Returns ``[B, H]`` (the share shrinks as the number of negatives grows).
+    """
+    a, b = check_pair(a, b)
+    h, m = _check_hard(a, hard_negatives, hard_margins)
+    a, b, h = _compute(a), _compute(b), _compute(h)
+    s = _check_scale(scale)
+    if normalize:
+        a, b, h = (F.normalize(a, dim=1, eps=NORM_EPS), F.normalize(b, dim=1, eps=NORM_EPS),
+                   F.normalize(h, dim=2, eps=NORM_EPS))
+    z = torch.cat([(a @ b.t()) * s, hard_negative_logits(a, h, s, m)], dim=1)
+    p = torch.softmax(z, dim=1)
+    B = a.shape[0]
+    p_pos = p[torch.arange(B), torch.arange(B)]
+    return p[:, B:] / (1 - p_pos).clamp_min(torch.finfo(p.dtype).tiny)[:, None]

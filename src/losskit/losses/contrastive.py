@@ -1,0 +1,113 @@
+"""Registered contrastive objectives on paired embeddings (task ``paired``:
+``loss(a, b, sample_weight=None)``): ``info-nce`` (CLIP) and ``cement``
+(InfoNCE with concreteness margins on hard negatives).  Formulas in
+:mod:`losskit.functional.contrastive` and docs/contrastive.md."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from losskit.core.checks import check_bool, check_hparam, check_int, check_reduction
+from losskit.core.registry import Paper, register
+from losskit.functional.contrastive import cement_margins, info_nce_loss
+
+__all__ = ["InfoNCELoss", "CementLoss", "CLIP_PAPER"]
+
+CLIP_PAPER = Paper("Learning Transferable Visual Models From Natural Language Supervision", 2021, "2103.00020")
+
+
+class _Temperature(nn.Module):
+    """A fixed temperature, or CLIP's learnable logit scale: ``s = exp(t)`` with ``t`` initialised to
+    ``log(1 / temperature)`` and clipped so that ``s <= max_scale`` (CLIP, section 2.5: "clipped to prevent
+    scaling the logits by more than 100"; the clip is applied in the forward pass, so no optimiser hook
+    is needed and a clipped scale gets no gradient)."""
+
+    def _init_temperature(self, temperature: float, learnable: bool, max_scale: float) -> None:
+        self.temperature = check_hparam("temperature", temperature, low=0, low_open=True)
+        self.learnable = check_bool("learnable", learnable)
+        self.max_scale = check_hparam("max_scale", max_scale, low=0, low_open=True)
+        if 1.0 / self.temperature > self.max_scale:
+            raise ValueError(f"temperature: expected 1 / temperature <= max_scale = {self.max_scale:g}, "
+                             f"got temperature {temperature:g}")
+        if self.learnable:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)))
+
+    def scale(self) -> float | Tensor:
+        if not self.learnable:
+            return 1.0 / self.temperature
+        return self.logit_scale.clamp(max=math.log(self.max_scale)).exp()
+
+
+@register("info-nce", family="contrastive", kind="objective", task="paired", paper=CLIP_PAPER)
+class InfoNCELoss(_Temperature):
+    """The symmetric CLIP loss on paired rows (``symmetric=False``: the one-sided a -> b InfoNCE).
+
+    ``temperature``: fixed, or the initial value of CLIP's learnable logit scale (``learnable``,
+    clipped at ``max_scale``); ``normalize``: L2-normalise ``a`` and ``b`` first; ``chunk_size``:
+    rows per block of the chunked kernel (``None``: dense for small batches, chunked above 4M
+    similarities); ``gather``: under torch.distributed, every rank's rows are negatives
+    (gathered with gradient; each rank's mean is over its own rows).  ``forward(a, b,
+    sample_weight=None, hard_negatives=None)``: optional ``[B, H, D]`` extra negatives of ``b``'s
+    kind per row of ``a``.
+    """
+
+    def __init__(self, temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0,
+                 symmetric: bool = True, normalize: bool = True, chunk_size: int | None = None,
+                 gather: bool = False, reduction: str = "mean"):
+        super().__init__()
+        self._init_temperature(temperature, learnable, max_scale)
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.normalize = check_bool("normalize", normalize)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
+        self.gather = check_bool("gather", gather)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, a: Tensor, b: Tensor, sample_weight: Tensor | None = None,
+                hard_negatives: Tensor | None = None) -> Tensor:
+        return info_nce_loss(a, b, self.scale(), symmetric=self.symmetric, normalize=self.normalize,
+                             chunk_size=self.chunk_size, hard_negatives=hard_negatives, gather=self.gather,
+                             reduction=self.reduction, sample_weight=sample_weight)
+
+
+@register("cement", family="contrastive", kind="objective", task="paired",
+          paper=Paper("Concrete Jungle", 2026, "2604.13313"))
+class CementLoss(_Temperature):
+    """InfoNCE whose hard negatives get a margin ``gamma * c`` on their logit, ``c`` the normalised
+    concreteness (``(score - 1) / 4`` on the Brysbaert 1-5 scale) of the word the negative changed.
+
+    ``forward(a, b, hard_negatives, concreteness, sample_weight=None)``: ``hard_negatives``
+    ``[B, H, D]`` (``b``-side embeddings of perturbed captions, e.g. from
+    :func:`losskit.data.concreteness.concrete_plant`), ``concreteness`` ``[B, H]`` scores on the
+    norms' scale.  ``gamma = 0`` is InfoNCE with hard negatives.
+    """
+
+    def __init__(self, gamma: float = 1.0, temperature: float = 0.07, learnable: bool = True,
+                 max_scale: float = 100.0, symmetric: bool = True, normalize: bool = True,
+                 chunk_size: int | None = None, gather: bool = False, reduction: str = "mean"):
+        super().__init__()
+        self.gamma = check_hparam("gamma", gamma, low=0)
+        self._init_temperature(temperature, learnable, max_scale)
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.normalize = check_bool("normalize", normalize)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
+        self.gather = check_bool("gather", gather)
+        self.reduction = check_reduction(reduction)
+
+    def margins(self, concreteness: Tensor) -> Tensor:
+        return cement_margins(concreteness, self.gamma)
+
+    def forward(self, a: Tensor, b: Tensor, hard_negatives: Tensor, concreteness: Tensor,
+                sample_weight: Tensor | None = None) -> Tensor:
+        if not isinstance(hard_negatives, Tensor) or hard_negatives.dim() != 3:
+            raise ValueError("hard_negatives: expected a [B, H, D] tensor of perturbed-caption embeddings, got "
+                             f"{list(hard_negatives.shape) if isinstance(hard_negatives, Tensor) else type(hard_negatives).__name__}")
+        if not isinstance(concreteness, Tensor) or tuple(concreteness.shape) != tuple(hard_negatives.shape[:2]):
+            raise ValueError(f"concreteness: expected shape {list(hard_negatives.shape[:2])} (one score per hard "
+                             f"negative), got {list(concreteness.shape) if isinstance(concreteness, Tensor) else type(concreteness).__name__}")
+        return info_nce_loss(a, b, self.scale(), symmetric=self.symmetric, normalize=self.normalize,
+                             chunk_size=self.chunk_size, hard_negatives=hard_negatives,
+                             hard_margins=self.margins(concreteness), gather=self.gather,
+                             reduction=self.reduction, sample_weight=sample_weight)
