@@ -33,10 +33,10 @@ from losskit.core.checks import check_embeddings, check_finite, shape_str, tenso
 from losskit.core.reduction import reduce_loss
 from losskit.core.checks import check_reduction, check_sample_weight
 from losskit.kernels.constants import NORM_EPS
-from losskit.kernels.info_nce import BLOCK_ELEMENTS, pair_lse
+from losskit.kernels.info_nce import pair_lse
 
 __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share", "hard_negative_logits",
-           "CONCRETENESS_RANGE"]
+           "CONCRETENESS_RANGE", "lexicon_weights", "flops_regularizer", "lexlip_loss"]
 
 #: the scale of the Brysbaert et al. (2014) concreteness norms: 1 (abstract) to 5 (concrete)
 CONCRETENESS_RANGE = (1.0, 5.0)
@@ -77,10 +77,8 @@ def _compute(t: Tensor) -> Tensor:
 
 
 def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool):
-    """Row (and column) log-sum-exps of ``s q k^T``: dense below one block, else the kernel."""
-    if chunk_size is None and q.shape[0] * k.shape[0] <= BLOCK_ELEMENTS:
-        z = (q @ k.t()) * s
-        return torch.logsumexp(z, dim=1), (torch.logsumexp(z, dim=0) if cols else None)
+    """Row (and column) log-sum-exps of ``s q k^T`` (the kernel: even in one block it is faster
+    than autograd through two dense log-sum-exps, benchmarks/info_nce.py)."""
     st = s if isinstance(s, Tensor) else torch.tensor(s, dtype=q.dtype, device=q.device)
     row, col = pair_lse(q, k, st, chunk_size, cols)
     return row, (col if cols else None)
@@ -122,8 +120,8 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
     """InfoNCE on paired rows (module doc).
 
     ``scale``: the logit scale ``1 / temperature`` (a float or a 0-dim tensor, which gets a gradient).
-    ``chunk_size``: ``None`` is dense up to ``kernels.info_nce.BLOCK_ELEMENTS`` similarities and
-    chunked above; an integer always uses the chunked kernel with that many rows per block.
+    ``chunk_size``: query rows per block of the kernel (``None``: blocks of about
+    ``kernels.info_nce.BLOCK_ELEMENTS`` similarities, so the ``B x B`` matrix is never held above 2048 rows).
     ``gather``: under ``torch.distributed``, score the local rows against every rank's rows
     (gathered with gradient); each rank's ``'mean'`` is over its own rows (docs/design.md,
     "Distributed"), so two processes give one process's loss and gradients on the concatenated batch.
@@ -201,3 +199,50 @@ def hard_negative_share(a: Tensor, b: Tensor, hard_negatives: Tensor, scale: flo
     B = a.shape[0]
     p_pos = p[torch.arange(B), torch.arange(B)]
     return p[:, B:] / (1 - p_pos).clamp_min(torch.finfo(p.dtype).tiny)[:, None]
+
+
+# ----------------------------------------------------------------------------- LexLIP
+
+def lexicon_weights(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """LexLIP's lexicon representation (Luo et al. 2023, arXiv 2302.02908, Eq. 1, as SPLADE's max
+    pooling): ``w_v = log(1 + max_t ReLU(logits_tv))`` over the tokens (or patches) ``t`` of each
+    row; ``logits`` ``[B, T, V]``, ``attention_mask`` ``[B, T]`` (0 for padding: not pooled)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating [B, T, V] tensor (per-token vocabulary logits), got "
+                         f"{shape_str(logits) if isinstance(logits, Tensor) else type(logits).__name__}")
+    check_finite(logits, "logits")
+    r = torch.relu(logits)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"attention_mask: expected shape {list(logits.shape[:2])}, got "
+                             f"{shape_str(attention_mask) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__}")
+        r = r * attention_mask.to(r.dtype)[:, :, None]
+    if r.shape[1] == 0:
+        return r.sum(dim=1)
+    return torch.log1p(r.amax(dim=1))
+
+
+def flops_regularizer(weights: Tensor) -> Tensor:
+    """The FLOPS regulariser (Paria et al. 2020, used by LexLIP): ``sum_v (mean_i |w_iv|)^2`` over a
+    batch ``[B, V]`` -- the expected number of multiplications of a sparse dot product, smoothed."""
+    check_embeddings(weights, "weights")
+    if weights.shape[0] == 0:
+        return weights.sum() * 0.0
+    return weights.abs().mean(dim=0).pow(2).sum()
+
+
+def lexlip_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.05, *, flops_weight: float = 0.002,
+                chunk_size: int | None = None, gather: bool = False, group=None, reduction: str = "mean",
+                sample_weight: Tensor | None = None) -> Tensor:
+    """LexLIP's objective on lexicon vectors ``a`` (images) and ``b`` (texts), ``[B, V]``: symmetric
+    InfoNCE on the L2-normalised vectors plus ``flops_weight * (FLOPS(a_hat) + FLOPS(b_hat))``.
+    Per row, the batch's FLOPS term is added to every row's InfoNCE term, so ``'mean'`` is the
+    paper's ``InfoNCE + lambda FLOPS`` (``'sum'`` counts it ``B`` times)."""
+    check_reduction(reduction)
+    a, b = check_pair(a, b)
+    per_row = info_nce_loss(a, b, scale, normalize=True, chunk_size=chunk_size, gather=gather, group=group,
+                            reduction="none")
+    an, bn = F.normalize(_compute(a), dim=1, eps=NORM_EPS), F.normalize(_compute(b), dim=1, eps=NORM_EPS)
+    reg = flops_weight * (flops_regularizer(an) + flops_regularizer(bn))
+    sample_weight = check_sample_weight(sample_weight, a.shape[0], a)
+    return reduce_loss(per_row + reg.to(per_row.dtype), reduction, sample_weight, checked=True)

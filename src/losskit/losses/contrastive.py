@@ -1,6 +1,7 @@
 """Registered contrastive objectives on paired embeddings (task ``paired``:
-``loss(a, b, sample_weight=None)``): ``info-nce`` (CLIP) and ``cement``
-(InfoNCE with concreteness margins on hard negatives).  Formulas in
+``loss(a, b, sample_weight=None)``): ``info-nce`` (CLIP), ``cement``
+(InfoNCE with concreteness margins on hard negatives) and ``lexlip`` (InfoNCE
+plus the FLOPS regulariser on lexicon vectors).  Formulas in
 :mod:`losskit.functional.contrastive` and docs/contrastive.md."""
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from torch import Tensor, nn
 
 from losskit.core.checks import check_bool, check_hparam, check_int, check_reduction
 from losskit.core.registry import Paper, register
-from losskit.functional.contrastive import cement_margins, info_nce_loss
+from losskit.functional.contrastive import cement_margins, info_nce_loss, lexlip_loss
 
-__all__ = ["InfoNCELoss", "CementLoss", "CLIP_PAPER"]
+__all__ = ["InfoNCELoss", "CementLoss", "LexLIPLoss", "CLIP_PAPER"]
 
 CLIP_PAPER = Paper("Learning Transferable Visual Models From Natural Language Supervision", 2021, "2103.00020")
 
@@ -47,8 +48,7 @@ class InfoNCELoss(_Temperature):
 
     ``temperature``: fixed, or the initial value of CLIP's learnable logit scale (``learnable``,
     clipped at ``max_scale``); ``normalize``: L2-normalise ``a`` and ``b`` first; ``chunk_size``:
-    rows per block of the chunked kernel (``None``: dense for small batches, chunked above 4M
-    similarities); ``gather``: under torch.distributed, every rank's rows are negatives
+    rows per block of the chunked kernel (``None``: blocks of about 4M similarities); ``gather``: under torch.distributed, every rank's rows are negatives
     (gathered with gradient; each rank's mean is over its own rows).  ``forward(a, b,
     sample_weight=None, hard_negatives=None)``: optional ``[B, H, D]`` extra negatives of ``b``'s
     kind per row of ``a``.
@@ -111,3 +111,27 @@ class CementLoss(_Temperature):
                              chunk_size=self.chunk_size, hard_negatives=hard_negatives,
                              hard_margins=self.margins(concreteness), gather=self.gather,
                              reduction=self.reduction, sample_weight=sample_weight)
+
+
+@register("lexlip", family="contrastive", kind="objective", task="paired",
+          paper=Paper("LexLIP: Lexicon-Bottlenecked Language-Image Pre-Training for Large-Scale Image-Text "
+                      "Sparse Retrieval", 2023, "2302.02908"))
+class LexLIPLoss(_Temperature):
+    """LexLIP's contrastive objective on lexicon vectors (``[B, V]``, e.g. from
+    :class:`losskit.retrieval.LexiconHead`): symmetric InfoNCE at temperature 0.05 on the
+    L2-normalised vectors plus ``flops_weight`` (0.002) times the FLOPS regulariser of each side.
+    The scores of the trained vectors are served by :class:`losskit.retrieval.InvertedIndex`."""
+
+    def __init__(self, temperature: float = 0.05, flops_weight: float = 0.002, learnable: bool = False,
+                 max_scale: float = 100.0, chunk_size: int | None = None, gather: bool = False,
+                 reduction: str = "mean"):
+        super().__init__()
+        self._init_temperature(temperature, learnable, max_scale)
+        self.flops_weight = check_hparam("flops_weight", flops_weight, low=0)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
+        self.gather = check_bool("gather", gather)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, a: Tensor, b: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        return lexlip_loss(a, b, self.scale(), flops_weight=self.flops_weight, chunk_size=self.chunk_size,
+                           gather=self.gather, reduction=self.reduction, sample_weight=sample_weight)
