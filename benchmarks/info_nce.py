@@ -13,7 +13,8 @@ Contenders (same normalised ``a``, ``b`` ``[B, D]``, learnable logit scale):
 * ``losskit[chunk=C]``: ``losskit.functional.info_nce_loss(..., chunk_size=C)``; ``auto`` is
   the default (``None``: C = 4M / B rows per block).
 
-Time: the median of ``--repeats`` steps after one warm-up step.  Memory: the peak of the bytes
+Time: the median of ``--repeats`` steps after one warm-up step, timed in rounds (each round
+runs every contender once, so that a change of machine load hits every contender alike).  Memory: the peak of the bytes
 held by tensors allocated during one step (torch.profiler's allocation events; the inputs are
 allocated before), i.e. the extra memory of a step.  Ratios are against ``floor`` measured in the
 same run at the same thread count.  Prints a markdown table per thread count.
@@ -76,7 +77,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunks", default="auto,256,1024,2048")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="0: torch's default")
     args = p.parse_args(argv)
     default_threads = torch.get_num_threads()
@@ -86,16 +87,17 @@ def main(argv=None):
     chunks = [c for c in args.chunks.split(",") if c]
     for th in args.threads:
         torch.set_num_threads(th or default_threads)
-        rows = []
-        for name, step in contenders(a, b, chunks).items():
+        steps = contenders(a, b, chunks)
+        mems, times = {}, {n: [] for n in steps}
+        for name, step in steps.items():
             step()  # warm-up
-            mem = _tensor_peak_mib(step)
-            ts = []
-            for _ in range(args.repeats):
+            mems[name] = _tensor_peak_mib(step)
+        for _ in range(args.repeats):  # rounds over the contenders, so that a load change hits all alike
+            for name, step in steps.items():
                 t0 = time.perf_counter()
                 step()
-                ts.append(time.perf_counter() - t0)
-            rows.append((name, statistics.median(ts), mem))
+                times[name].append(time.perf_counter() - t0)
+        rows = [(n, statistics.median(times[n]), mems[n]) for n in steps]
         f_t, f_m = rows[0][1], rows[0][2]
         print(f"\nB={args.batch} D={args.dim} threads={torch.get_num_threads()} (median of {args.repeats})\n")
         print("| contender | time s | x floor | extra MiB | x floor memory |")
