@@ -36,7 +36,9 @@ from losskit.kernels.constants import NORM_EPS
 from losskit.kernels.info_nce import pair_lse
 
 __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share", "hard_negative_logits",
-           "CONCRETENESS_RANGE", "lexicon_weights", "flops_regularizer", "lexlip_loss"]
+           "CONCRETENESS_RANGE", "lexicon_weights", "flops_regularizer", "lexlip_loss", "knn_adjacency",
+           "propagated_adjacency", "soft_assignment", "target_distribution", "meta_nodes", "pamc_contrastive",
+           "dense_block_contrastive", "pamc_objective"]
 
 #: the scale of the Brysbaert et al. (2014) concreteness norms: 1 (abstract) to 5 (concrete)
 CONCRETENESS_RANGE = (1.0, 5.0)
@@ -246,3 +248,167 @@ def lexlip_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.05, *, flops
     reg = flops_weight * (flops_regularizer(an) + flops_regularizer(bn))
     sample_weight = check_sample_weight(sample_weight, a.shape[0], a)
     return reduce_loss(per_row + reg.to(per_row.dtype), reduction, sample_weight, checked=True)
+
+
+# ----------------------------------------------------------------------------- PamC
+
+def knn_adjacency(x: Tensor, k: int, *, chunk_size: int = 4096) -> Tensor:
+    """The kNN graph of the rows of ``x`` by cosine similarity (self excluded), symmetrised
+    (an edge if either end is among the other's ``k`` nearest), as a coalesced sparse ``[N, N]``
+    0/1 matrix.  Rows are scored in blocks (``O(chunk x N)`` memory)."""
+    check_embeddings(x, "x")
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"x: a kNN graph needs at least 2 nodes, got {n}")
+    if not (1 <= int(k) < n):
+        raise ValueError(f"k: expected an integer in [1, {n - 1}] (neighbours per node), got {k}")
+    xn = F.normalize(x.detach().float(), dim=1, eps=NORM_EPS)
+    rows, cols = [], []
+    for a in range(0, n, chunk_size):
+        s = xn[a:a + chunk_size] @ xn.t()
+        idx = torch.arange(a, min(a + chunk_size, n))
+        s[idx - a, idx] = float("-inf")
+        nb = s.topk(int(k), dim=1).indices
+        rows.append(idx.repeat_interleave(int(k)))
+        cols.append(nb.reshape(-1))
+    r, c = torch.cat(rows), torch.cat(cols)
+    ei = torch.cat([torch.stack([r, c]), torch.stack([c, r])], dim=1)
+    vals = torch.ones(ei.shape[1])
+    a = torch.sparse_coo_tensor(ei, vals, (n, n)).coalesce()
+    return torch.sparse_coo_tensor(a.indices(), torch.ones_like(a.values()), (n, n)).coalesce()
+
+
+def propagated_adjacency(adjacency: Tensor, order: int = 4, *, cumulative: bool = True) -> Tensor:
+    """PamC's positive weights ``A~ = sum_{r=1..R} Ahat^r`` (``cumulative``, the paper's Eq. for
+    the influence of r-hop neighbours; the official code's ``--influence``), or ``Ahat^R``, with
+    ``Ahat = D^-1 (A + I)`` the row-normalised adjacency with self-loops.  Sparse in, sparse out."""
+    if not isinstance(adjacency, Tensor) or adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise ValueError(f"adjacency: expected a square [N, N] (sparse) matrix, got "
+                         f"{shape_str(adjacency) if isinstance(adjacency, Tensor) else type(adjacency).__name__}")
+    order = int(order)
+    if order < 1:
+        raise ValueError(f"order: expected an integer >= 1 (hops), got {order}")
+    n = adjacency.shape[0]
+    if n == 0:
+        raise ValueError("adjacency: the graph is empty (0 nodes)")
+    a = adjacency.to_sparse() if not adjacency.is_sparse else adjacency
+    a = a.coalesce().float()
+    if a._nnz() == 0:
+        raise ValueError("adjacency: the graph has no edges (an empty graph gives every node only itself)")
+    eye = torch.sparse_coo_tensor(torch.arange(n).repeat(2, 1), torch.ones(n), (n, n))
+    a = (a + eye).coalesce()
+    deg = torch.zeros(n).index_add_(0, a.indices()[0], a.values())
+    ahat = torch.sparse_coo_tensor(a.indices(), a.values() / deg[a.indices()[0]], (n, n)).coalesce()
+    out, power = ahat, ahat
+    for _ in range(order - 1):
+        power = torch.sparse.mm(power, ahat).coalesce()
+        out = (out + power).coalesce() if cumulative else power
+    return out
+
+
+def soft_assignment(z: Tensor, centers: Tensor, v: float = 1.0) -> Tensor:
+    """Student-t soft assignments (DEC, used by PamC): ``q_ik ~ (1 + ||z_i - mu_k||^2 / v)^-((v+1)/2)``,
+    rows summing to 1."""
+    d2 = (z[:, None, :] - centers[None, :, :].to(z.dtype)).pow(2).sum(-1)
+    q = (1.0 + d2 / v).pow(-(v + 1.0) / 2.0)
+    return q / q.sum(dim=1, keepdim=True)
+
+
+def target_distribution(q: Tensor) -> Tensor:
+    """DEC's sharpened target ``p_ik = (q_ik^2 / f_k) / sum_k' (q_ik'^2 / f_k')``, ``f_k = sum_i q_ik``."""
+    w = q.pow(2) / q.sum(dim=0).clamp_min(torch.finfo(q.dtype).tiny)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def meta_nodes(z: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """PamC's meta-nodes ``c_k = sum_{i: argmax_k q_i = k} z_i`` (hard assignments from the detached
+    ``q``) and which clusters are non-empty ``[K]``.  No host synchronisation."""
+    K = q.shape[1]
+    hard = q.detach().argmax(dim=1)
+    c = torch.zeros(K, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, hard, z)
+    counts = torch.zeros(K, dtype=z.dtype, device=z.device).index_add(0, hard, torch.ones_like(hard, dtype=z.dtype))
+    return c, counts > 0
+
+
+def _cos_edges(z: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    idx, w = adj.indices(), adj.values()
+    zn = F.normalize(z, dim=1, eps=NORM_EPS)
+    return idx, w.to(z.dtype), torch.linalg.vecdot(zn[idx[0]], zn[idx[1]])
+
+
+def pamc_contrastive(z: Tensor, adjacency: Tensor, q: Tensor, tau: float = 0.5, *, official: bool = False) -> Tensor:
+    """PamC's meta-node contrastive loss per node ``[N]`` (Kulatilleke et al. 2022, arXiv 2209.14067, Eq. 7-9):
+
+        l_i = -log sum_j A~_ij exp(tau cos(z_i, z_j)) + mean_k log sum_l exp(tau cos(c_k, c_l))
+
+    (``tau`` multiplies, as in the paper and code), the positive sum over the sparse ``A~``
+    (:func:`propagated_adjacency`) and the negatives over the ``K`` meta-nodes
+    (:func:`meta_nodes`; empty clusters are left out of both the mean and the sums, where the official
+    code divides by a zero norm).  ``official=True`` follows the code: cosines on the diagonal set to 0
+    before exp (each sum keeps an ``e^0`` self term) and ``+1e-10`` inside both logs.  The second term is
+    the same for every node, so ``mean_i l_i`` is the paper's loss."""
+    idx, w, cos = _cos_edges(z, adjacency)
+    if official:
+        cos = torch.where(idx[0] == idx[1], torch.zeros_like(cos), cos)
+    pos = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).index_add(0, idx[0], w * torch.exp(tau * cos))
+    c, live = meta_nodes(z, q)
+    cn = F.normalize(c, dim=1, eps=NORM_EPS)
+    cc = cn @ cn.t()
+    if official:
+        cc = cc * (1 - torch.eye(cc.shape[0], dtype=cc.dtype, device=cc.device))
+    e = torch.exp(tau * cc) * live[None, :].to(cc.dtype)
+    eps = 1e-10 if official else 0.0
+    neg_k = torch.log(e.sum(dim=1) + eps)
+    neg = (neg_k * live.to(cc.dtype)).sum() / live.sum().clamp_min(1).to(cc.dtype)
+    return -torch.log(pos + eps) + neg
+
+
+def dense_block_contrastive(z: Tensor, adjacency: Tensor, tau: float = 0.5, *, official: bool = False) -> Tensor:
+    """The dense ``N x N`` version PamC approximates (Graph-MLP's neighbour contrast), per node:
+    ``l_i = -log sum_j A~_ij exp(tau cos_ij) + log sum_j exp(tau cos_ij)`` (every node a negative)."""
+    zn = F.normalize(z, dim=1, eps=NORM_EPS)
+    cos = zn @ zn.t()
+    if official:
+        cos = cos * (1 - torch.eye(cos.shape[0], dtype=cos.dtype, device=cos.device))
+    e = torch.exp(tau * cos)
+    a = adjacency.to_dense().to(z.dtype) if adjacency.is_sparse else adjacency.to(z.dtype)
+    eps = 1e-10 if official else 0.0
+    return -torch.log((e * a).sum(dim=1) + eps) + torch.log(e.sum(dim=1) + eps)
+
+
+def pamc_objective(z: Tensor, adjacency: Tensor, centers: Tensor, *, tau: float = 0.5, alpha: float = 2.0,
+                   beta: float = 2.0, v: float = 1.0, official: bool = False, dense: bool = False,
+                   target: Tensor | None = None, reduction: str = "mean",
+                   sample_weight: Tensor | None = None) -> Tensor:
+    """PamC's total loss per node: ``beta KL(p_i || q_i) + alpha l_i`` (the paper's Eq. 10; ``p`` the
+    detached target distribution of ``q``), ``'mean'`` over the nodes (the code's ``batchmean`` KL and
+    mean contrast).  ``dense=True``: the ``N x N`` contrast instead of the meta-nodes.  ``target``: a
+    given ``P`` ``[N, K]`` (the official code recomputes it from ``Q`` under no_grad once per epoch);
+    by default the detached target of this call's ``Q`` (a stop-gradient, so the gradient is not the
+    full derivative of the loss as a function of the embeddings)."""
+    check_reduction(reduction)
+    check_embeddings(z, "embeddings")
+    n = z.shape[0]
+    if not isinstance(adjacency, Tensor) or tuple(adjacency.shape) != (n, n):
+        raise ValueError(f"adjacency: expected a [{n}, {n}] matrix (A~, from propagated_adjacency), got "
+                         f"{shape_str(adjacency) if isinstance(adjacency, Tensor) else type(adjacency).__name__}")
+    if adjacency.device != z.device:
+        raise ValueError(f"adjacency: expected device {z.device}, got {adjacency.device}")
+    sample_weight = check_sample_weight(sample_weight, n, z)
+    out_dtype = z.dtype
+    zc = _compute(z)
+    if n == 0:
+        return reduce_loss(zc.sum(dim=1).to(out_dtype) + centers.sum() * 0, reduction, sample_weight, checked=True)
+    adj = adjacency.coalesce() if adjacency.is_sparse else adjacency.to_sparse().coalesce()
+    q = soft_assignment(zc, centers.to(zc.dtype), v)
+    if target is not None:
+        if not isinstance(target, Tensor) or tuple(target.shape) != tuple(q.shape):
+            raise ValueError(f"target: expected shape {list(q.shape)} (P, rows summing to 1), got "
+                             f"{shape_str(target) if isinstance(target, Tensor) else type(target).__name__}")
+        p = target.detach().to(q.dtype)
+    else:
+        p = target_distribution(q).detach()
+    kl = (p * (torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)) - torch.log(q))).sum(dim=1)
+    con = dense_block_contrastive(zc, adj, tau, official=official) if dense else \
+        pamc_contrastive(zc, adj, q, tau, official=official)
+    return reduce_loss((beta * kl + alpha * con).to(out_dtype), reduction, sample_weight, checked=True)

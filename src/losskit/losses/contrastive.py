@@ -1,7 +1,8 @@
 """Registered contrastive objectives on paired embeddings (task ``paired``:
 ``loss(a, b, sample_weight=None)``): ``info-nce`` (CLIP), ``cement``
 (InfoNCE with concreteness margins on hard negatives) and ``lexlip`` (InfoNCE
-plus the FLOPS regulariser on lexicon vectors).  Formulas in
+plus the FLOPS regulariser on lexicon vectors); and ``pamc`` (task ``other``:
+graph clustering, ``loss(embeddings, adjacency)``).  Formulas in
 :mod:`losskit.functional.contrastive` and docs/contrastive.md."""
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from torch import Tensor, nn
 
 from losskit.core.checks import check_bool, check_hparam, check_int, check_reduction
 from losskit.core.registry import Paper, register
-from losskit.functional.contrastive import cement_margins, info_nce_loss, lexlip_loss
+from losskit.functional.contrastive import cement_margins, info_nce_loss, lexlip_loss, pamc_objective, \
+    soft_assignment
 
-__all__ = ["InfoNCELoss", "CementLoss", "LexLIPLoss", "CLIP_PAPER"]
+__all__ = ["InfoNCELoss", "CementLoss", "LexLIPLoss", "PamCLoss", "CLIP_PAPER"]
 
 CLIP_PAPER = Paper("Learning Transferable Visual Models From Natural Language Supervision", 2021, "2103.00020")
 
@@ -135,3 +137,52 @@ class LexLIPLoss(_Temperature):
     def forward(self, a: Tensor, b: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         return lexlip_loss(a, b, self.scale(), flops_weight=self.flops_weight, chunk_size=self.chunk_size,
                            gather=self.gather, reduction=self.reduction, sample_weight=sample_weight)
+
+
+@register("pamc", family="contrastive", kind="objective", task="other",
+          paper=Paper("Efficient block contrastive learning via parameter-free meta-node approximation", 2022,
+                      "2209.14067"))
+class PamCLoss(nn.Module):
+    """PamC's graph-clustering objective: ``beta KL(P || Q) + alpha L_PamC`` per node, ``Q`` the
+    Student-t soft assignments of the embeddings to the learnable ``centers`` ``[K, D]`` (initialise
+    them with k-means: :meth:`init_centers`), ``P`` its sharpened target, ``L_PamC`` the meta-node
+    contrast over the propagated kNN graph.  ``forward(embeddings [N, D], adjacency [N, N],
+    sample_weight=None)``: ``adjacency`` is ``A~`` from
+    :func:`losskit.functional.propagated_adjacency` (sparse).  ``dense=True`` is the ``N x N``
+    block-contrastive loss PamC approximates; ``official=True`` the official code's diagonal and
+    epsilon (docs/contrastive.md).  Paper defaults for USPS: alpha 2, beta 2, tau 0.5 (R = 4 hops)."""
+
+    def __init__(self, num_clusters: int, embedding_dim: int, tau: float = 0.5, alpha: float = 2.0,
+                 beta: float = 2.0, v: float = 1.0, official: bool = False, dense: bool = False,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.num_clusters = check_int("num_clusters", num_clusters, low=1)
+        self.embedding_dim = check_int("embedding_dim", embedding_dim, low=1)
+        self.tau = check_hparam("tau", tau, low=0, low_open=True)
+        self.alpha = check_hparam("alpha", alpha, low=0)
+        self.beta = check_hparam("beta", beta, low=0)
+        self.v = check_hparam("v", v, low=0, low_open=True)
+        self.official = check_bool("official", official)
+        self.dense = check_bool("dense", dense)
+        self.reduction = check_reduction(reduction)
+        self.centers = nn.Parameter(torch.randn(self.num_clusters, self.embedding_dim))
+
+    @torch.no_grad()
+    def init_centers(self, embeddings: Tensor, seed: int = 0, n_init: int = 10) -> None:
+        """Set the centres by k-means on ``embeddings`` (scikit-learn, the ``bench`` extra)."""
+        from sklearn.cluster import KMeans
+
+        km = KMeans(self.num_clusters, n_init=n_init, random_state=seed).fit(embeddings.detach().double().cpu().numpy())
+        self.centers.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.centers.dtype))
+
+    def assignments(self, embeddings: Tensor) -> Tensor:
+        """Soft assignments ``Q`` ``[N, K]``."""
+        return soft_assignment(embeddings, self.centers, self.v)
+
+    def forward(self, embeddings: Tensor, adjacency: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        if embeddings.dim() == 2 and embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"embeddings: expected dimension {self.embedding_dim} (embedding_dim), "
+                             f"got {list(embeddings.shape)}")
+        return pamc_objective(embeddings, adjacency, self.centers, tau=self.tau, alpha=self.alpha, beta=self.beta,
+                              v=self.v, official=self.official, dense=self.dense, reduction=self.reduction,
+                              sample_weight=sample_weight)
