@@ -200,7 +200,7 @@ def pair_lse(q: Tensor, k: Tensor, scale: Tensor | float, chunk: int | None = No
         s_host = float(scale)
         scale = torch.tensor(s_host, dtype=q.dtype, device=q.device)
     elif bounded and _may_sync():
-        s_host = float(scale)
+        s_host = float(scale.detach())
     chunk = auto_chunk(k.shape[0]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk}")
