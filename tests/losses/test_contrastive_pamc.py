@@ -1,4 +1,4 @@
-"""PamC against loops over the paper's equations (Kulatilleke et al. 2022, Eq. 7-10), the
+"""PamC against loops over the paper's equations (Kulatilleke et al. 2022), the
 propagated graph against dense matrix powers, the meta-node approximation against the dense
 N x N loss where it is exact, and bad input."""
 

@@ -3,7 +3,7 @@
 other row of the other side is a negative (docs/contrastive.md).
 
 * :func:`info_nce_loss`: the symmetric CLIP loss (Radford et al. 2021,
-  arXiv 2103.00020, section 2.3 and Figure 3) and its one-sided form, dense or
+  arXiv 2103.00020, the pseudocode of its Figure 3) and its one-sided form, dense or
   chunked (``kernels.info_nce``), optionally gathered over processes, with
   optional per-row hard negatives and per-negative margins (Cement);
 * :func:`cement_margins`: the Cement margins ``gamma * c`` from concreteness
@@ -206,7 +206,7 @@ def hard_negative_share(a: Tensor, b: Tensor, hard_negatives: Tensor, scale: flo
 # ----------------------------------------------------------------------------- LexLIP
 
 def lexicon_weights(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """LexLIP's lexicon representation (Luo et al. 2023, arXiv 2302.02908, Eq. 1, as SPLADE's max
+    """LexLIP's lexicon representation (Luo et al. 2023, arXiv 2302.02908; SPLADE's max
     pooling): ``w_v = log(1 + max_t ReLU(logits_tv))`` over the tokens (or patches) ``t`` of each
     row; ``logits`` ``[B, T, V]``, ``attention_mask`` ``[B, T]`` (0 for padding: not pooled)."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
@@ -279,8 +279,8 @@ def knn_adjacency(x: Tensor, k: int, *, chunk_size: int = 4096) -> Tensor:
 
 
 def propagated_adjacency(adjacency: Tensor, order: int = 4, *, cumulative: bool = True) -> Tensor:
-    """PamC's positive weights ``A~ = sum_{r=1..R} Ahat^r`` (``cumulative``, the paper's Eq. for
-    the influence of r-hop neighbours; the official code's ``--influence``), or ``Ahat^R``, with
+    """PamC's positive weights ``A~ = sum_{r=1..R} Ahat^r`` (``cumulative``: the influence of
+    r-hop neighbours; the official code's ``--influence``), or ``Ahat^R``, with
     ``Ahat = D^-1 (A + I)`` the row-normalised adjacency with self-loops.  Sparse in, sparse out."""
     if not isinstance(adjacency, Tensor) or adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise ValueError(f"adjacency: expected a square [N, N] (sparse) matrix, got "
@@ -337,7 +337,7 @@ def _cos_edges(z: Tensor, adj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def pamc_contrastive(z: Tensor, adjacency: Tensor, q: Tensor, tau: float = 0.5, *, official: bool = False) -> Tensor:
-    """PamC's meta-node contrastive loss per node ``[N]`` (Kulatilleke et al. 2022, arXiv 2209.14067, Eq. 7-9):
+    """PamC's meta-node contrastive loss per node ``[N]`` (Kulatilleke et al. 2022, arXiv 2209.14067):
 
         l_i = -log sum_j A~_ij exp(tau cos(z_i, z_j)) + mean_k log sum_l exp(tau cos(c_k, c_l))
 
@@ -380,7 +380,7 @@ def pamc_objective(z: Tensor, adjacency: Tensor, centers: Tensor, *, tau: float 
                    beta: float = 2.0, v: float = 1.0, official: bool = False, dense: bool = False,
                    target: Tensor | None = None, reduction: str = "mean",
                    sample_weight: Tensor | None = None) -> Tensor:
-    """PamC's total loss per node: ``beta KL(p_i || q_i) + alpha l_i`` (the paper's Eq. 10; ``p`` the
+    """PamC's total loss per node: ``beta KL(p_i || q_i) + alpha l_i`` (the paper's total loss; ``p`` the
     detached target distribution of ``q``), ``'mean'`` over the nodes (the code's ``batchmean`` KL and
     mean contrast).  ``dense=True``: the ``N x N`` contrast instead of the meta-nodes.  ``target``: a
     given ``P`` ``[N, K]`` (the official code recomputes it from ``Q`` under no_grad once per epoch);

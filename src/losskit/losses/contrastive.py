@@ -24,7 +24,7 @@ CLIP_PAPER = Paper("Learning Transferable Visual Models From Natural Language Su
 
 class _Temperature(nn.Module):
     """A fixed temperature, or CLIP's learnable logit scale: ``s = exp(t)`` with ``t`` initialised to
-    ``log(1 / temperature)`` and clipped so that ``s <= max_scale`` (CLIP, section 2.5: "clipped to prevent
+    ``log(1 / temperature)`` and clipped so that ``s <= max_scale`` (CLIP: "clipped to prevent
     scaling the logits by more than 100"; the clip is applied in the forward pass, so no optimiser hook
     is needed and a clipped scale gets no gradient)."""
 

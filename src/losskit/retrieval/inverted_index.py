@@ -1,5 +1,5 @@
 """An inverted index over sparse lexicon vectors (LexLIP, Luo et al., ICCV 2023,
-arXiv 2302.02908, section 3.4: "sparse retrieval ... with an inverted index").
+arXiv 2302.02908: lexicon vectors served by an inverted index).
 
 Documents are rows of a ``[N, V]`` matrix of non-negative lexicon weights
 (mostly zeros).  The index stores, for every vocabulary term ``v``, the

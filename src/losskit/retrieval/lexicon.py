@@ -1,4 +1,4 @@
-"""LexLIP's lexicon head (Luo et al., ICCV 2023, arXiv 2302.02908, section 3.2): per-token
+"""LexLIP's lexicon head (Luo et al., ICCV 2023, arXiv 2302.02908): per-token
 (or per-patch) features ``[B, T, H]`` -> vocabulary logits ``[B, T, V]`` (a transform and a
 decoder, as a masked-language-model head) -> lexicon weights
 ``w = log(1 + max_t ReLU(logits))`` ``[B, V]`` (non-negative, mostly zero once trained with the
