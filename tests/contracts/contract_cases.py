@@ -165,6 +165,11 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("recipe", "run_dmm"),
+    ("recipe", "run_oracle_matching"),
+    ("recipe", "run_gradient_ascent"),
+    ("recipe", "run_gradient_difference"),
+    ("recipe", "run_retain_finetune"),
 }
 
 
@@ -389,9 +394,32 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_unlearning(kind: str) -> Callable:
+    def run(recipe) -> None:
+        from losskit.recipes.unlearning import Datamodels, UnlearningData
+
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(12, 4, generator=g), torch.randint(3, (12,), generator=g)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        before = copy.deepcopy(model.state_dict())
+        data = UnlearningData(x, y, torch.tensor([0, 5]))
+        extra = {"dmm": (Datamodels(torch.randn(12, 12, 3, generator=g)),),
+                 "oracle-matching": (torch.randn(12, 3, generator=g),)}.get(kind, ())
+        log = recipe(model, data, *extra)
+        assert log.steps >= 1 and math.isfinite(log.loss_last) and log.seconds >= 0
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "model unchanged"
+    return run
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "dmm": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("dmm")),
+    "oracle-matching": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("oracle-matching")),
+    "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),
+    "gradient-difference": ({"epochs": 1}, _toy_unlearning("gradient-difference")),
+    "retain-finetune": ({"epochs": 1}, _toy_unlearning("retain-finetune")),
 }
 
 

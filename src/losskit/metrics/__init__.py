@@ -15,6 +15,7 @@ from losskit.metrics.entanglement import (
     per_pair_grad_norms,
 )
 from losskit.metrics.evaluate import evaluate_embeddings
+from losskit.metrics.klom import KLoMAccumulator, binned_kl, klom, klom_summary, margins_from_logits
 from losskit.metrics.knn import knn
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
@@ -34,5 +35,5 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms",
+    "per_pair_grad_norms", "klom", "klom_summary", "binned_kl", "margins_from_logits", "KLoMAccumulator",
 ]
