@@ -170,6 +170,8 @@ EXPECTED_ENTRIES = {
     ("recipe", "run_gradient_ascent"),
     ("recipe", "run_gradient_difference"),
     ("recipe", "run_retain_finetune"),
+    ("recipe", "run_ast"),
+    ("recipe", "run_mtt"),
 }
 
 
@@ -412,6 +414,20 @@ def _toy_unlearning(kind: str) -> Callable:
     return run
 
 
+def _toy_distillation(recipe) -> None:
+    from losskit.recipes.distillation import train_expert
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(6)
+    x = torch.randn(12, 1, 3, 3, generator=g) + y[:, None, None, None]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    traj = train_expert(copy.deepcopy(net), x, y, epochs=3, lr=0.1)
+    kw = {"init_model": net} if recipe.func.registry_name == "ast" else {}
+    out = recipe(net, [traj], x, y, **kw)
+    assert out.images.shape == (4, 1, 3, 3) and torch.isfinite(out.images).all() and len(out.losses) == 2
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
@@ -420,6 +436,10 @@ RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),
     "gradient-difference": ({"epochs": 1}, _toy_unlearning("gradient-difference")),
     "retain-finetune": ({"epochs": 1}, _toy_unlearning("retain-finetune")),
+    "ast": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
+    "mtt": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
 }
 
 
