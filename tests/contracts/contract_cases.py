@@ -172,6 +172,8 @@ EXPECTED_ENTRIES = {
     ("recipe", "run_retain_finetune"),
     ("recipe", "run_ast"),
     ("recipe", "run_mtt"),
+    ("recipe", "run_regularized_search"),
+    ("recipe", "run_ensemble_distillation"),
 }
 
 
@@ -428,6 +430,22 @@ def _toy_distillation(recipe) -> None:
     assert out.images.shape == (4, 1, 3, 3) and torch.isfinite(out.images).all() and len(out.losses) == 2
 
 
+def _toy_search(recipe) -> None:
+    res = recipe(lambda p: (p["a"] - 2) ** 2 + (p["b"] - 1) ** 2)
+    assert res.best == {"a": 2, "b": 1} and res.certified
+
+
+def _toy_ensemble_distillation(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    before = copy.deepcopy(student.state_dict())
+    data = lambda n: (torch.randint(4, (n, 2), generator=g), torch.randint(4, (n,), generator=g))
+    log = recipe(student, data(8), data(16))
+    assert log.steps >= 1 and math.isfinite(log.loss_last)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
@@ -440,6 +458,9 @@ RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
             _toy_distillation),
     "mtt": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
             _toy_distillation),
+    "regularized-recipe-search": ({"grid": {"a": (0, 1, 2, 3), "b": (0, 1, 2)}, "start": {"a": 0, "b": 0}},
+                                  _toy_search),
+    "ensemble-distillation": ({"epochs": 1, "batch_size": 4}, _toy_ensemble_distillation),
 }
 
 

@@ -355,7 +355,7 @@ def _distill(model: nn.Module, trajectories, x: Tensor, y: Tensor, *, ipc: int, 
         opt_lr.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"trajectory matching diverged at iteration {it} (loss {float(loss)}); "
+            raise FloatingPointError(f"trajectory matching diverged at iteration {it} (loss {float(loss.detach())}); "
                                      "lower lr_img or lr_lr")
         opt_img.step()
         if lr_lr > 0:
