@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--lr-img", type=float, default=3.0)
     ap.add_argument("--lr-lr", type=float, default=1e-5)
     ap.add_argument("--plots", default=None)
+    ap.add_argument("--init-only", action="store_true",
+                    help="only score AST's representative initialisation without any matching (an ablation)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     x, y, xt, yt = load()
@@ -90,6 +92,18 @@ def main() -> None:
     # the inner step: the experts' 0.5 for MTT's plain SGD; 0.05 = 0.5 (1 - 0.9) under AST's momentum 0.9
     common = dict(iterations=a.iterations, syn_steps=a.syn_steps, expert_epochs=2, max_start_epoch=8,
                   lr_img=a.lr_img, lr_lr=a.lr_lr)
+    if a.init_only:
+        from losskit.recipes.distillation import representative_init
+
+        print("| ipc | representative init only: test accuracy per seed (AST's evaluation: lr 0.05, momentum 0.9) |")
+        print("|---|---|")
+        for ipc in (1, 10):
+            accs = []
+            for seed in range(a.seeds):
+                idx = representative_init(final, x, y, ipc, 10, seed=seed)
+                accs.append(evaluate_synthetic(convnet, x[idx], y[idx], xt, yt, lr=0.05, momentum=0.9, seed=seed))
+            print(f"| {ipc} | {', '.join(f'{v:.3f}' for v in accs)} (mean {statistics.mean(accs):.3f}) |")
+        return
     results: dict[tuple[int, str], list[float]] = {}
     secs: dict[tuple[int, str], list[float]] = {}
     shown = {}
@@ -101,26 +115,35 @@ def main() -> None:
             acc = evaluate_synthetic(convnet, x[idx], y[idx], xt, yt, lr=0.5, momentum=0.0, seed=seed)
             results.setdefault((ipc, "random real"), []).append(acc)
             secs.setdefault((ipc, "random real"), []).append(0.0)
-            mtt = run_mtt(convnet(), plain, x, y, ipc=ipc, seed=seed, lr_init=0.5, **common)
-            results.setdefault((ipc, "mtt"), []).append(
-                evaluate_synthetic(convnet, mtt.images, mtt.labels, xt, yt, lr=mtt.lr, momentum=0.0, seed=seed))
-            secs.setdefault((ipc, "mtt"), []).append(mtt.seconds)
-            ast = run_ast(convnet(), smooth, x, y, ipc=ipc, seed=seed, init_model=final, lr_init=0.05, **common)
-            results.setdefault((ipc, "ast"), []).append(
-                evaluate_synthetic(convnet, ast.images, ast.labels, xt, yt, lr=ast.lr, momentum=0.9, seed=seed))
-            secs.setdefault((ipc, "ast"), []).append(ast.seconds)
-            if seed == 0:
-                shown[(ipc, "mtt")] = mtt.images
-                shown[(ipc, "ast")] = ast.images
-            print(f"# ipc {ipc} seed {seed}: random {acc:.3f}, mtt {results[(ipc, 'mtt')][-1]:.3f} "
-                  f"(lr {mtt.lr:.4f}), ast {results[(ipc, 'ast')][-1]:.3f} (lr {ast.lr:.4f})", flush=True)
+            for name, fn, trajs, kw, mom in (
+                    ("mtt", run_mtt, plain, dict(lr_init=0.5), 0.0),
+                    ("ast", run_ast, smooth, dict(lr_init=0.05, init_model=final), 0.9)):
+                t1 = time.perf_counter()
+                try:
+                    res = fn(convnet(), trajs, x, y, ipc=ipc, seed=seed, **kw, **common)
+                except FloatingPointError as e:  # reported, not hidden: the run counts as diverged
+                    print(f"# ipc {ipc} seed {seed} {name}: {e}", flush=True)
+                    results.setdefault((ipc, name), []).append(float("nan"))
+                    secs.setdefault((ipc, name), []).append(time.perf_counter() - t1)
+                    continue
+                results.setdefault((ipc, name), []).append(
+                    evaluate_synthetic(convnet, res.images, res.labels, xt, yt, lr=res.lr, momentum=mom, seed=seed))
+                secs.setdefault((ipc, name), []).append(res.seconds)
+                if (ipc, name) not in shown:
+                    shown[(ipc, name)] = res.images
+                print(f"# ipc {ipc} seed {seed}: {name} {results[(ipc, name)][-1]:.3f} (learnt lr {res.lr:.4f}); "
+                      f"random real {acc:.3f}", flush=True)
     print()
     print("| ipc | method | test accuracy (mean ± sd over seeds) | per seed | distillation s |")
     print("|---|---|---|---|---|")
     for (ipc, name), accs in results.items():
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {ipc} | {name} | {statistics.mean(accs):.3f} ± {sd:.3f} | "
-              f"{', '.join(f'{v:.3f}' for v in accs)} | {statistics.mean(secs[(ipc, name)]):.1f} |")
+        ok = [v for v in accs if v == v]
+        sd = statistics.stdev(ok) if len(ok) > 1 else 0.0
+        mean = f"{statistics.mean(ok):.3f} ± {sd:.3f}" if ok else "diverged"
+        if len(ok) < len(accs):
+            mean += f" ({len(accs) - len(ok)} of {len(accs)} diverged)"
+        print(f"| {ipc} | {name} | {mean} | {', '.join('diverged' if v != v else f'{v:.3f}' for v in accs)} | "
+              f"{statistics.mean(secs[(ipc, name)]):.1f} |")
 
     print()
     print("| syn_steps | saved for backward (MiB) | ratio to 5 steps | s / iteration |")
@@ -152,6 +175,8 @@ def main() -> None:
                                      figsize=(10, 2.4) if ipc == 1 else (14, 7.5))
             axes = axes.reshape(-1, axes.shape[-1])
             for col, name in enumerate(("mtt", "ast")):
+                if (ipc, name) not in shown:  # every seed diverged
+                    continue
                 imgs = shown[(ipc, name)]
                 for k in range(imgs.shape[0]):
                     c, j = divmod(k, ipc)

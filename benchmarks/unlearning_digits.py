@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--datamodels", type=int, default=2000)
     ap.add_argument("--trak-checkpoints", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one setting per method (no grid)")
+    ap.add_argument("--diagnose-only", action="store_true",
+                    help="only compare the datamodels' predicted margin change with the measured one")
     a = ap.parse_args()
     torch.set_num_threads(1)
     xtr, ytr, xva, yva = load(a.train, a.val)
@@ -109,6 +111,21 @@ def main() -> None:
     dm_trak = trak_datamodels(mlp(0), ckpts, (xtr, ytr), (xall, yall), proj_dim=1000)
     t_trak = time.perf_counter() - t0
     print(f"# TRAK: {a.trak_checkpoints} checkpoints, proj_dim 1000, {t_trak:.1f} s")
+
+    # how well each estimator predicts the margin change that removing F causes (mean over the N models)
+    full_m = torch.stack([margins(m) for m in full])
+    true = (oracle_m.mean(0) - full_m.mean(0))
+    logit_pred = torch.stack([margins_from_logits(predict_logits(m, xall) - dm.removal_effect(data.forget), yall)
+                              for m in full]).mean(0) - full_m.mean(0)
+    trak_pred = -dm_trak.removal_effect(data.forget)
+    print("| estimator | group | measured mean margin change | predicted | correlation over points |")
+    print("|---|---|---|---|---|")
+    for est, pred in (("regression (logits)", logit_pred), ("TRAK (margins)", trak_pred)):
+        for g, i in groups.items():
+            c = torch.corrcoef(torch.stack([true[i], pred[i].to(true)]))[0, 1]
+            print(f"| {est} | {g} | {float(true[i].mean()):+.3f} | {float(pred[i].mean()):+.3f} | {float(c):.2f} |")
+    if a.diagnose_only:
+        return
 
     match_grid = [dict(epochs=5, lr=5e-4, batch_size=512)]  # the official defaults first
     if not a.quick:

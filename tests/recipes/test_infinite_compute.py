@@ -110,12 +110,12 @@ def test_power_law_fit_recovers_parameters_and_matches_a_grid_search():
     y = 50.0 / n ** 0.6 + 1.7
     g = torch.Generator().manual_seed(0)
     yn = y + 0.002 * torch.randn(6, generator=g, dtype=torch.float64)
-    fit = fit_power_law(n, yn, bootstrap=100)
+    fit = fit_power_law(n, yn, bootstrap=50)
     sse, A, a, E = naive_power_law(n.tolist(), yn.tolist(), [0.3 + 0.001 * k for k in range(700)])
     assert fit.alpha == pytest.approx(a, abs=0.01) and fit.E == pytest.approx(E, abs=0.01)
     assert fit.E == pytest.approx(1.7, abs=0.02) and fit.alpha == pytest.approx(0.6, abs=0.08)
     lo, hi = fit.intervals["E"]
-    assert lo <= fit.E <= hi and hi - lo < 0.1 and fit.bootstrap == 100
+    assert lo <= fit.E <= hi and hi - lo < 0.1 and fit.bootstrap == 50
     assert torch.allclose(fit.predict(n), yn, atol=0.01)
     # bounds hold: data that would want a negative asymptote get E = 0
     neg = fit_power_law(n, 50.0 / n ** 0.6 - 0.05, bootstrap=0)
