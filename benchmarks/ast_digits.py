@@ -7,7 +7,9 @@ For ipc in {1, 10}: accuracy on held-out digits of a fresh ConvNet trained on
 (plain experts, random real init, no AST addition), (c) AST's (smooth
 experts, all additions).  A fresh network is trained on a synthetic set the
 way the distillation's inner loop trains (learnt step; AST with momentum 0.9,
-MTT without); the real subset with plain SGD at the experts' 0.5.  Then the bytes autograd saves for one matching
+MTT without); the real subset with plain SGD at the experts' 0.5; seed s
+draws the real subset, the distillation's randomness and the evaluation
+network's initialisation.  Then the bytes autograd saves for one matching
 iteration against ``syn_steps`` (the method's known cost: the unrolled
 graph).  One thread.
 """
@@ -101,7 +103,8 @@ def main() -> None:
             accs = []
             for seed in range(a.seeds):
                 idx = representative_init(final, x, y, ipc, 10, seed=seed)
-                accs.append(evaluate_synthetic(convnet, x[idx], y[idx], xt, yt, lr=0.05, momentum=0.9, seed=seed))
+                accs.append(evaluate_synthetic(lambda: convnet(1000 + seed), x[idx], y[idx], xt, yt, lr=0.05,
+                                               momentum=0.9, seed=seed))
             print(f"| {ipc} | {', '.join(f'{v:.3f}' for v in accs)} (mean {statistics.mean(accs):.3f}) |")
         return
     results: dict[tuple[int, str], list[float]] = {}
@@ -112,7 +115,8 @@ def main() -> None:
             g = torch.Generator().manual_seed(seed)
             idx = torch.cat([(y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)[:ipc]]
                              for c in range(10)])
-            acc = evaluate_synthetic(convnet, x[idx], y[idx], xt, yt, lr=0.5, momentum=0.0, seed=seed)
+            acc = evaluate_synthetic(lambda: convnet(1000 + seed), x[idx], y[idx], xt, yt, lr=0.5, momentum=0.0,
+                                     seed=seed)
             results.setdefault((ipc, "random real"), []).append(acc)
             secs.setdefault((ipc, "random real"), []).append(0.0)
             for name, fn, trajs, kw, mom in (
@@ -127,7 +131,8 @@ def main() -> None:
                     secs.setdefault((ipc, name), []).append(time.perf_counter() - t1)
                     continue
                 results.setdefault((ipc, name), []).append(
-                    evaluate_synthetic(convnet, res.images, res.labels, xt, yt, lr=res.lr, momentum=mom, seed=seed))
+                    evaluate_synthetic(lambda: convnet(1000 + seed), res.images, res.labels, xt, yt, lr=res.lr,
+                                       momentum=mom, seed=seed))
                 secs.setdefault((ipc, name), []).append(res.seconds)
                 if (ipc, name) not in shown:
                     shown[(ipc, name)] = res.images

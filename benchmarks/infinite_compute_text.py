@@ -72,6 +72,29 @@ def val_loss(logits_or_model, xv, yv):
         return float(nn.functional.cross_entropy(z, yv))
 
 
+def report_searches(a, table, grids, fits) -> None:
+    print()
+    print("| N (chars) | standard: val loss | standard: best (lr, wd, epochs) | regularised: val loss | "
+          "regularised: best (lr, wd, epochs) | certified (std / reg) | runs (std / reg) |")
+    print("|---|---|---|---|---|---|---|")
+    for n in a.sizes:
+        s, r = table[("standard", n)], table[("regularised", n)]
+        fmt = lambda b: f"{b['lr']:g}, {b['weight_decay']:g}, {b['epochs']}"
+        print(f"| {n} | {s.value:.4f} | {fmt(s.best)} | {r.value:.4f} | {fmt(r.best)} | "
+              f"{s.certified} / {r.certified} | {s.num_evaluations} / {r.num_evaluations} |")
+    print()
+    print("| fit | A | alpha | E (asymptote) | 95% bootstrap interval of E | points |")
+    print("|---|---|---|---|---|---|")
+    for name in grids:
+        ns = torch.tensor(a.sizes, dtype=torch.float64)
+        ls = torch.tensor([table[(name, n)].value for n in a.sizes], dtype=torch.float64)
+        f = fit_power_law(ns, ls, bootstrap=500)
+        fits[name] = (ns, ls, f)
+        print(f"| L(N), {name} | {f.A:.4g} | {f.alpha:.3f} | {f.E:.4f} | [{f.intervals['E'][0]:.4f}, "
+              f"{f.intervals['E'][1]:.4f}] | {f.n_points} |")
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000, 20000, 40000])
@@ -80,6 +103,12 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--val", type=int, default=20000)
     ap.add_argument("--plots", default=None)
+    ap.add_argument("--synthetic-factor", type=int, default=2,
+                    help="teacher-sampled windows per real training window")
+    ap.add_argument("--member-rule", choices=["paper", "same"], default="paper",
+                    help="members: 2x epochs and 1/2 weight decay of the best single (paper) or its own (same)")
+    ap.add_argument("--best", default=None,
+                    help="lr,weight_decay,epochs: skip the searches and fits; ensembles and distillation only")
     a = ap.parse_args()
     torch.set_num_threads(1)
     corpus = char_corpus()
@@ -97,7 +126,13 @@ def main() -> None:
     start = {"lr": 3e-3, "weight_decay": 0.1, "epochs": 4}
     table = {}
     best_at = {}
-    for n in a.sizes:
+    fits = {}
+    sizes = a.sizes
+    if a.best is not None:
+        lr_, wd_, ep_ = a.best.split(",")
+        best_at[("regularised", a.ensemble_size)] = {"lr": float(lr_), "weight_decay": float(wd_), "epochs": int(ep_)}
+        sizes = []
+    for n in sizes:
         x, y = windows(corpus.train[:n + CTX])
         for name, grid in grids.items():
             def evaluate(hp, x=x, y=y):
@@ -109,32 +144,14 @@ def main() -> None:
             best_at[(name, n)] = r.best
             print(f"# N={n} {name}: {r.best} -> {r.value:.4f} nats/char, certified {r.certified}, "
                   f"edge {r.at_edge}, {r.num_evaluations} runs, {r.seconds:.0f} s", flush=True)
-    print()
-    print("| N (chars) | standard: val loss | standard: best (lr, wd, epochs) | regularised: val loss | "
-          "regularised: best (lr, wd, epochs) | certified (std / reg) | runs (std / reg) |")
-    print("|---|---|---|---|---|---|---|")
-    for n in a.sizes:
-        s, r = table[("standard", n)], table[("regularised", n)]
-        fmt = lambda b: f"{b['lr']:g}, {b['weight_decay']:g}, {b['epochs']}"
-        print(f"| {n} | {s.value:.4f} | {fmt(s.best)} | {r.value:.4f} | {fmt(r.best)} | "
-              f"{s.certified} / {r.certified} | {s.num_evaluations} / {r.num_evaluations} |")
-    fits = {}
-    print()
-    print("| fit | A | alpha | E (asymptote) | 95% bootstrap interval of E | points |")
-    print("|---|---|---|---|---|---|")
-    for name in grids:
-        ns = torch.tensor(a.sizes, dtype=torch.float64)
-        ls = torch.tensor([table[(name, n)].value for n in a.sizes], dtype=torch.float64)
-        f = fit_power_law(ns, ls, bootstrap=500)
-        fits[name] = (ns, ls, f)
-        print(f"| L(N), {name} | {f.A:.4g} | {f.alpha:.3f} | {f.E:.4f} | [{f.intervals['E'][0]:.4f}, "
-              f"{f.intervals['E'][1]:.4f}] | {f.n_points} |")
+    if sizes:
+        report_searches(a, table, grids, fits)
 
     # ensembles at one size
     n = a.ensemble_size
     x, y = windows(corpus.train[:n + CTX])
     best = best_at.get(("regularised", n)) or table[("regularised", a.sizes[0])].best
-    hp = member_hparams(best)
+    hp = member_hparams(best) if a.member_rule == "paper" else dict(best)
     t0 = time.perf_counter()
     members = []
     for k in range(a.members):
@@ -146,9 +163,14 @@ def main() -> None:
     ks = list(range(1, a.members + 1))
     ens = [val_loss(ensemble_logits(member_logits[:k]), xv, yv) for k in ks]
     fk = fit_power_law(ks, ens, bootstrap=500)
-    single = table[("regularised", n)].value if ("regularised", n) in table else float("nan")
+    if ("regularised", n) in table:
+        single = table[("regularised", n)].value
+    else:  # the regularised best, retrained with the search's seed
+        torch.manual_seed(0)
+        single = val_loss(train(CharMLP(V, a.hidden), x, y, **best), xv, yv)
     print()
-    print(f"# ensembles at N={n}: members {hp} (2x epochs, 1/2 weight decay of the regularised best), "
+    rule = "2x epochs, 1/2 weight decay of" if a.member_rule == "paper" else "the hyperparameters of"
+    print(f"# ensembles at N={n}: members {hp} ({rule} the regularised best), "
           f"{t_members:.0f} s for {a.members} members")
     print("| K members | ensemble val loss |")
     print("|---|---|")
@@ -164,7 +186,8 @@ def main() -> None:
     prompts = x[torch.randint(x.shape[0], (256,), generator=g)]
     teacher = lambda w: ensemble_logits(members, w)
     t0 = time.perf_counter()
-    seq = sample_autoregressive(teacher, prompts, max(1, (2 * n) // 256), context=CTX, generator=g)
+    seq = sample_autoregressive(teacher, prompts, max(1, (a.synthetic_factor * n) // 256), context=CTX,
+                               generator=g)
     t_sample = time.perf_counter() - t0
     syn = seq.unfold(1, CTX + 1, 1).reshape(-1, CTX + 1)  # every target is a generated character
     xs, ys = syn[:, :CTX].contiguous(), syn[:, CTX].contiguous()
@@ -189,9 +212,10 @@ def main() -> None:
     print(f"| student, real data only | {l_plain:.4f} |")
     print(f"| student, distilled | {l_dist:.4f} |")
     if single > l_ens:
-        print(f"| share of the ensemble's gain kept by the distilled student | {gain_kept(single, l_ens, l_dist):.2f} |")
+        kept = gain_kept(single, l_ens, l_dist)
+        print(f"| share of the ensemble's gain kept by the distilled student | {kept:.2f} |")
 
-    if a.plots:
+    if a.plots and fits:
         import os
 
         import matplotlib

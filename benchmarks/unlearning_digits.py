@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=20)
     ap.add_argument("--datamodels", type=int, default=2000)
     ap.add_argument("--trak-checkpoints", type=int, default=5)
+    ap.add_argument("--trak-proj-dim", type=int, default=1000)
+    ap.add_argument("--methods", nargs="*", default=None, help="run only these rows (names as printed)")
     ap.add_argument("--quick", action="store_true", help="one setting per method (no grid)")
     ap.add_argument("--diagnose-only", action="store_true",
                     help="only compare the datamodels' predicted margin change with the measured one")
@@ -101,26 +103,30 @@ def main() -> None:
         return predict_logits(train_classifier(mlp(5000 + counter[0]), xtr, ytr, ix, seed=5000 + counter[0],
                                                **TRAIN), xall)
 
-    dm = fit_datamodels(train_and_predict, n, num_models=a.datamodels, fraction=0.5, seed=0)
-    t_dm = time.perf_counter() - t0
-    print(f"# datamodels: {a.datamodels} subset models, ridge {dm.ridge}, {t_dm:.1f} s")
+    dm, t_dm = None, 0.0
+    if a.datamodels > 0:
+        dm = fit_datamodels(train_and_predict, n, num_models=a.datamodels, fraction=0.5, seed=0)
+        t_dm = time.perf_counter() - t0
+        print(f"# datamodels: {a.datamodels} subset models, ridge {dm.ridge}, {t_dm:.1f} s")
     # TRAK
     t0 = time.perf_counter()
     ckpts = [train_classifier(mlp(7000 + s), xtr, ytr, seed=7000 + s, **TRAIN).state_dict()
              for s in range(a.trak_checkpoints)]
-    dm_trak = trak_datamodels(mlp(0), ckpts, (xtr, ytr), (xall, yall), proj_dim=1000)
+    dm_trak = trak_datamodels(mlp(0), ckpts, (xtr, ytr), (xall, yall), proj_dim=a.trak_proj_dim)
     t_trak = time.perf_counter() - t0
-    print(f"# TRAK: {a.trak_checkpoints} checkpoints, proj_dim 1000, {t_trak:.1f} s")
+    print(f"# TRAK: {a.trak_checkpoints} checkpoints, proj_dim {a.trak_proj_dim}, {t_trak:.1f} s")
 
     # how well each estimator predicts the margin change that removing F causes (mean over the N models)
     full_m = torch.stack([margins(m) for m in full])
     true = (oracle_m.mean(0) - full_m.mean(0))
-    logit_pred = torch.stack([margins_from_logits(predict_logits(m, xall) - dm.removal_effect(data.forget), yall)
-                              for m in full]).mean(0) - full_m.mean(0)
-    trak_pred = -dm_trak.removal_effect(data.forget)
+    ests = [("TRAK (margins)", -dm_trak.removal_effect(data.forget))]
+    if dm is not None:
+        ests.insert(0, ("regression (logits)", torch.stack([
+            margins_from_logits(predict_logits(m, xall) - dm.removal_effect(data.forget), yall)
+            for m in full]).mean(0) - full_m.mean(0)))
     print("| estimator | group | measured mean margin change | predicted | correlation over points |")
     print("|---|---|---|---|---|")
-    for est, pred in (("regression (logits)", logit_pred), ("TRAK (margins)", trak_pred)):
+    for est, pred in ests:
         for g, i in groups.items():
             c = torch.corrcoef(torch.stack([true[i], pred[i].to(true)]))[0, 1]
             print(f"| {est} | {g} | {float(true[i].mean()):+.3f} | {float(pred[i].mean()):+.3f} | {float(c):.2f} |")
@@ -144,6 +150,10 @@ def main() -> None:
         "retain-finetune": (run_retain_finetune, [dict(epochs=e, lr=lr) for e in (1, 3, 10) for lr in (1e-2, 3e-2)]
                             if not a.quick else sgd_grid, 0.0),
     }
+    if dm is None:
+        methods.pop("dmm (regression)")
+    if a.methods:
+        methods = {k: v for k, v in methods.items() if k in a.methods}
     rows = []
     for name, (fn, grid, pre) in methods.items():
         best = None

@@ -171,8 +171,7 @@ def test_bad_input_is_refused_clearly():
 def test_trak_datamodels_on_cpu():
     pytest.importorskip("trak")
     from losskit.recipes.unlearning import trak_datamodels
-    x, y = toy(n=24)
-    x = x.view(24, 5)
+    x, y = toy(n=240)
     ckpts = []
     for s in range(2):
         m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -180,6 +179,15 @@ def test_trak_datamodels_on_cpu():
         ckpts.append({k: v.clone() for k, v in m.state_dict().items()})
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     dm = trak_datamodels(model, ckpts, (x, y), (x[:6], y[:6]), proj_dim=200)
-    assert dm.weights.shape == (24, 6) and dm.bias is None and torch.isfinite(dm.weights).all()
+    assert dm.weights.shape == (240, 6) and dm.bias is None and torch.isfinite(dm.weights).all()
     with pytest.raises(ValueError, match="proj_dim"):
         trak_datamodels(model, ckpts, (x, y), (x[:6], y[:6]), proj_dim=64)
+
+
+def test_trak_refuses_a_singular_gram_matrix():
+    pytest.importorskip("trak")
+    from losskit.recipes.unlearning import trak_datamodels
+    x, y = toy(n=150)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="expected proj_dim < n_train or lambda_reg > 0"):
+        trak_datamodels(m, [m.state_dict()], (x, y), (x[:4], y[:4]), proj_dim=200)

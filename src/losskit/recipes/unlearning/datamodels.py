@@ -22,7 +22,10 @@ Two estimators:
   checkpoints, randomly projected; scores for the *margin* output (TRAK's
   ``image_classification`` task), shape ``[n, T]``.  On a CPU TRAK needs
   ``use_half_precision=False`` and a projection dimension that its
-  ``BasicProjector`` handles (a multiple of its block size of 100 here).
+  ``BasicProjector`` handles (a multiple of its block size of 100 here);
+  without ``lambda_reg`` the projection must stay below the number of
+  training points, or the features' Gram matrix TRAK inverts is singular
+  (its scores then come out near zero and uncorrelated with the truth).
 """
 
 from __future__ import annotations
@@ -195,6 +198,11 @@ def trak_datamodels(model: nn.Module, checkpoints: Sequence[dict], train: tuple[
     if not checkpoints:
         raise ValueError("checkpoints: expected at least one state dict")
     xtr, ytr = train
+    lambda_reg = check_hparam("lambda_reg", lambda_reg, low=0.0)
+    if lambda_reg == 0 and proj_dim >= xtr.shape[0]:
+        raise ValueError(f"proj_dim: TRAK inverts the [proj_dim, proj_dim] Gram matrix of the projected training "
+                         f"features, whose rank is at most n_train = {xtr.shape[0]}; expected proj_dim < n_train "
+                         f"or lambda_reg > 0, got proj_dim {proj_dim} with lambda_reg 0")
     xt, yt = targets
     n_params = sum(p.numel() for p in model.parameters())
     projector = BasicProjector(grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher,
