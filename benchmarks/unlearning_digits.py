@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=20)
     ap.add_argument("--datamodels", type=int, default=2000)
     ap.add_argument("--trak-checkpoints", type=int, default=5)
-    ap.add_argument("--trak-proj-dim", type=int, default=1000)
+    ap.add_argument("--trak-proj-dim", type=int, default=200)
     ap.add_argument("--methods", nargs="*", default=None, help="run only these rows (names as printed)")
     ap.add_argument("--quick", action="store_true", help="one setting per method (no grid)")
     ap.add_argument("--diagnose-only", action="store_true",
