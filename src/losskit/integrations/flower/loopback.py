@@ -211,9 +211,9 @@ class Loopback:
             raise
         return self
 
-    def run(self, app: str | os.PathLike, run_config: Mapping[str, Any] | None = None, *,
-            timeout: float = 300.0) -> subprocess.CompletedProcess:
-        """``flwr run APP loopback --stream`` (waits for the run to finish, or raises after ``timeout``)."""
+    def launch(self, app: str | os.PathLike, run_config: Mapping[str, Any] | None = None) -> subprocess.Popen:
+        """Start ``flwr run APP loopback --stream`` and return at once (its output goes to
+        ``workdir/flwr-run.log``; :meth:`stop` ends it with the rest)."""
         argv = [_program("flwr"), "run", str(Path(app).resolve()), "loopback", "--stream"]
         if run_config:
             argv += ["--run-config", format_run_config(run_config)]
@@ -221,12 +221,21 @@ class Loopback:
         with open(log, "wb") as fh:
             p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                  cwd=self.workdir, start_new_session=True)
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(p, 5.0)
-                raise TimeoutError(f"flwr run did not finish in {timeout:.0f} s; log {log}:\n{_tail(log)}") from None
-        return subprocess.CompletedProcess(argv, rc, log.read_text(errors="replace"), "")
+        self.procs.append(("flwr-run", p, log))
+        return p
+
+    def run(self, app: str | os.PathLike, run_config: Mapping[str, Any] | None = None, *,
+            timeout: float = 300.0) -> subprocess.CompletedProcess:
+        """``flwr run APP loopback --stream``: wait for the run to finish (or raise after ``timeout``)."""
+        p = self.launch(app, run_config)
+        log = self.procs[-1][2]
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(p, 5.0)
+            raise TimeoutError(f"flwr run did not finish in {timeout:.0f} s; log {log}:\n{_tail(log)}") from None
+        self.procs = [t for t in self.procs if t[1] is not p]
+        return subprocess.CompletedProcess(p.args, rc, log.read_text(errors="replace"), "")
 
     def stop(self) -> None:
         for _, p, _ in reversed(self.procs):
