@@ -8,6 +8,8 @@ Same local budget for every method: SGD lr 0.05, momentum 0.5, weight decay 5e-4
 2 local epochs, batch 32, all clients every round.  Method settings: FedProx mu 0.01;
 FedLD lambda 0.03, k 0.8 m; FedLEx 2 exploration epochs on every client, server
 momentum 0.9 (its official value) and also 0 (``fedlex-m0``: the guidance alone).
+Ablations (``--methods``): ``fedavg+margin`` (FedLD's loss, FedAvg's server), ``fedld-pga-only``
+(lambda 0), and Adam lr 3e-3 (FedLEx's own local optimiser) for FedAvg and FedLEx.
 
     PYTHONPATH=src python benchmarks/federated_heterogeneity.py                  # the full grid
     PYTHONPATH=src python benchmarks/federated_heterogeneity.py --clients 10 --alphas 0.1 --seeds 0 --rounds 5
@@ -35,6 +37,12 @@ METHODS = {
     "fedld": dict(algorithm="fedld"),
     "fedlex": dict(algorithm="fedlex", server_momentum=0.9),
     "fedlex-m0": dict(algorithm="fedlex", server_momentum=0.0),
+    # ablations (run with --methods ...): FedLD's two parts alone; Adam, FedLEx's own local optimiser
+    "fedavg+margin": dict(algorithm="fedavg", loss="margin-control"),
+    "fedld-pga-only": dict(algorithm="fedld", lam=0.0),
+    "fedavg-adam": dict(algorithm="fedavg", optimizer="adam", lr=3e-3, weight_decay=0.0),
+    "fedlex-adam": dict(algorithm="fedlex", optimizer="adam", lr=3e-3, weight_decay=0.0, server_momentum=0.9),
+    "fedlex-adam-m0": dict(algorithm="fedlex", optimizer="adam", lr=3e-3, weight_decay=0.0, server_momentum=0.0),
 }
 
 
@@ -44,8 +52,9 @@ def run_one(method: str, clients: int, alpha: float, seed: int, rounds: int) -> 
     data = [(x[torch.as_tensor(p)], y[torch.as_tensor(p)]) for p in parts]
     m = dict(METHODS[method])
     alg = m.pop("algorithm")
-    mu = m.pop("mu", 0.0)
-    local = LocalConfig(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.5, weight_decay=5e-4, mu=mu)
+    over = {k: m.pop(k) for k in ("mu", "optimizer", "lr", "weight_decay", "loss", "lam") if k in m}
+    local = LocalConfig(**{**dict(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.5,
+                                  weight_decay=5e-4), **over})
     model = make_model(32, seed)
     h = run_federated(model, data, algorithm=alg, rounds=rounds, local=local, explore_epochs=2, seed=seed,
                       eval_data=(xt, yt), **m)
@@ -57,7 +66,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS)[:5])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--report", type=int, nargs="+", default=[5, 10, 20, 30])
     ap.add_argument("--out", default="federated_heterogeneity.json")

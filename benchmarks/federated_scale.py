@@ -6,7 +6,9 @@ default 32; --hidden 512 makes the model ~40x larger so the server's cost shows)
 1 local epoch, batch 32, every client every round.  Each (method, threads) runs in a
 fresh child process: "s/round" is the median over rounds 2..R (round 1 of FedLEx also
 pays nothing extra: its exploration happens before round 1 and is reported apart),
-"peak MB" the child's ru_maxrss, "x fedavg" the ratio to FedAvg in the same table.
+"peak MB" the child's ru_maxrss, "extra MB" that peak minus the resident size just before
+the run (torch, scikit-learn and the data already loaded), "x fedavg" the ratio to FedAvg
+in the same table.  "exploration s": the run's time outside its rounds (FedLEx's scouts).
 
     PYTHONPATH=src python benchmarks/federated_scale.py                  # --threads 1 0
     PYTHONPATH=src python benchmarks/federated_scale.py --clients 100 --hidden 512 --rounds 3
@@ -37,6 +39,8 @@ def _child(method, clients, hidden, rounds, threads, out):
     local = LocalConfig(epochs=1, batch_size=32, lr=0.05, mu=0.01 if method == "fedprox" else 0.0)
     model = make_model(hidden, 0)
     nparam = sum(p.numel() for p in model.parameters())
+    with open("/proc/self/statm") as f:
+        before_mb = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     t0 = time.perf_counter()
     h = run_federated(model, data, algorithm=alg, rounds=rounds, local=local, explore_epochs=1,
                       server_momentum=0.9 if alg == "fedlex" else 0.0, seed=0, eval_data=(xt, yt))
@@ -45,6 +49,7 @@ def _child(method, clients, hidden, rounds, threads, out):
     explore = total - sum(secs)
     out.put({"s_round": float(np.median(secs[1:] if len(secs) > 1 else secs)), "explore_s": explore,
              "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "params": nparam,
+             "extra_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_mb,
              "acc": h.accuracy()[-1], "threads": torch.get_num_threads()})
 
 
@@ -68,12 +73,13 @@ def main() -> None:
         base = rows[a.methods[0]]
         print(f"\n{a.clients} clients, MLP 64-{a.hidden}-10 ({base['params']} parameters), {a.rounds} rounds, "
               f"torch threads {base['threads']}\n")
-        print(f"| method | s/round | x {a.methods[0]} | exploration s | peak MB | x {a.methods[0]} | "
+        print(f"| method | s/round | x {a.methods[0]} | exploration s | peak MB | extra MB | x {a.methods[0]} | "
               f"accuracy after {a.rounds} |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for meth, r in rows.items():
             print(f"| {meth} | {r['s_round']:.2f} | {r['s_round'] / base['s_round']:.2f} | "
-                  f"{r['explore_s']:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | "
+                  f"{r['explore_s']:.1f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} | "
+                  f"{r['extra_mb'] / max(base['extra_mb'], 1e-9):.2f} | "
                   f"{100 * r['acc']:.1f} |")
 
 
