@@ -421,6 +421,7 @@ def _toy_federated(recipe) -> None:
 
 _FED = {"rounds": 2, "local_epochs": 1, "batch_size": 8}
 
+
 def _toy_unfolding(recipe) -> None:
     from losskit.recipes.unfolded import SparseProblem, UnfoldedISTA
 
