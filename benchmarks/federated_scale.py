@@ -68,7 +68,13 @@ def main() -> None:
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(meth, a.clients, a.hidden, a.rounds, th, q))
             p.start()
-            rows[meth] = q.get(timeout=1800)
+            while True:  # a child that dies must not leave the parent waiting
+                try:
+                    rows[meth] = q.get(timeout=5)
+                    break
+                except Exception:
+                    if not p.is_alive():
+                        raise RuntimeError(f"{meth}: the child process exited with code {p.exitcode}")
             p.join()
         base = rows[a.methods[0]]
         print(f"\n{a.clients} clients, MLP 64-{a.hidden}-10 ({base['params']} parameters), {a.rounds} rounds, "
