@@ -6,7 +6,7 @@ From the same initial MLP 64-32-10, every client of a Dirichlet(alpha) digits pa
 
     PYTHONPATH=src python benchmarks/federated_step_norms.py
 """
-import torch, numpy as np
+import torch
 from losskit.data.partition import dirichlet_partition
 from losskit.integrations.flower.task import load_digits_classification, make_model
 from losskit.recipes.federated import LocalConfig, train_local, state_of

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from losskit.core.registry import Paper, register
 from losskit.recipes.federated.client import LocalConfig
