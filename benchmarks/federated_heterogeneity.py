@@ -43,6 +43,10 @@ METHODS = {
     "fedavg-adam": dict(algorithm="fedavg", optimizer="adam", lr=3e-3, weight_decay=0.0),
     "fedlex-adam": dict(algorithm="fedlex", optimizer="adam", lr=3e-3, weight_decay=0.0, server_momentum=0.9),
     "fedlex-adam-m0": dict(algorithm="fedlex", optimizer="adam", lr=3e-3, weight_decay=0.0, server_momentum=0.0),
+    "fedld-lr0.1": dict(algorithm="fedld", lr=0.1),  # longer local steps against PGA's shorter server step
+    "fedld-lr0.2": dict(algorithm="fedld", lr=0.2),
+    "fedavg-lr0.1": dict(algorithm="fedavg", lr=0.1),
+    "fedavg-lr0.2": dict(algorithm="fedavg", lr=0.2),
 }
 
 
