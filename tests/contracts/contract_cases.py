@@ -210,6 +210,10 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("recipe", "run_fedavg"),
+    ("recipe", "run_fedprox"),
+    ("recipe", "run_fedld"),
+    ("recipe", "run_fedlex"),
     ("recipe", "run_dmm"),
     ("recipe", "run_oracle_matching"),
     ("recipe", "run_gradient_ascent"),
@@ -470,6 +474,21 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_federated(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist = recipe(model, [(x[:20], y[:20]), (x[20:], y[20:])], eval_data=(x, y))
+    assert len(hist.rounds) == 2 and all(math.isfinite(r["accuracy"]) for r in hist.rounds)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+_FED = {"rounds": 2, "local_epochs": 1, "batch_size": 8}
+
+
 def _toy_unlearning(kind: str) -> Callable:
     def run(recipe) -> None:
         from losskit.recipes.unlearning import Datamodels, UnlearningData
@@ -538,6 +557,10 @@ def _toy_linear_mdp(recipe) -> None:
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "fedavg": (_FED, _toy_federated),
+    "fedprox": (_FED, _toy_federated),
+    "fedld": (_FED, _toy_federated),
+    "fedlex": ({**_FED, "explore_epochs": 1}, _toy_federated),
     "dmm": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("dmm")),
     "oracle-matching": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("oracle-matching")),
     "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),
