@@ -178,6 +178,9 @@ HOST_SYNC_EXEMPT = {
     "multi-similarity": "the block kernel lists each row block's mined pairs with nonzero (a data-dependent "
                         "count); that is what keeps it near the matmul floor (docs/pair.md)",
     "tcm": "its default base loss is multi-similarity (see there); the regulariser alone is sync-free",
+    "triplet": "semi-hard (the default) and all mining walk row blocks that list each block's mined "
+               "triplets with nonzero (a data-dependent count); mining='hard' is sync-free and compiles "
+               "(tests/losses/test_pair_no_sync.py)",
 }
 # The probe patches the Python-level reads (item, tolist, bool, int, float, nonzero); ops whose output shape
 # depends on the data inside C++ (torch.unique, boolean-mask indexing: the episode losses' query split,

@@ -69,6 +69,9 @@ class BlockRule:
 
     terms = 1
     sparse = False
+    #: run the rule's element-wise work with one intra-op thread (its many short
+    #: gathers and scatters stall with more on a busy machine)
+    single_threaded = False
 
     def __init__(self, distance: BaseDistance):
         self.distance = distance
@@ -242,6 +245,7 @@ class TripletRule(BlockRule):
         # hard and semi-hard: a few triplets per row; forward keeps them (``mined``) and backward
         # needs only their rows (``O(T x D)``), no block recompute
         self.sparse = mining in ("hard", "semi-hard")
+        self.single_threaded = mining == "semi-hard"
         self._last = None
 
     def mined(self, mat: Tensor, row_offset: int):
@@ -493,6 +497,20 @@ def _triplet_slices(T: int, D: int, elements: int):
         yield s, min(T, s + step)
 
 
+def _no_autocast(fn):
+    """Run a Function's forward/backward with autocast off (the blocks are in the
+    inputs' working dtype: float32 for half inputs, as the dense path)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(ctx, *args):
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        with torch.autocast("cpu" if t is None else t.device.type, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapped
+
+
 class PairBlocksFunction(torch.autograd.Function):
     """Inputs: prepared anchors ``q`` [B, D], references ``r`` [M, D] (None:
     the batch itself), labels, ``self_index`` [B] (``-1``: none), the rule and
@@ -500,6 +518,7 @@ class PairBlocksFunction(torch.autograd.Function):
     ``[terms, B]`` and the pair counts ``[terms]`` (not differentiable)."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, q, r, q_labels, r_labels, self_index, rule, chunk):
         self_ref = r is None
         rr, rl = (q, q_labels) if self_ref else (r, r_labels)
@@ -535,6 +554,7 @@ class PairBlocksFunction(torch.autograd.Function):
         return sums, counts
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g_sums, _g_counts):
         rule, step, self_ref, metric = ctx.rule, ctx.step, ctx.self_ref, ctx.metric
         need_q = ctx.needs_input_grad[0]
@@ -608,6 +628,7 @@ class PairTotalsFunction(torch.autograd.Function):
     all, the floor's count).  Backward only scales the stored gradients."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, q, r, q_labels, r_labels, self_index, coef, rule, chunk):
         self_ref = r is None
         rr, rl = (q, q_labels) if self_ref else (r, r_labels)
@@ -631,7 +652,8 @@ class PairTotalsFunction(torch.autograd.Function):
                 qb = q[s:e]
                 mat = metric.block(qb, rr, None if nq is None else nq[s:e], nr)
                 pos, neg = block_pair_masks(q_labels[s:e], rl, self_index[s:e])
-                sums, cnt, parts = rule.eager(mat, pos, neg, coef[s:e])
+                with _one_thread() if rule.single_threaded else contextlib.nullcontext():
+                    sums, cnt, parts = rule.eager(mat, pos, neg, coef[s:e])
                 totals += (sums * coef[s:e]).sum(1)
                 counts += cnt
                 del pos, neg, sums
