@@ -166,3 +166,14 @@ def test_recipe_trains_with_and_without_the_regulariser():
     assert len(logs) == 12 and all(math.isfinite(lg.loss) for lg in logs)
     base = losskit.get("ignite", epochs=3, batch_size=16, lr=1e-2, regularise=False)(Quadratic(), (x, y))
     assert len(base) == 12 and all(math.isnan(lg.grad_norm) for lg in base)
+
+
+def test_bfloat16_surrogate_stays_finite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1), nn.Flatten(0)).bfloat16()
+    x, y = _xy(n=32)
+    x, y = x.bfloat16(), y.bfloat16()
+    ig = IGNITE(model, torch.optim.Adam(model.parameters(), lr=1e-2), lambda_init=1.0)
+    logs = [ig.step(lambda: ((model(x) - y) ** 2).mean(), x) for _ in range(5)]
+    assert all(math.isfinite(lg.loss) and math.isfinite(lg.grad_norm) for lg in logs)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -340,12 +340,14 @@ class FRUGAL(torch.optim.Optimizer):
         if sub.full:
             self._adamw_in_place(p, grad, state, lr, group)
             return
+        low = None
         if sub.rank > 0:
             beta1, beta2 = group["betas"]
             low = sub.down(grad)
             exp_avg, denom, bc1 = self._adam_direction(state, low, beta1, beta2, group["eps"])
             p.add_(sub.up(exp_avg / denom, p.shape), alpha=-(lr / bc1))
-        self._residual_step(p, sub.residual(grad), group)
+        if group["residual"] != "none":
+            self._residual_step(p, sub.residual(grad, low), group)
 
     # ------------------------------------------------------------------ reporting
     def state_bytes(self) -> dict[str, int]:

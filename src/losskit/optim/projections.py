@@ -86,7 +86,8 @@ class Subspace:
             return u @ self.basis
         return self.basis @ u
 
-    def residual(self, g: Tensor) -> Tensor:
+    def residual(self, g: Tensor, low: Tensor | None = None) -> Tensor:
+        """``g - up(down(g))``; pass ``low = down(g)`` when it is already computed."""
         if self.full:
             return torch.zeros_like(g)
         if self.rank == 0:
@@ -95,7 +96,7 @@ class Subspace:
             out = g.clone()
             out.index_fill_(1 if self.side == "right" else 0, self.index, 0)
             return out
-        return g - self.up(self.down(g), g.shape)
+        return g - self.up(self.down(g) if low is None else low, g.shape)
 
     # -- state_dict form: tensors, ints and bools only (torch's Optimizer.load_state_dict rebuilds every
     # iterable value element by element, which would turn a string into the text of a generator)
