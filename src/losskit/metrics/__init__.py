@@ -16,6 +16,7 @@ from losskit.metrics.entanglement import (
 )
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.knn import knn
+from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
 from losskit.metrics.verification import (
@@ -34,5 +35,5 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms",
+    "per_pair_grad_norms", "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
 ]

@@ -6,5 +6,8 @@ registered with ``kind="recipe"``; its function is ``run_<name>``.
 
 from losskit.recipes.drift import DSATRecord, SamplingPolicy, run_drift
 from losskit.recipes.ignite import IGNITE, run_ignite
+from losskit.recipes.linear_mdp import LayeredLinearMDP, run_policy_optimization
+from losskit.recipes.unfolded import SparseProblem, UnfoldedIHT, UnfoldedISTA, train_unfolded
 
-__all__ = ["DSATRecord", "SamplingPolicy", "run_drift", "IGNITE", "run_ignite"]
+__all__ = ["DSATRecord", "SamplingPolicy", "run_drift", "SparseProblem", "UnfoldedISTA", "UnfoldedIHT", "train_unfolded",
+           "LayeredLinearMDP", "run_policy_optimization", "IGNITE", "run_ignite"]
