@@ -9,6 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
+  positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -58,13 +60,52 @@ def fail_no_case(name: str, why: str) -> None:
 # ----------------------------------------------------------------------------- per-entry tables
 
 #: constructor hyperparameters an entry needs besides the generic ones
-EXTRA_HPARAMS: dict[str, dict[str, Any]] = {}
+EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
+    "pamc": {"num_clusters": 3},
+}
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
 EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
+}
+
+
+def _hard_negatives(b, d, dt, dev, g, h=2):
+    return torch.randn(b, h, d, generator=g, dtype=torch.float64).to(dt).to(dev)
+
+
+def _concreteness(b, d, dt, dev, g, h=2):
+    return (1 + 4 * torch.rand(b, h, generator=g, dtype=torch.float64)).to(dt).to(dev)  # the 1-5 norms' scale
+
+
+#: task ``paired``: extra inputs per entry, name -> {keyword: (builder(B, D, dtype, device, generator),
+#: differentiable)}; a differentiable input is gradchecked and poisoned like a and b
+PAIRED_INPUTS: dict[str, dict[str, tuple[Callable, bool]]] = {
+    # Cement: H = 2 perturbed-caption embeddings per row and the concreteness of each changed word
+    "cement": {"hard_negatives": (_hard_negatives, True), "concreteness": (_concreteness, False)},
+}
+
+
+def _pamc_inputs(b, d, dtype, device, g, noncontiguous=False) -> "Inputs":
+    """PamC: embeddings [B, D] and A~ of their 1-NN graph (2 hops); one node: a self-loop."""
+    from losskit.functional.contrastive import knn_adjacency, propagated_adjacency
+
+    x = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+        torch.randn(b, d, generator=g, dtype=torch.float64)
+    if b >= 2:
+        adj = propagated_adjacency(knn_adjacency(x, 1), 2).to(torch.float64)
+    else:
+        adj = torch.sparse_coo_tensor(torch.zeros(2, b, dtype=torch.long), torch.ones(b, dtype=torch.float64),
+                                      (b, b)).coalesce()
+    return Inputs(("embeddings", "adjacency"), {"embeddings": x.to(dtype).to(device), "adjacency": adj.to(device)},
+                  ("embeddings",), None)
+
+
+#: task ``other``: entry -> builder(B, D, dtype, device, generator, noncontiguous) -> Inputs
+OTHER_INPUTS: dict[str, Callable] = {
+    "pamc": _pamc_inputs,
 }
 
 
@@ -109,12 +150,16 @@ NOT_PERMUTATION_EQUIVARIANT = {
     "elastic-arcface": "margins are drawn per row in batch order",
     "elastic-cosface": "margins are drawn per row in batch order",
     "beta-dpo": "the beta-guided filter draws the kept pairs at random, in batch order",
+    "pamc": "the graph (adjacency) is not permuted by the generic row permutation; "
+            "tests/losses/test_contrastive_pamc.py permutes nodes and graph together",
 }
 
 #: entries that gradcheck cannot check, and why (the gradient is right by design, not the full derivative)
 GRADCHECK_EXEMPT = {
     "cfcd": "scale and margin are detached batch statistics (stop-gradient, as the paper)",
     "beta-dpo": "beta_batch is a detached batch statistic (as the paper and official code)",
+    "pamc": "the target distribution P is detached (as DEC, the paper and the official code); "
+            "tests/losses/test_contrastive_pamc.py gradchecks with P given",
 }
 
 #: the no-host-sync contract (test_forward_makes_no_host_sync_with_checks_off): what reads tensors on
@@ -169,6 +214,15 @@ EXPECTED_ENTRIES = {
     ("scheduler", "LinearDecayLR"),
     ("scheduler", "RefinedLR"),
     ("recipe", "run_ignite"),
+    ("recipe", "run_dmm"),
+    ("recipe", "run_oracle_matching"),
+    ("recipe", "run_gradient_ascent"),
+    ("recipe", "run_gradient_difference"),
+    ("recipe", "run_retain_finetune"),
+    ("recipe", "run_ast"),
+    ("recipe", "run_mtt"),
+    ("recipe", "run_regularized_search"),
+    ("recipe", "run_ensemble_distillation"),
 }
 
 
@@ -291,6 +345,19 @@ class ObjectiveCase:
             y = balanced_labels(b, g, one_class).to(device)
             return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
                           tuple(extra))
+        if self.task == "other" and self.name in OTHER_INPUTS:
+            return OTHER_INPUTS[self.name](b, d, dtype, device, g, noncontiguous)
+        if self.task == "paired":
+            ts = {}
+            for n in ("a", "b"):
+                t = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+                    torch.randn(b, d, generator=g, dtype=torch.float64)
+                ts[n] = t.to(dtype).to(device)
+            diff, other = ["a", "b"], []
+            for n, (f, differentiable) in PAIRED_INPUTS.get(self.name, {}).items():
+                ts[n] = f(b, d, dtype, device, g)
+                (diff if differentiable else other).append(n)
+            return Inputs(("a", "b"), {**ts, **extra}, tuple(diff), None, tuple(other) + tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -325,7 +392,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference"):
+        if s.task not in ("embedding", "preference", "paired") and s.name not in OTHER_INPUTS:
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}
@@ -423,6 +490,54 @@ def _toy_ignite(recipe) -> None:
     assert logs[-1].loss < logs[0].loss
 
 
+def _toy_unlearning(kind: str) -> Callable:
+    def run(recipe) -> None:
+        from losskit.recipes.unlearning import Datamodels, UnlearningData
+
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(12, 4, generator=g), torch.randint(3, (12,), generator=g)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        before = copy.deepcopy(model.state_dict())
+        data = UnlearningData(x, y, torch.tensor([0, 5]))
+        extra = {"dmm": (Datamodels(torch.randn(12, 12, 3, generator=g)),),
+                 "oracle-matching": (torch.randn(12, 3, generator=g),)}.get(kind, ())
+        log = recipe(model, data, *extra)
+        assert log.steps >= 1 and math.isfinite(log.loss_last) and log.seconds >= 0
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "model unchanged"
+    return run
+
+
+def _toy_distillation(recipe) -> None:
+    from losskit.recipes.distillation import train_expert
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(6)
+    x = torch.randn(12, 1, 3, 3, generator=g) + y[:, None, None, None]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    traj = train_expert(copy.deepcopy(net), x, y, epochs=3, lr=0.1)
+    kw = {"init_model": net} if recipe.func.registry_name == "ast" else {}
+    out = recipe(net, [traj], x, y, **kw)
+    assert out.images.shape == (4, 1, 3, 3) and torch.isfinite(out.images).all() and len(out.losses) == 2
+
+
+def _toy_search(recipe) -> None:
+    res = recipe(lambda p: (p["a"] - 2) ** 2 + (p["b"] - 1) ** 2)
+    assert res.best == {"a": 2, "b": 1} and res.certified
+
+
+def _toy_ensemble_distillation(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    before = copy.deepcopy(student.state_dict())
+    data = lambda n: (torch.randint(4, (n, 2), generator=g), torch.randint(4, (n,), generator=g))
+    log = recipe(student, data(8), data(16))
+    assert log.steps >= 1 and math.isfinite(log.loss_last)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 def _toy_unfolding(recipe) -> None:
     from losskit.recipes.unfolded import SparseProblem, UnfoldedISTA
 
@@ -444,6 +559,18 @@ def _toy_linear_mdp(recipe) -> None:
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
     "ignite": ({"epochs": 2, "batch_size": 32, "lr": 1e-2}, _toy_ignite),
+    "dmm": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("dmm")),
+    "oracle-matching": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("oracle-matching")),
+    "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),
+    "gradient-difference": ({"epochs": 1}, _toy_unlearning("gradient-difference")),
+    "retain-finetune": ({"epochs": 1}, _toy_unlearning("retain-finetune")),
+    "ast": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
+    "mtt": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
+    "regularized-recipe-search": ({"grid": {"a": (0, 1, 2, 3), "b": (0, 1, 2)}, "start": {"a": 0, "b": 0}},
+                                  _toy_search),
+    "ensemble-distillation": ({"epochs": 1, "batch_size": 4}, _toy_ensemble_distillation),
     "deep-unfolding": ({"iterations": 3, "batch_size": 4}, _toy_unfolding),
     "log-barrier-po": ({"eta": 0.5}, _toy_linear_mdp),
 }
