@@ -9,6 +9,7 @@ a NaN or infinite loss reported as :class:`CellDiverged`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -30,11 +31,34 @@ def _plain_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)) for k, v in hparams.items()}
 
 
+def _early_stopper(task, cfg):
+    """``--early-stop EPS``: a learning-curve forecaster over the held-out metric (docs/theory.md), or None."""
+    eps = float(getattr(cfg, "early_stop", 0.0) or 0.0)
+    if eps <= 0:
+        return None
+    from losskit.metrics.learning_curves import LearningCurveForecaster
+
+    f = LearningCurveForecaster(target_x=float(cfg.epochs), epsilon=eps, upper=None)
+    # the pattern is increasing: a lower-is-better primary metric is fed negated
+    f.sign = -1.0 if any(m.key == task.primary and m.lower_is_better for m in task.metrics) else 1.0
+    return f
+
+
+def _should_stop(forecaster, epoch: int, value: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    forecaster.update(epoch, forecaster.sign * value)
+    return forecaster.should_stop
+
+
 def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed: int, device: torch.device,
-             on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[], None] | None = None, split: int = 0,
+             keep: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Train ``objective`` (a label; ``hparams`` already holds its variant's params) from ``seed``
     for ``cfg.epochs`` epochs and evaluate it.  Returns the cell's record (JSON-plain): metrics,
-    loss per epoch, time, memory, and the task's own fields."""
+    loss per epoch, the held-out metric over training (``epoch_metric``, when the task tracks
+    one), time, memory, and the task's own fields.  ``keep(trainer)`` is called after the
+    evaluation (``--save-models``)."""
     trainer = task.setup(cfg, data, objective, hparams, seed, device)
     trainer.label, trainer.seed = objective, seed
     torch.manual_seed(seed + STEP_SEED_OFFSET)
@@ -51,6 +75,11 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
     memory_mb = float("nan")
     memory_kind = "cuda_max_allocated" if cuda else "cpu_profiler_step"
     n = 0
+    every = int(getattr(cfg, "track_every", 0) or 0)
+    tracked: list[list[float]] = []  # [epoch, value]
+    track_time = 0.0
+    forecaster = _early_stopper(task, cfg) if every else None
+    stopped_at = None
     for epoch in range(cfg.epochs):
         losses = []
         t0 = time.perf_counter()
@@ -73,14 +102,29 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
             raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
                                f"at step {first + 1 + epoch * per_epoch} of {total_steps}")
         epoch_loss.append(float(values.mean()))
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
+            t1 = time.perf_counter()
+            value = task.track(cfg, data, trainer, device)
+            for m in trainer.modules:
+                m.train()
+            track_time += time.perf_counter() - t1
+            if value is None:
+                every = 0
+            else:
+                tracked.append([epoch + 1, float(value)])
+                if forecaster is not None and epoch + 1 < cfg.epochs and _should_stop(forecaster, epoch + 1, value):
+                    stopped_at = epoch + 1
+                    break
     if cuda:
         memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
 
     t0 = time.perf_counter()
     scores = task.evaluate(cfg, data, trainer, device)
     eval_time = time.perf_counter() - t0
+    if keep is not None:
+        keep(trainer)
 
-    return {
+    record = {
         "objective": objective,
         "name": base_name(objective),
         "seed": seed,
@@ -93,7 +137,11 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
         "peak_memory_mb": memory_mb,
         "memory_kind": memory_kind,
         "epoch_loss": epoch_loss,
+        **({"epoch_metric": tracked, "tracked_metric": task.primary, "track_time_s": track_time} if tracked else {}),
+        **({"stopped_at_epoch": stopped_at} if stopped_at is not None else {}),
         **trainer.info,
         **scores.extras,
         "device": str(device),
     }
+    record["split"] = split
+    return record
