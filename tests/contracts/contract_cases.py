@@ -9,6 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* objective, task ``logits``: ``loss(logits [B, NUM_CLASSES], labels [B], ...)``
+  (reference-model logits and other extras come from EXTRA_INPUTS);
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -62,6 +64,12 @@ EXTRA_HPARAMS: dict[str, dict[str, Any]] = {}
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
 EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
+    # negative-flip updates (losses/negative_flips.py): an old model on the first 3 classes, a new one on all
+    "mpt": {"old_logits": lambda b, dt, dev, g: (torch.randn(b, 3, generator=g, dtype=torch.float64) * 2).to(dt).to(dev),
+            "new_logits": lambda b, dt, dev, g: (torch.randn(b, NUM_CLASSES, generator=g, dtype=torch.float64) * 2)
+            .to(dt).to(dev)},
+    "focal-distillation": {"ref_logits": lambda b, dt, dev, g: (torch.randn(b, 3, generator=g, dtype=torch.float64)
+                                                                * 2).to(dt).to(dev)},
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
@@ -165,6 +173,8 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("recipe", "run_self_training"),
+    ("recipe", "run_model_update"),
 }
 
 
@@ -287,6 +297,13 @@ class ObjectiveCase:
             y = balanced_labels(b, g, one_class).to(device)
             return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
                           tuple(extra))
+        if self.task == "logits":
+            c = NUM_CLASSES
+            z = (torch.randn(c, b, generator=g, dtype=torch.float64).t() if noncontiguous
+                 else torch.randn(b, c, generator=g, dtype=torch.float64)) * 2
+            z = z.to(dtype).to(device)
+            y = balanced_labels(b, g, one_class).to(device)
+            return Inputs(("logits", "labels"), {"logits": z, "labels": y, **extra}, ("logits",), y, tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -321,7 +338,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference"):
+        if s.task not in ("embedding", "preference", "logits"):
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}
@@ -389,8 +406,35 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_blobs(n_per: int, c: int, d: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * 3
+    y = torch.arange(c).repeat_interleave(n_per)
+    return centres[y] + torch.randn(len(y), d, generator=g), y
+
+
+def _toy_self_training(recipe) -> None:
+    torch.manual_seed(0)
+    x, y = _toy_blobs(10, 3)
+    lab = torch.arange(len(y)) % 5 == 0
+    res = recipe(torch.nn.Linear(4, 3), x[lab], y[lab], x[~lab], y_unlabelled_true=y[~lab])
+    assert res.rounds and res.rounds[0].added > 0 and res.pseudo_labels.shape == (int((~lab).sum()),)
+
+
+def _toy_model_update(recipe) -> None:
+    from losskit.recipes.model_update import train_classifier
+    torch.manual_seed(0)
+    x, y = _toy_blobs(8, 3)
+    old = torch.nn.Linear(4, 2)
+    train_classifier(old, x[y < 2], y[y < 2], epochs=2)
+    res = recipe(torch.nn.Linear(4, 3), x, y, old)
+    assert len(res.epoch_losses) == 2 and all(math.isfinite(v) for v in res.epoch_losses)
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
+    "self-training": ({"policy": "fixed", "threshold": 0.5, "max_rounds": 2}, _toy_self_training),
+    "model-update": ({"method": "mpt", "epochs": 2, "lr": 0.05}, _toy_model_update),
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
 }
 

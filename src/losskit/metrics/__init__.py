@@ -15,6 +15,7 @@ from losskit.metrics.entanglement import (
     per_pair_grad_norms,
 )
 from losskit.metrics.evaluate import evaluate_embeddings
+from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate, relative_negative_flip_rate
 from losskit.metrics.knn import knn
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
@@ -35,4 +36,5 @@ __all__ = [
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
     "per_pair_grad_norms",
+    "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter",
 ]

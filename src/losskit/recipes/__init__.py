@@ -5,5 +5,7 @@ registered with ``kind="recipe"``; its function is ``run_<name>``.
 """
 
 from losskit.recipes.drift import DSATRecord, SamplingPolicy, run_drift
+from losskit.recipes.model_update import run_model_update
+from losskit.recipes.self_training import TorchClassifier, run_self_training
 
-__all__ = ["DSATRecord", "SamplingPolicy", "run_drift"]
+__all__ = ["DSATRecord", "SamplingPolicy", "run_drift", "run_model_update", "run_self_training", "TorchClassifier"]
