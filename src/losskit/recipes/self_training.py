@@ -142,9 +142,12 @@ def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, *, 
     """Run self-training; returns the classifier fitted on the final set and one log per round.
 
     ``pseudo_weight``: the weight of each pseudo-labelled point relative to a
-    labelled one (1.0 = scikit-learn's; ``"balanced"`` = MSLA's, Feofanov et
-    al. 2019: labelled points weigh ``1/l`` each and pseudo-labelled ones
-    ``1/s``, so both sets weigh the same).  With weights other than 1 the
+    labelled one (1.0 = scikit-learn's; ``"balanced"`` = MSLA's ratio, Feofanov
+    et al. 2019: the ``s`` pseudo-labelled points together weigh as much as
+    the ``l`` labelled ones; MSLA's code gives ``1/l`` and ``1/s``, we give
+    ``1`` and ``l/s``, the same ratio, so that an estimator whose
+    regularisation is relative to the total weight (logistic regression) is
+    not regularised ``l`` times harder).  With weights other than 1 the
     estimator's ``fit`` must accept ``sample_weight``.  ``y_unlabelled_true``
     (optional) gives the pseudo-label error rate per round.
     """
@@ -201,7 +204,7 @@ def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, *, 
         y = np.concatenate([yl, pseudo[idx].astype(yl.dtype)]) if idx.size else yl
         if isinstance(pseudo_weight, str):
             s = idx.size
-            w = np.concatenate([np.full(len(yl), 1 / len(yl)), np.full(s, 1 / s)]) if s else None
+            w = np.concatenate([np.ones(len(yl)), np.full(s, len(yl) / s)]) if s else None
         elif pseudo_weight != 1.0 and idx.size:
             w = np.concatenate([np.ones(len(yl)), np.full(idx.size, pseudo_weight)])
         else:
