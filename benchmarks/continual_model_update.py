@@ -7,9 +7,10 @@ of the classes; the update (same architecture, all classes) is trained by
 * ``finetune``: cross-entropy starting from the old model's weights (old
   head rows copied, new rows fresh);
 * ``fd``: CE + focal distillation from the old model (alpha 1, beta 5, T 5);
+* ``calibration``: CE with the new classes' logits + 4 during training, no distillation;
 * ``mpt``: margin calibration (b 4) + double-source focal distillation (the
   old model, and an independently trained new model = the ``scratch`` run of
-  the same seed).
+  the same seed); ``mpt-b1``, ``mpt-b2``: the same with b = 1, 2 (the paper's grid).
 
 Reported on the held-out samples: accuracy over all classes, NFR and relative
 NFR on the old classes' samples (the paper's protocol), mean +- std over seeds.
@@ -64,7 +65,7 @@ def omniglot(path: str, classes: int = 60):
 def run(name, data, seeds, epochs, lr):
     xtr, ytr, xte, yte, C = data
     c_old = C // 2
-    rows = {m: [] for m in ("scratch", "finetune", "fd", "mpt")}
+    rows = {m: [] for m in ("scratch", "finetune", "fd", "calibration", "mpt-b1", "mpt-b2", "mpt")}
     for seed in seeds:
         torch.manual_seed(100 + seed)
         old = mlp(xtr.shape[1], c_old)
@@ -89,9 +90,13 @@ def run(name, data, seeds, epochs, lr):
         models["fd"] = copy.deepcopy(init)
         losskit.get("model-update", method="focal-distillation", epochs=epochs, lr=lr, seed=seed + 1)(
             models["fd"], xtr, ytr, old)
-        models["mpt"] = copy.deepcopy(init)
-        losskit.get("model-update", method="mpt", epochs=epochs, lr=lr, seed=seed + 1)(
-            models["mpt"], xtr, ytr, old, models["scratch"])
+        models["calibration"] = copy.deepcopy(init)
+        losskit.get("model-update", method="calibration", epochs=epochs, lr=lr, seed=seed + 1)(
+            models["calibration"], xtr, ytr, old)
+        for name, b in (("mpt-b1", 1.0), ("mpt-b2", 2.0), ("mpt", 4.0)):
+            models[name] = copy.deepcopy(init)
+            losskit.get("model-update", method="mpt", bias=b, epochs=epochs, lr=lr, seed=seed + 1)(
+                models[name], xtr, ytr, old, models["scratch"])
         for m, net in models.items():
             with torch.no_grad():
                 z = net(xte)

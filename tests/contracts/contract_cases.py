@@ -175,6 +175,7 @@ EXPECTED_ENTRIES = {
     ("recipe", "run_drift"),
     ("recipe", "run_self_training"),
     ("recipe", "run_model_update"),
+    ("recipe", "run_online_continual"),
 }
 
 
@@ -431,10 +432,22 @@ def _toy_model_update(recipe) -> None:
     assert len(res.epoch_losses) == 2 and all(math.isfinite(v) for v in res.epoch_losses)
 
 
+def _toy_mvp(recipe) -> None:
+    from losskit.data.streams import si_blurry_stream
+    from losskit.recipes.prompt_vit import TinyViT
+    torch.manual_seed(0)
+    y = torch.arange(6).repeat_interleave(4)
+    x = torch.rand(len(y), 1, 8, 8)
+    bb = TinyViT(image_size=8, patch_size=4, dim=8, depth=3, heads=2, num_classes=3)
+    res = recipe(bb, x, y, x, y, si_blurry_stream(y, 2, seed=0))
+    assert 0 <= res.a_auc <= 1 and len(res.curve.task_end) == 2
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "self-training": ({"policy": "fixed", "threshold": 0.5, "max_rounds": 2}, _toy_self_training),
     "model-update": ({"method": "mpt", "epochs": 2, "lr": 0.05}, _toy_model_update),
+    "mvp": ({"method": "mvp", "online_iter": 1, "eval_period": 8, "batch_size": 4, "num_prompts": 2}, _toy_mvp),
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
 }
 

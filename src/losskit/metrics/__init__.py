@@ -18,6 +18,7 @@ from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate, relative_negative_flip_rate
 from losskit.metrics.knn import knn
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
+from losskit.metrics.stream import AnytimeAccuracy, a_auc
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
 from losskit.metrics.verification import (
     VerificationMetrics,
@@ -36,5 +37,5 @@ __all__ = [
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
     "per_pair_grad_norms",
-    "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter",
+    "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter", "AnytimeAccuracy", "a_auc",
 ]

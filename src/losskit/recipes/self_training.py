@@ -135,10 +135,11 @@ def _as_numpy(x, name: str) -> np.ndarray:
 @register("self-training", family="continual", kind="recipe", paper=SURVEY,
           summary="Self-training over any classifier (sklearn estimator or torch module): margins, threshold "
                   "policies fixed/mean/curriculum/auto (transductive bound)/top-k, weighted pseudo-labels.")
-def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, *, policy: str = "fixed",
+def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, y_unlabelled_true=None, *,
+                      policy: str = "fixed",
                       threshold: float | list = 0.75, margin: str = "max", k_best: int = 10, delta: float = 0.2,
                       max_rounds: int = 10, pseudo_weight: float | str = 1.0, relabel: bool = False,
-                      grid: int = 50, y_unlabelled_true=None) -> SelfTrainingResult:
+                      grid: int = 50) -> SelfTrainingResult:
     """Run self-training; returns the classifier fitted on the final set and one log per round.
 
     ``pseudo_weight``: the weight of each pseudo-labelled point relative to a
