@@ -217,7 +217,6 @@ def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, y_u
 
     rounds: list[SelfTrainingRound] = []
     fit_now()
-    reference = None
     termination = "max_rounds"
     for t in range(max_rounds):
         pool = np.arange(u) if relabel else np.nonzero(~has)[0]
@@ -226,8 +225,9 @@ def run_self_training(classifier: Any, x_labelled, y_labelled, x_unlabelled, y_u
             break
         proba = torch.as_tensor(np.asarray(classifier.predict_proba(xu[pool]), dtype=np.float64))
         classes = np.asarray(getattr(classifier, "classes_", np.arange(proba.shape[1])))
-        if policy == "curriculum" and reference is None or (policy == "curriculum" and relabel):
-            full = torch.as_tensor(np.asarray(classifier.predict_proba(xu), dtype=np.float64))
+        reference = None
+        if policy == "curriculum":  # the quantile runs over the whole unlabelled set's current margins
+            full = proba if relabel else torch.as_tensor(np.asarray(classifier.predict_proba(xu), dtype=np.float64))
             reference = prediction_margins(full, margin)
         sel, lab, th = select_pseudo_labels(proba, policy, threshold=threshold, margin=margin, k_best=k_best,
                                             round_index=t, delta=delta, grid=grid, reference_margins=reference)
