@@ -164,6 +164,8 @@ INVALID_HPARAMS: dict[str, dict[str, list]] = {
     "arcface": {"margin": [-0.1, math.pi]},
     "cosface": {"margin": [-0.1]},
     "dpo": {"beta": [0.0, -1.0]},
+    "mpt": {"temperature": [0.0, -1.0], "alpha": [-1.0], "beta": [-1.0]},
+    "focal-distillation": {"temperature": [0.0], "alpha": [-0.5]},
 }
 
 #: entries the issue says must be registered, by kind and class (or function) name

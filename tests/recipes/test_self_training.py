@@ -115,13 +115,14 @@ def test_bad_inputs_are_refused():
         prediction_margins(torch.ones(3, 2))
 
 
-def _digits_split(frac=0.1, seed=0):
+def _digits_split(frac=0.1, seed=0, n_unlabelled=400):
     from sklearn.datasets import load_digits
     d = load_digits()
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(d.target))
     n_l = int(frac * len(idx))
-    return d.data[idx[:n_l]] / 16, d.target[idx[:n_l]], d.data[idx[n_l:]] / 16, d.target[idx[n_l:]]
+    u = idx[n_l:n_l + n_unlabelled]
+    return d.data[idx[:n_l]] / 16, d.target[idx[:n_l]], d.data[u] / 16, d.target[u]
 
 
 def test_first_round_equals_sklearn_self_training_classifier():
@@ -173,7 +174,7 @@ def test_torch_module_classifier():
     xl, yl, xu, yu = _digits_split(0.1)
     net = torch.nn.Sequential(torch.nn.Linear(64, 10))
     res = run_self_training(net, xl.astype(np.float32), yl, xu.astype(np.float32), policy="curriculum",
-                            max_rounds=2, y_unlabelled_true=yu)
+                            max_rounds=1, y_unlabelled_true=yu)
     assert isinstance(res.classifier, TorchClassifier)
     assert res.rounds[0].added == pytest.approx(0.2 * len(xu), abs=2)
     acc = np.mean(res.classifier.predict(xu.astype(np.float32)) == yu)

@@ -103,7 +103,10 @@ def run_model_update(model: nn.Module, x: Tensor, y: Tensor, old_model: nn.Modul
                      bias: float = 4.0, alpha: float = 1.0, beta: float = 5.0, temperature: float = 5.0,
                      epochs: int = 30, lr: float = 1e-3, batch_size: int = 128, weight_decay: float = 5e-4,
                      seed: int = 0) -> ModelUpdateResult:
-    """Train ``model`` in place on ``(x, y)`` (labels over all ``C`` classes)."""
+    """Train ``model`` in place on ``(x, y)`` (labels over all ``C`` classes).
+
+    ``old_model`` (and ``new_model``) are references: they are put in eval
+    mode and their parameters set to ``requires_grad=False``."""
     if not isinstance(model, nn.Module) or not isinstance(old_model, nn.Module):
         raise TypeError("model and old_model: expected nn.Modules that output logits")
     check_choice("method", method, UPDATE_METHODS)
