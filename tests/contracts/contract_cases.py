@@ -9,6 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
+  positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * objective, task ``logits``: ``loss(logits [B, NUM_CLASSES], labels [B], ...)``
   (reference-model logits and other extras come from EXTRA_INPUTS);
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
@@ -60,7 +62,9 @@ def fail_no_case(name: str, why: str) -> None:
 # ----------------------------------------------------------------------------- per-entry tables
 
 #: constructor hyperparameters an entry needs besides the generic ones
-EXTRA_HPARAMS: dict[str, dict[str, Any]] = {}
+EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
+    "pamc": {"num_clusters": 3},
+}
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
 EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
@@ -73,6 +77,43 @@ EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
+}
+
+
+def _hard_negatives(b, d, dt, dev, g, h=2):
+    return torch.randn(b, h, d, generator=g, dtype=torch.float64).to(dt).to(dev)
+
+
+def _concreteness(b, d, dt, dev, g, h=2):
+    return (1 + 4 * torch.rand(b, h, generator=g, dtype=torch.float64)).to(dt).to(dev)  # the 1-5 norms' scale
+
+
+#: task ``paired``: extra inputs per entry, name -> {keyword: (builder(B, D, dtype, device, generator),
+#: differentiable)}; a differentiable input is gradchecked and poisoned like a and b
+PAIRED_INPUTS: dict[str, dict[str, tuple[Callable, bool]]] = {
+    # Cement: H = 2 perturbed-caption embeddings per row and the concreteness of each changed word
+    "cement": {"hard_negatives": (_hard_negatives, True), "concreteness": (_concreteness, False)},
+}
+
+
+def _pamc_inputs(b, d, dtype, device, g, noncontiguous=False) -> "Inputs":
+    """PamC: embeddings [B, D] and A~ of their 1-NN graph (2 hops); one node: a self-loop."""
+    from losskit.functional.contrastive import knn_adjacency, propagated_adjacency
+
+    x = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+        torch.randn(b, d, generator=g, dtype=torch.float64)
+    if b >= 2:
+        adj = propagated_adjacency(knn_adjacency(x, 1), 2).to(torch.float64)
+    else:
+        adj = torch.sparse_coo_tensor(torch.zeros(2, b, dtype=torch.long), torch.ones(b, dtype=torch.float64),
+                                      (b, b)).coalesce()
+    return Inputs(("embeddings", "adjacency"), {"embeddings": x.to(dtype).to(device), "adjacency": adj.to(device)},
+                  ("embeddings",), None)
+
+
+#: task ``other``: entry -> builder(B, D, dtype, device, generator, noncontiguous) -> Inputs
+OTHER_INPUTS: dict[str, Callable] = {
+    "pamc": _pamc_inputs,
 }
 
 
@@ -117,12 +158,16 @@ NOT_PERMUTATION_EQUIVARIANT = {
     "elastic-arcface": "margins are drawn per row in batch order",
     "elastic-cosface": "margins are drawn per row in batch order",
     "beta-dpo": "the beta-guided filter draws the kept pairs at random, in batch order",
+    "pamc": "the graph (adjacency) is not permuted by the generic row permutation; "
+            "tests/losses/test_contrastive_pamc.py permutes nodes and graph together",
 }
 
 #: entries that gradcheck cannot check, and why (the gradient is right by design, not the full derivative)
 GRADCHECK_EXEMPT = {
     "cfcd": "scale and margin are detached batch statistics (stop-gradient, as the paper)",
     "beta-dpo": "beta_batch is a detached batch statistic (as the paper and official code)",
+    "pamc": "the target distribution P is detached (as DEC, the paper and the official code); "
+            "tests/losses/test_contrastive_pamc.py gradchecks with P given",
 }
 
 #: the no-host-sync contract (test_forward_makes_no_host_sync_with_checks_off): what reads tensors on
@@ -300,6 +345,19 @@ class ObjectiveCase:
             y = balanced_labels(b, g, one_class).to(device)
             return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
                           tuple(extra))
+        if self.task == "other" and self.name in OTHER_INPUTS:
+            return OTHER_INPUTS[self.name](b, d, dtype, device, g, noncontiguous)
+        if self.task == "paired":
+            ts = {}
+            for n in ("a", "b"):
+                t = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+                    torch.randn(b, d, generator=g, dtype=torch.float64)
+                ts[n] = t.to(dtype).to(device)
+            diff, other = ["a", "b"], []
+            for n, (f, differentiable) in PAIRED_INPUTS.get(self.name, {}).items():
+                ts[n] = f(b, d, dtype, device, g)
+                (diff if differentiable else other).append(n)
+            return Inputs(("a", "b"), {**ts, **extra}, tuple(diff), None, tuple(other) + tuple(extra))
         if self.task == "logits":
             c = NUM_CLASSES
             z = (torch.randn(c, b, generator=g, dtype=torch.float64).t() if noncontiguous
@@ -341,7 +399,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference", "logits"):
+        if s.task not in ("embedding", "preference", "paired", "logits") and s.name not in OTHER_INPUTS:
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}
@@ -363,6 +421,20 @@ KIND_HPARAMS: dict[str, dict[str, Any]] = {}
 #: for the "load_state_dict keeps the constructor's hyperparameters" check: other values per entry
 ALT_HPARAMS: dict[str, dict[str, Any]] = {
     "glow": {"alpha": 2.0, "beta": 5.0, "w_min": 0.1},
+}
+
+def _toy_margins(ps):
+    """Margins of the contract's least-squares toy (the target's direction as the label)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, ps[0].shape[0], generator=g).to(ps[0].device)
+    t = torch.randn(16, ps[0].shape[1], generator=g).to(ps[0].device)
+    return ((x @ ps[0] + ps[1]) * t).sum(-1)
+
+
+#: optimizers whose step takes a closure returning per-sample margins, not a loss (Normalized LR+GD:
+#: the step is normalized by the logistic weights sigma(-m_i)); the contract steps them with this closure
+MARGIN_CLOSURE_OPTIMIZERS: dict[str, Callable] = {
+    "normalized-lr-gd": _toy_margins,
 }
 
 #: fills for common required hyperparameters of optimizers and schedulers
@@ -445,12 +517,31 @@ def _toy_mvp(recipe) -> None:
     assert 0 <= res.a_auc <= 1 and len(res.curve.task_end) == 2
 
 
+def _toy_unfolding(recipe) -> None:
+    from losskit.recipes.unfolded import SparseProblem, UnfoldedISTA
+
+    pb = SparseProblem(n=8, m=4, seed=0)
+    model = UnfoldedISTA(pb.a, lam=0.05, layers=2)
+    log = recipe(model, pb)
+    assert len(log.losses) == 3 and all(math.isfinite(v) for v in log.losses)
+
+
+def _toy_linear_mdp(recipe) -> None:
+    from losskit.recipes.linear_mdp import random_linear_mdp, switching_losses
+
+    mdp = random_linear_mdp(horizon=2, states=2, actions=2, dim=2, seed=0)
+    run = recipe(mdp, switching_losses(mdp, 5, seed=0))
+    assert run.regret.shape == (5,) and all(math.isfinite(v) for v in run.regret)
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "self-training": ({"policy": "fixed", "threshold": 0.5, "max_rounds": 2}, _toy_self_training),
     "model-update": ({"method": "mpt", "epochs": 2, "lr": 0.05}, _toy_model_update),
     "mvp": ({"method": "mvp", "online_iter": 1, "eval_period": 8, "batch_size": 4, "num_prompts": 2}, _toy_mvp),
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "deep-unfolding": ({"iterations": 3, "batch_size": 4}, _toy_unfolding),
+    "log-barrier-po": ({"eta": 0.5}, _toy_linear_mdp),
 }
 
 

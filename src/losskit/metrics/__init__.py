@@ -17,6 +17,7 @@ from losskit.metrics.entanglement import (
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate, relative_negative_flip_rate
 from losskit.metrics.knn import knn
+from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.stream import AnytimeAccuracy, a_auc
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
@@ -36,6 +37,6 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms",
+    "per_pair_grad_norms", "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
     "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter", "AnytimeAccuracy", "a_auc",
 ]
