@@ -16,6 +16,7 @@ from losskit.metrics.entanglement import (
 )
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate, relative_negative_flip_rate
+from losskit.metrics.klom import KLoMAccumulator, binned_kl, klom, klom_summary, margins_from_logits
 from losskit.metrics.knn import knn
 from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
@@ -37,6 +38,7 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms", "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
+    "per_pair_grad_norms", "klom", "klom_summary", "binned_kl", "margins_from_logits", "KLoMAccumulator",
+    "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
     "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter", "AnytimeAccuracy", "a_auc",
 ]
