@@ -2,7 +2,7 @@
 
 Moon et al., "Online Class Incremental Learning on Stochastic Blurry Task
 Boundary via Mask and Visual Prompt Tuning" (ICCV 2023, arXiv:2308.09303),
-section 3; code KHU-AGI/Si-Blurry ``utils/online_sampler.py`` (its
+code KHU-AGI/Si-Blurry ``utils/online_sampler.py`` (its
 ``varing_NM`` branch: tasks of random size).
 
 Rule, for ``T`` tasks over the classes of ``labels`` (seeded, reproducible):

@@ -3,7 +3,7 @@ focal loss and adaptive feature scaling.
 
 Moon et al., "Online Class Incremental Learning on Stochastic Blurry Task
 Boundary via Mask and Visual Prompt Tuning" (ICCV 2023, arXiv:2308.09303),
-section 4; code KHU-AGI/Si-Blurry ``methods/mvp.py``, ``models/mvp.py``.
+code KHU-AGI/Si-Blurry ``methods/mvp.py``, ``models/mvp.py``.
 
 With the feature ``f_i`` (``[B, D]``), the linear head ``(W, b)``, the mask
 logits of the prompt chosen for row ``i`` ``M_i`` (``[B, C]``) and the classes

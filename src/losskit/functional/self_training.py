@@ -1,7 +1,7 @@
 """Self-training: prediction margins and pseudo-label threshold policies.
 
 Amini, Feofanov, Pauletto, Hadjadj, Devijver, Maximov, "Self-Training: A
-Survey" (2022, arXiv:2202.12040), sections 3-4; the transductive "auto"
+Survey" (2022, arXiv:2202.12040); the transductive "auto"
 threshold is the multi-class bound of Feofanov, Devijver and Amini,
 "Transductive Bounds for the Multi-Class Majority Vote Classifier" (AAAI 2019).
 
