@@ -45,7 +45,7 @@ def registered(monkeypatch):
         def __init__(self, reduction: str = "mean"):
             super().__init__()
 
-    R.register("test-fake-logits", family="baseline", task="logits")(Logits)
+    R.register("test-fake-logits", family="baseline", task="other")(Logits)
 
     class NeedsK(nn.Module):
         def __init__(self, k: int, reduction: str = "mean"):
@@ -93,7 +93,7 @@ def test_the_contracts_catch_a_wrong_mean(registered, monkeypatch):
         T.test_none_sum_mean_agree(case, "cpu")
 
 
-@pytest.mark.parametrize("name,why", [("test-fake-logits", "task 'logits' has no input factory"),
+@pytest.mark.parametrize("name,why", [("test-fake-logits", "task 'other' has no input factory"),
                                       ("test-fake-needs-k", r"required hyperparameters \['k'\]")])
 def test_an_entry_without_a_case_is_a_failure_naming_it(registered, name, why):
     case = registered[name]
