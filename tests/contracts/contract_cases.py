@@ -9,6 +9,9 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* objective, task ``logits``: ``loss(logits [B, C], labels [B])`` with ``C = d``
+  (``D`` by default) and class-balanced labels; entries in :data:`LOGITS_PAIRED`
+  also take a second ``[B, C]`` logit tensor (differentiated too);
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -65,6 +68,13 @@ EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
+}
+
+
+#: logits objectives that take a second [B, C] logits input, by keyword (task 'logits')
+LOGITS_PAIRED: dict[str, str] = {
+    # h(x') of the smooth adversarial comp-sum loss (losses/comp_sum.py)
+    "adversarial-comp-sum": "adv_logits",
 }
 
 
@@ -294,6 +304,22 @@ class ObjectiveCase:
                 t = t.to(dtype).to(device)
                 ts[n] = t[::2] if noncontiguous else t
             return Inputs(PREF_NAMES, {**ts, **extra}, PREF_NAMES, None, tuple(extra))
+        if self.task == "logits":
+            def draw():
+                if noncontiguous:
+                    z = torch.randn(d, b, generator=g, dtype=torch.float64).t()
+                else:
+                    z = torch.randn(b, d, generator=g, dtype=torch.float64)
+                return z.to(dtype).to(device)
+            z = draw()
+            y = balanced_labels(b, g, one_class).to(device)
+            ts = {"logits": z, "labels": y}
+            floats = ("logits",)
+            paired = LOGITS_PAIRED.get(self.name)
+            if paired:
+                ts[paired] = (z.double() + 0.3 * draw().double()).to(dtype)
+                floats = ("logits", paired)
+            return Inputs(("logits", "labels"), {**ts, **extra}, floats, y, tuple(extra))
         fail_no_case(self.name, f"task {self.task!r} has no input factory")
 
     # -- documented rules
@@ -321,7 +347,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference"):
+        if s.task not in ("embedding", "preference", "logits"):
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}
