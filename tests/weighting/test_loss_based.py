@@ -51,7 +51,7 @@ def test_presets_and_what_they_favour():
     assert lin[0] == lin.min() and torch.allclose(lin[3:], lin[-1].expand(2))   # flat above the mid-range loss
     assert (lin[:3].diff() > 0).all()                                              # a ramp below it
     mid = (l - (l.max() + l.min()) / 2).abs().argmin()
-    assert quad.argmax() == mid and quad[0] == quad.min() and quad[-1] == quad.min()   # middle up, extremes down
+    assert quad.argmax() == mid and torch.isclose(quad[0], quad.min()) and torch.isclose(quad[-1], quad.min())   # middle up, extremes down
     assert ext[0] == ext.max() or ext[-1] == ext.max()
     assert (LinUpper().r, Quadratic().r, Extremes().r) == (0.4, 1.0, 0.4)
     assert losskit.spec("linupper").kind == "weighter" and isinstance(losskit.get("quadratic"), Weighter)
