@@ -1,4 +1,6 @@
-"""losskit.metrics: open-set retrieval and verification metrics.
+"""losskit.metrics: open-set retrieval and verification metrics; closed-set
+classification metrics (accuracy, macro-F1, NLL, ECE, robust accuracy) and
+linear evaluation of frozen embeddings (logistic regression, Gaussian naive Bayes).
 
 All functions take torch tensors (numpy accepted) and return python floats or
 dicts.  ``metric`` takes the distance vocabulary of :mod:`losskit.distances`
@@ -8,6 +10,8 @@ distance object; distances rank by their negative (higher = closer).  Retrieval 
 handling and the OPIS protocol: docs/metrics.md.
 """
 
+from losskit.metrics.classification import (accuracy, classification_summary, expected_calibration_error, macro_f1,
+                                            nll, robust_accuracy)
 from losskit.metrics.entanglement import (
     EntanglementStats,
     gradient_entanglement,
@@ -16,6 +20,8 @@ from losskit.metrics.entanglement import (
 )
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.knn import knn
+from losskit.metrics.linear_probe import (GaussianNaiveBayes, LogisticRegressionProbe, crossover, linear_probe,
+                                          sample_curve)
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
 from losskit.metrics.verification import (
@@ -35,4 +41,6 @@ __all__ = [
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
     "per_pair_grad_norms",
+    "accuracy", "macro_f1", "nll", "expected_calibration_error", "robust_accuracy", "classification_summary",
+    "GaussianNaiveBayes", "LogisticRegressionProbe", "linear_probe", "sample_curve", "crossover",
 ]
