@@ -145,7 +145,7 @@ def test_protocol_names_a_task_change(tmp_path):
 def test_unknown_task_is_clear(capsys, tmp_path):
     with pytest.raises(BenchConfigError, match="unknown task 'embeding'. Closest: embedding"):
         get_task("embeding")
-    with pytest.raises(BenchConfigError, match="--task must be one of embedding; got 'embeding'"):
+    with pytest.raises(BenchConfigError, match="--task must be one of embedding, classification; got .embeding."):
         BenchConfig(task="embeding").validate()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--task", "nope"])

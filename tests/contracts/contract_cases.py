@@ -61,7 +61,9 @@ def fail_no_case(name: str, why: str) -> None:
 # ----------------------------------------------------------------------------- per-entry tables
 
 #: constructor hyperparameters an entry needs besides the generic ones
-EXTRA_HPARAMS: dict[str, dict[str, Any]] = {}
+EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
+    "comp-sum": {"tau": 1.5},   # its default tau = 1 is cross-entropy's case; test a GCE one
+}
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
 EXTRA_INPUTS: dict[str, dict[str, Callable]] = {

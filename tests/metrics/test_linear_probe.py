@@ -77,7 +77,7 @@ def test_naive_bayes_equals_sklearn_when_class_variances_are_equal_and_differs_o
 def test_logistic_regression_matches_sklearn():
     lm = pytest.importorskip("sklearn.linear_model")
     x, y = _blobs(n_per=25, spread=2.0)
-    ours = LogisticRegressionProbe(C=1.0).fit(x, y)
+    ours = LogisticRegressionProbe(C=1.0, tol=1e-9).fit(x, y)
     ref = lm.LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x.numpy(), y.numpy())
     np.testing.assert_allclose(ours.coef_.numpy(), ref.coef_, atol=2e-4)
     np.testing.assert_allclose(ours.intercept_.numpy(), ref.intercept_, atol=2e-4)

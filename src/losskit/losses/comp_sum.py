@@ -52,7 +52,8 @@ class CrossEntropyLoss(nn.Module):
           summary="Comp-sum loss Phi_tau(sum_{y'!=y} e^{h_y'-h_y}): tau 0 sum-exponential, 1 cross-entropy, "
                   "(1, 2) GCE, 2 MAE.")
 class CompSumLoss(nn.Module):
-    """``l_tau`` (functional.comp_sum.comp_sum_loss); ``tau >= 0``, default 1."""
+    """``l_tau`` (functional.comp_sum.comp_sum_loss); ``tau >= 0``, default 1 (cross-entropy, so
+    ``comp-sum`` in the bench's default list doubles as a check of ``cross-entropy``'s numbers)."""
 
     def __init__(self, tau: float = 1.0, reduction: str = "mean"):
         super().__init__()

@@ -11,6 +11,7 @@ import difflib
 
 from ..errors import BenchConfigError
 from .base import CellTrainer, Evaluation, Metric, Task
+from .classification import ClassificationTask
 from .embedding import EmbeddingTask
 
 __all__ = ["Task", "Metric", "CellTrainer", "Evaluation", "TASKS", "DEFAULT_TASK", "register_task", "get_task",
@@ -45,3 +46,4 @@ def get_task(name: str) -> Task:
 
 
 register_task(EmbeddingTask())
+register_task(ClassificationTask())
