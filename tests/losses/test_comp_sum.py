@@ -1,6 +1,6 @@
-"""Comp-sum losses against a reference written from Mao, Mohri & Zhong (2023),
-eq. (2): l_tau = Phi_tau(u), u = sum_{y' != y} exp(h_y' - h_y); the smooth
-adversarial comp-sum (Section 6) and PGD."""
+"""Comp-sum losses against a reference written from Mao, Mohri & Zhong (2023):
+l_tau = Phi_tau(u), u = sum_{y' != y} exp(h_y' - h_y); the smooth
+adversarial comp-sum and PGD."""
 
 import math
 

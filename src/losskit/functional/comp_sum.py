@@ -1,6 +1,8 @@
 """The comp-sum losses (Mao, Mohri, Zhong, "Cross-Entropy Loss Functions:
-Theoretical Analysis and Applications", ICML 2023, arXiv:2304.07288, eq. (2)
-and Section 3) and their smooth adversarial version (Section 6).
+Theoretical Analysis and Applications", ICML 2023, arXiv:2304.07288: the
+comp-sum family and its smooth adversarial version, as written in the
+project's notes, shared/papers/margin-and-metric.md section 10; the paper's
+own equation numbers were not checked here).
 
 For logits ``h`` and label ``y``, with ``u = sum_{y' != y} exp(h_y' - h_y)``::
 
@@ -120,7 +122,7 @@ def logit_distance(adv_logits: Tensor, logits: Tensor) -> Tensor:
 def adversarial_comp_sum_loss(logits: Tensor, labels: Tensor, adv_logits: Tensor, tau: float = 1.0,
                               nu: float = 1.0, reduction: str = "mean",
                               sample_weight: Tensor | None = None) -> Tensor:
-    """Smooth adversarial comp-sum (Mao et al. 2023, Section 6, eq. (9)):
+    """Smooth adversarial comp-sum (Mao et al. 2023):
     ``l_tau(h(x), y) + nu ||h(x') - h(x)||_2`` per row, where ``adv_logits``
     are ``h(x')`` at the inner maximiser ``x'`` of the distance in the
     ``gamma``-ball (found by PGD: :func:`losskit.functional.adversarial.pgd_perturb`);

@@ -1,7 +1,8 @@
 """Linear evaluation of frozen embeddings: Gaussian naive Bayes beside
 logistic regression (Zheng et al., "Revisiting Discriminative vs. Generative
 Classifiers: Theory and Implications", ICML 2023, arXiv:2302.02334,
-Section 3 and eq. (3); code ML-GSAI/Revisiting-Dis-vs-Gen-Classifiers,
+the naive Bayes and logistic-regression linear evaluation as in the project notes,
+optimisation-and-recipes.md section 9; code ML-GSAI/Revisiting-Dis-vs-Gen-Classifiers,
 ``models/gaussnb.py`` and ``main_train_offline.py``).
 
 **Naive Bayes** with the paper's *shared* diagonal variance::

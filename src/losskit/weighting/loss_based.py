@@ -1,7 +1,9 @@
-"""Dynamic loss-based sample reweighting (Sow, Woisetschlaeger, Lin,
-"Dynamic Loss-Based Sample Reweighting for Improved Large Language Model
-Pretraining", ICLR 2025, arXiv:2502.06733, Section 3, eqs. (3)-(6) and
-Table 1); code sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025
+"""Dynamic loss-based sample reweighting (Sow, Woisetschlaeger, Bulusu, Wang,
+Jacobsen, Liang, "Dynamic Loss-Based Sample Reweighting for Improved Large
+Language Model Pretraining", ICLR 2025, arXiv:2502.06733, Algorithm 1, "Fully
+Online Instance Reweighting"; formulas as in the project notes,
+preference-and-weighting.md section 1, checked against the official code
+sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025
 (``src/trainer.py``, ``h_func``, ``f_func_*``, ``g_func`` and the training step).
 
 Over the **global** batch (the losses of every rank, gathered; ``N`` rows)::
