@@ -20,13 +20,14 @@ inputs once and hands them to the backend ``head`` names
   the classes; embeddings are all-gathered and the softmax is distributed
   (:mod:`losskit.heads.backends.sharded`); each rank's loss is that of its
   own rows;
-* ``tau`` (default 1, cross-entropy): the comp-sum loss ``l_tau`` of the
-  same logits (:mod:`losskit.functional.comp_sum`), a function of each row's
-  cross-entropy, so every backend computes it without building ``B x C``
-  beyond what it does for cross-entropy (the fused kernel scales each row's
-  gradient by ``l_tau'(ce)``);
 * ``"auto"``: fused where it applies (a scalar loss that needs a
   gradient), else dense when ``B * C <= 2**22``, else chunked.
+
+``tau`` (default 1, cross-entropy) makes the loss the comp-sum loss ``l_tau``
+of the same logits (:mod:`losskit.functional.comp_sum`): a function of each
+row's cross-entropy, so every backend computes it without building more than
+it does for cross-entropy (the fused kernel scales each row block's gradient
+by ``l_tau'(ce)``).
 
 Every margin policy works in every mode (CFCD's batch statistics come from a
 no-grad pass over the rows it needs; UNPG's extra columns are one scalar
