@@ -38,7 +38,7 @@ from torch import Tensor
 from losskit.core.checks import check_embeddings, check_hparam, check_labels, shape_str, tensor_checks_enabled
 from losskit.core.reduction import reduce_loss
 
-__all__ = ["comp_sum_from_ce", "comp_sum_rows", "comp_sum_loss", "adversarial_comp_sum_loss", "logit_distance",
+__all__ = ["comp_sum_from_ce", "comp_sum_rows", "comp_sum_loss", "check_row_losses", "adversarial_comp_sum_loss", "logit_distance",
            "TAU_CE_TOL"]
 
 #: ``|1 - tau|`` below this is computed as cross-entropy plus its first-order term (no 0/0)
@@ -85,16 +85,30 @@ def _check_overflow(out: Tensor, ce: Tensor, tau: float) -> None:
                          "(bounded), scale the logits down, or compute in a wider dtype")
 
 
+def check_row_losses(ce: Tensor, name: str = "logits") -> None:
+    """Refuse non-finite logits through their rows' cross-entropies (a ``[B]``
+    check instead of a ``[B, C]`` one): a NaN or ``+inf`` logit, or a target
+    logit of ``-inf``, makes the row's cross-entropy NaN or infinite.  A
+    non-target logit of ``-inf`` (a masked class, probability 0) is accepted.
+    A value check (host read), skipped with tensor checks off."""
+    if tensor_checks_enabled() and ce.numel() and not bool(torch.isfinite(ce.detach()).all()):
+        row = int((~torch.isfinite(ce.detach())).nonzero()[0, 0])
+        raise ValueError(f"{name}: expected finite values, got a NaN or +inf logit (or a target logit of -inf) "
+                         f"in row {row}")
+
+
 def _row_ce(logits: Tensor, labels: Tensor, name: str = "logits") -> tuple[Tensor, Tensor]:
     """Validated ``(ce [B], valid [B])`` in the compute dtype; rows with label -1 hold 0."""
-    check_embeddings(logits, name)
+    check_embeddings(logits, name, finite=False)       # finiteness: on the [B] row losses below
     check_labels(labels, logits.shape[0], device=logits.device, num_classes=logits.shape[1], allow_ignore=True)
     z = logits.to(_compute_dtype(logits.dtype))
     valid = labels >= 0
     if logits.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one class, got shape {shape_str(logits)}")
     ce = F.cross_entropy(z, labels.clamp_min(0), reduction="none")
-    return torch.where(valid, ce, torch.zeros_like(ce)), valid
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    check_row_losses(ce, name)
+    return ce, valid
 
 
 def comp_sum_loss(logits: Tensor, labels: Tensor, tau: float = 1.0, reduction: str = "mean",
@@ -115,7 +129,7 @@ def logit_distance(adv_logits: Tensor, logits: Tensor) -> Tensor:
     """``||h(x') - h(x)||_2`` per row, with a zero (sub)gradient where the two are equal."""
     d = adv_logits - logits
     sq = (d * d).sum(dim=1)
-    pos = sq > 0
+    pos = sq != 0          # NaN stays NaN (and is refused by the callers' checks)
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
@@ -130,10 +144,11 @@ def adversarial_comp_sum_loss(logits: Tensor, labels: Tensor, adv_logits: Tensor
     tau = check_hparam("tau", tau, low=0.0)
     nu = check_hparam("nu", nu, low=0.0)
     ce, valid = _row_ce(logits, labels)
-    check_embeddings(adv_logits, "adv_logits")
+    check_embeddings(adv_logits, "adv_logits", finite=False)
     if adv_logits.shape != logits.shape:
         raise ValueError(f"adv_logits: expected the logits' shape {shape_str(logits)}, got {shape_str(adv_logits)}")
     dist = logit_distance(adv_logits.to(ce.dtype), logits.to(ce.dtype))
+    check_row_losses(dist, "adv_logits")
     per = comp_sum_rows(ce, tau) + nu * torch.where(valid, dist, torch.zeros_like(dist))
     out = reduce_loss(per, reduction, sample_weight).to(logits.dtype)
     _check_overflow(out, ce, tau)

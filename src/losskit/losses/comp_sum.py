@@ -22,7 +22,7 @@ from losskit.core.checks import check_choice, check_embeddings, check_hparam, ch
 from losskit.core.reduction import reduce_loss
 from losskit.core.registry import Paper, register
 from losskit.functional.adversarial import NORMS, pgd_perturb
-from losskit.functional.comp_sum import adversarial_comp_sum_loss, comp_sum_loss, logit_distance
+from losskit.functional.comp_sum import adversarial_comp_sum_loss, check_row_losses, comp_sum_loss, logit_distance
 
 __all__ = ["CrossEntropyLoss", "CompSumLoss", "SumExponentialLoss", "GCELoss", "MAELoss", "AdversarialCompSumLoss"]
 
@@ -41,10 +41,11 @@ class CrossEntropyLoss(nn.Module):
         self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, labels: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        check_embeddings(logits, "logits")
+        check_embeddings(logits, "logits", finite=False)    # finiteness: on the [B] row losses
         check_labels(labels, logits.shape[0], device=logits.device, num_classes=logits.shape[1], allow_ignore=True)
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         per = F.cross_entropy(z, labels, reduction="none", ignore_index=-1)
+        check_row_losses(per)
         return reduce_loss(per, self.reduction, sample_weight).to(logits.dtype)
 
 
