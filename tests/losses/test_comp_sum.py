@@ -221,3 +221,21 @@ def test_from_model_trains_through_both_passes_and_clips():
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
     with pytest.raises(ValueError, match="norm"):
         losskit.get("adversarial-comp-sum", norm="l1")
+
+
+def test_masked_classes_are_accepted_and_non_finite_logits_refused():
+    z, y = _data()
+    zm = z.clone()
+    zm[torch.arange(7), (y + 1) % 5] = -math.inf          # one masked (probability 0) class per row
+    zg = zm.clone().requires_grad_(True)
+    out = comp_sum_loss(zg, y, 1.5, "none")
+    torch.testing.assert_close(out, naive(zm, y, 1.5))     # exp(-inf) = 0 in the reference too
+    out.sum().backward()
+    assert torch.isfinite(zg.grad).all()
+    for bad, where in ((math.nan, (0, 1)), (math.inf, (2, 0)), (-math.inf, (3, int(y[3])))):
+        zb = z.clone()
+        zb[where] = bad
+        with pytest.raises(ValueError, match="logits: expected finite values"):
+            comp_sum_loss(zb, y, 1.5)
+        with pytest.raises(ValueError, match="logits"):
+            losskit.get("cross-entropy")(zb, y)
