@@ -373,6 +373,20 @@ ALT_HPARAMS: dict[str, dict[str, Any]] = {
     "glow": {"alpha": 2.0, "beta": 5.0, "w_min": 0.1},
 }
 
+def _toy_margins(ps):
+    """Margins of the contract's least-squares toy (the target's direction as the label)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, ps[0].shape[0], generator=g).to(ps[0].device)
+    t = torch.randn(16, ps[0].shape[1], generator=g).to(ps[0].device)
+    return ((x @ ps[0] + ps[1]) * t).sum(-1)
+
+
+#: optimizers whose step takes a closure returning per-sample margins, not a loss (Normalized LR+GD:
+#: the step is normalized by the logistic weights sigma(-m_i)); the contract steps them with this closure
+MARGIN_CLOSURE_OPTIMIZERS: dict[str, Callable] = {
+    "normalized-lr-gd": _toy_margins,
+}
+
 #: fills for common required hyperparameters of optimizers and schedulers
 COMMON_FILLS = {"lr": 0.05, "total_steps": 10, "T_max": 10, "step_size": 2, "num_training_steps": 10,
                 "warmup_steps": 2, "num_warmup_steps": 2}
@@ -417,9 +431,28 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_unfolding(recipe) -> None:
+    from losskit.recipes.unfolded import SparseProblem, UnfoldedISTA
+
+    pb = SparseProblem(n=8, m=4, seed=0)
+    model = UnfoldedISTA(pb.a, lam=0.05, layers=2)
+    log = recipe(model, pb)
+    assert len(log.losses) == 3 and all(math.isfinite(v) for v in log.losses)
+
+
+def _toy_linear_mdp(recipe) -> None:
+    from losskit.recipes.linear_mdp import random_linear_mdp, switching_losses
+
+    mdp = random_linear_mdp(horizon=2, states=2, actions=2, dim=2, seed=0)
+    run = recipe(mdp, switching_losses(mdp, 5, seed=0))
+    assert run.regret.shape == (5,) and all(math.isfinite(v) for v in run.regret)
+
+
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "deep-unfolding": ({"iterations": 3, "batch_size": 4}, _toy_unfolding),
+    "log-barrier-po": ({"eta": 0.5}, _toy_linear_mdp),
 }
 
 

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 import losskit
-from contract_cases import (ALT_HPARAMS, EXPECTED_ENTRIES, RECIPE_RUNS, balanced_labels, fail_no_case,
+from contract_cases import (ALT_HPARAMS, EXPECTED_ENTRIES, MARGIN_CLOSURE_OPTIMIZERS, RECIPE_RUNS,
+                            balanced_labels, fail_no_case,
                             kind_hparams, specs_of)
 
 WEIGHTERS = specs_of("weighter")
@@ -237,8 +238,12 @@ def _problem(device, seed=0):
 
 
 def _steps(opt, params, loss_fn, n):
+    margins_fn = MARGIN_CLOSURE_OPTIMIZERS.get(getattr(opt, "_contract_name", None))
     for _ in range(n):
         opt.zero_grad()
+        if margins_fn is not None:  # the optimizer differentiates what its closure returns
+            opt.step(lambda: margins_fn(params))
+            continue
         loss_fn(params).backward()
         opt.step()
     return [p.detach().clone() for p in params]
@@ -251,6 +256,7 @@ def test_optimizer_contract_and_state_round_trip(s, device):
     the same next two steps."""
     params, loss_fn = _problem(device)
     opt = losskit.get(s.name, params, **kind_hparams(s))
+    opt._contract_name = s.name
     assert isinstance(opt, torch.optim.Optimizer), "an optimizer kind is a torch.optim.Optimizer"
     assert isinstance(getattr(opt, "hparams", None), dict)
     before = float(loss_fn(params))
@@ -259,6 +265,7 @@ def test_optimizer_contract_and_state_round_trip(s, device):
     assert math.isfinite(after) and after != before
     p2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = losskit.get(s.name, p2, **kind_hparams(s))
+    opt2._contract_name = s.name
     opt2.load_state_dict(_round_trip(opt.state_dict()))
     for a, b in zip(_steps(opt, params, loss_fn, 2), _steps(opt2, p2, loss_fn, 2)):
         torch.testing.assert_close(b, a)

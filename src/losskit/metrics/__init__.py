@@ -20,6 +20,7 @@ from losskit.metrics.entanglement import (
 )
 from losskit.metrics.evaluate import evaluate_embeddings
 from losskit.metrics.knn import knn
+from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.linear_probe import (GaussianNaiveBayes, LogisticRegressionProbe, crossover, linear_probe,
                                           sample_curve)
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
@@ -40,7 +41,7 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms",
+    "per_pair_grad_norms", "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
     "accuracy", "macro_f1", "nll", "expected_calibration_error", "robust_accuracy", "classification_summary",
     "GaussianNaiveBayes", "LogisticRegressionProbe", "linear_probe", "sample_curve", "crossover",
 ]
