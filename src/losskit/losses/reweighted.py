@@ -61,7 +61,7 @@ class ReweightedLoss(nn.Module):
         w = self.weighter(per.detach(), sample_ids)
         if sample_weight is not None:      # the caller's weights multiply the policy's (checked by reduce_loss)
             return reduce_loss(per * w, self.reduction, sample_weight)
-        return reduce_loss(per, self.reduction, w)
+        return reduce_loss(per, self.reduction, w, checked=True)   # the policy's weights: finite, >= 0
 
     def step(self) -> None:
         """Once after each optimiser step."""

@@ -31,7 +31,8 @@ __all__ = ["Weighter", "check_sample_ids"]
 
 def check_sample_ids(sample_ids: Tensor | Sequence[int] | None, n: int, *, required: bool = False,
                      who: str = "this weighter") -> list[int] | None:
-    """``None`` (allowed unless ``required``) or ``n`` integer ids as a list."""
+    """``None`` (allowed unless ``required``) or ``n`` integer ids, as a list when ``required``
+    (a policy that does not use them only has their shape checked: no host copy)."""
     if sample_ids is None:
         if required:
             raise ValueError(f"sample_ids: {who} keys its state by sample id; pass a [B] integer tensor of ids")
@@ -40,6 +41,10 @@ def check_sample_ids(sample_ids: Tensor | Sequence[int] | None, n: int, *, requi
         if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.dtype == torch.bool:
             raise ValueError(f"sample_ids: expected a [B] integer tensor, got shape {list(sample_ids.shape)} "
                              f"dtype {sample_ids.dtype}")
+        if not required:
+            if sample_ids.shape[0] != n:
+                raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {sample_ids.shape[0]}")
+            return None
         ids = [int(v) for v in sample_ids.tolist()]
     else:
         ids = [int(v) for v in sample_ids]
