@@ -239,3 +239,13 @@ def test_masked_classes_are_accepted_and_non_finite_logits_refused():
             comp_sum_loss(zb, y, 1.5)
         with pytest.raises(ValueError, match="logits"):
             losskit.get("cross-entropy")(zb, y)
+
+
+@pytest.mark.parametrize("head", ["dense", "chunked", "fused"])
+def test_heads_with_tau_run_in_bfloat16(head):
+    torch.manual_seed(0)
+    m = MarginHead(50, 8, ArcMargin(64.0, 0.5), head=head, tau=1.5, chunk_size=16)
+    x = torch.randn(12, 8).bfloat16().requires_grad_(True)
+    out = m(x, torch.randint(0, 50, (12,)))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad.float()).all() and torch.isfinite(m.weight.grad).all()

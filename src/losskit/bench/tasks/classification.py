@@ -231,7 +231,7 @@ class ClassificationTask(Task):
         adversarial = hasattr(loss_fn, "from_model")
         takes_ids = "sample_ids" in inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module)
                                                       else loss_fn).parameters
-        state = {"order": torch.randperm(n, generator=shuffle), "i": 0, "step": 0}
+        state = {"order": torch.randperm(n, generator=shuffle), "i": 0}
 
         def step() -> Tensor:
             if state["i"] >= spe:
