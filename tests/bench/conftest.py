@@ -91,14 +91,18 @@ TRAP = Trap()
 
 
 class FakeTrapLoss(FakePairLoss):
-    """Raises TRAP.exc in forward from its TRAP.after-th construction on (test double)."""
+    """Raises TRAP.exc in forward from its TRAP.after-th trained instance on (test double; an
+    instance counts when its forward is first called, so the bench's build-once check before
+    training does not count)."""
 
     def __init__(self, margin: float = 0.5):
         super().__init__(margin)
-        TRAP.builds += 1
-        self.armed = TRAP.exc is not None and TRAP.builds >= TRAP.after
+        self.armed = None
 
     def forward(self, embeddings, labels, sample_weight=None):
+        if self.armed is None:
+            TRAP.builds += 1
+            self.armed = TRAP.exc is not None and TRAP.builds >= TRAP.after
         if self.armed:
             raise TRAP.exc
         return super().forward(embeddings, labels, sample_weight)

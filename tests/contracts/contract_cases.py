@@ -12,6 +12,8 @@ a generic factory here:
 * objective, task ``logits``: ``loss(logits [B, C], labels [B])`` with ``C = d``
   (``D`` by default) and class-balanced labels; entries in :data:`LOGITS_PAIRED`
   also take a second ``[B, C]`` logit tensor (differentiated too);
+* objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
+  positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -63,6 +65,7 @@ def fail_no_case(name: str, why: str) -> None:
 #: constructor hyperparameters an entry needs besides the generic ones
 EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
     "comp-sum": {"tau": 1.5},   # its default tau = 1 is cross-entropy's case; test a GCE one
+    "pamc": {"num_clusters": 3},
 }
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
@@ -70,6 +73,43 @@ EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
+}
+
+
+def _hard_negatives(b, d, dt, dev, g, h=2):
+    return torch.randn(b, h, d, generator=g, dtype=torch.float64).to(dt).to(dev)
+
+
+def _concreteness(b, d, dt, dev, g, h=2):
+    return (1 + 4 * torch.rand(b, h, generator=g, dtype=torch.float64)).to(dt).to(dev)  # the 1-5 norms' scale
+
+
+#: task ``paired``: extra inputs per entry, name -> {keyword: (builder(B, D, dtype, device, generator),
+#: differentiable)}; a differentiable input is gradchecked and poisoned like a and b
+PAIRED_INPUTS: dict[str, dict[str, tuple[Callable, bool]]] = {
+    # Cement: H = 2 perturbed-caption embeddings per row and the concreteness of each changed word
+    "cement": {"hard_negatives": (_hard_negatives, True), "concreteness": (_concreteness, False)},
+}
+
+
+def _pamc_inputs(b, d, dtype, device, g, noncontiguous=False) -> "Inputs":
+    """PamC: embeddings [B, D] and A~ of their 1-NN graph (2 hops); one node: a self-loop."""
+    from losskit.functional.contrastive import knn_adjacency, propagated_adjacency
+
+    x = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+        torch.randn(b, d, generator=g, dtype=torch.float64)
+    if b >= 2:
+        adj = propagated_adjacency(knn_adjacency(x, 1), 2).to(torch.float64)
+    else:
+        adj = torch.sparse_coo_tensor(torch.zeros(2, b, dtype=torch.long), torch.ones(b, dtype=torch.float64),
+                                      (b, b)).coalesce()
+    return Inputs(("embeddings", "adjacency"), {"embeddings": x.to(dtype).to(device), "adjacency": adj.to(device)},
+                  ("embeddings",), None)
+
+
+#: task ``other``: entry -> builder(B, D, dtype, device, generator, noncontiguous) -> Inputs
+OTHER_INPUTS: dict[str, Callable] = {
+    "pamc": _pamc_inputs,
 }
 
 
@@ -121,12 +161,16 @@ NOT_PERMUTATION_EQUIVARIANT = {
     "elastic-arcface": "margins are drawn per row in batch order",
     "elastic-cosface": "margins are drawn per row in batch order",
     "beta-dpo": "the beta-guided filter draws the kept pairs at random, in batch order",
+    "pamc": "the graph (adjacency) is not permuted by the generic row permutation; "
+            "tests/losses/test_contrastive_pamc.py permutes nodes and graph together",
 }
 
 #: entries that gradcheck cannot check, and why (the gradient is right by design, not the full derivative)
 GRADCHECK_EXEMPT = {
     "cfcd": "scale and margin are detached batch statistics (stop-gradient, as the paper)",
     "beta-dpo": "beta_batch is a detached batch statistic (as the paper and official code)",
+    "pamc": "the target distribution P is detached (as DEC, the paper and the official code); "
+            "tests/losses/test_contrastive_pamc.py gradchecks with P given",
 }
 
 #: the no-host-sync contract (test_forward_makes_no_host_sync_with_checks_off): what reads tensors on
@@ -299,6 +343,19 @@ class ObjectiveCase:
             y = balanced_labels(b, g, one_class).to(device)
             return Inputs(("embeddings", "labels"), {"embeddings": x, "labels": y, **extra}, ("embeddings",), y,
                           tuple(extra))
+        if self.task == "other" and self.name in OTHER_INPUTS:
+            return OTHER_INPUTS[self.name](b, d, dtype, device, g, noncontiguous)
+        if self.task == "paired":
+            ts = {}
+            for n in ("a", "b"):
+                t = torch.randn(d, b, generator=g, dtype=torch.float64).t() if noncontiguous else \
+                    torch.randn(b, d, generator=g, dtype=torch.float64)
+                ts[n] = t.to(dtype).to(device)
+            diff, other = ["a", "b"], []
+            for n, (f, differentiable) in PAIRED_INPUTS.get(self.name, {}).items():
+                ts[n] = f(b, d, dtype, device, g)
+                (diff if differentiable else other).append(n)
+            return Inputs(("a", "b"), {**ts, **extra}, tuple(diff), None, tuple(other) + tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -349,7 +406,7 @@ def objective_cases() -> list[ObjectiveCase]:
     out = []
     for s in losskit.specs(kind="objective"):
         missing = None
-        if s.task not in ("embedding", "preference", "logits"):
+        if s.task not in ("embedding", "preference", "paired", "logits") and s.name not in OTHER_INPUTS:
             missing = f"task {s.task!r} has no input factory"
         else:
             generic = {"num_classes", "embedding_dim"}

@@ -31,10 +31,13 @@ def _plain_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed: int, device: torch.device,
-             on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[], None] | None = None, split: int = 0,
+             keep: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Train ``objective`` (a label; ``hparams`` already holds its variant's params) from ``seed``
     for ``cfg.epochs`` epochs and evaluate it.  Returns the cell's record (JSON-plain): metrics,
-    loss per epoch, time, memory, and the task's own fields."""
+    loss per epoch, the held-out metric over training (``epoch_metric``, when the task tracks
+    one), time, memory, and the task's own fields.  ``keep(trainer)`` is called after the
+    evaluation (``--save-models``)."""
     trainer = task.setup(cfg, data, objective, hparams, seed, device)
     trainer.label, trainer.seed = objective, seed
     torch.manual_seed(seed + STEP_SEED_OFFSET)
@@ -51,6 +54,9 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
     memory_mb = float("nan")
     memory_kind = "cuda_max_allocated" if cuda else "cpu_profiler_step"
     n = 0
+    every = int(getattr(cfg, "track_every", 0) or 0)
+    tracked: list[list[float]] = []  # [epoch, value]
+    track_time = 0.0
     for epoch in range(cfg.epochs):
         losses = []
         t0 = time.perf_counter()
@@ -73,14 +79,26 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
             raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
                                f"at step {first + 1 + epoch * per_epoch} of {total_steps}")
         epoch_loss.append(float(values.mean()))
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
+            t1 = time.perf_counter()
+            value = task.track(cfg, data, trainer, device)
+            for m in trainer.modules:
+                m.train()
+            track_time += time.perf_counter() - t1
+            if value is None:
+                every = 0
+            else:
+                tracked.append([epoch + 1, float(value)])
     if cuda:
         memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
 
     t0 = time.perf_counter()
     scores = task.evaluate(cfg, data, trainer, device)
     eval_time = time.perf_counter() - t0
+    if keep is not None:
+        keep(trainer)
 
-    return {
+    record = {
         "objective": objective,
         "name": base_name(objective),
         "seed": seed,
@@ -93,7 +111,10 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
         "peak_memory_mb": memory_mb,
         "memory_kind": memory_kind,
         "epoch_loss": epoch_loss,
+        **({"epoch_metric": tracked, "tracked_metric": task.primary, "track_time_s": track_time} if tracked else {}),
         **trainer.info,
         **scores.extras,
         "device": str(device),
     }
+    record["split"] = split
+    return record

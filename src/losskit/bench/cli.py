@@ -32,6 +32,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         kw: dict = {"dest": f.name, "default": None, "help": _help(f)}
         if md.get("append"):
             kw["action"] = "append"
+        elif isinstance(f.default, bool):  # --flag / --no-flag
+            kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = md.get("type") or (type(f.default) if f.default is not dataclasses.MISSING else str)
         choices = choices_of(f)
@@ -51,7 +53,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
             "optimiser, budget and augmentation) and compare them on the task's metrics. The default task, "
             "embedding, evaluates retrieval and verification on classes never seen in training. With no "
             "arguments: scikit-learn's digits, classes 0-4 train, 5-9 test, softmax plus every registered "
-            "embedding objective plus arcface with its dense, chunked and sampled heads, 3 seeds."
+            "embedding objective plus arcface with its dense and chunked heads, 3 seeds, with the raw input and the untrained network as baseline rows."
         ),
     )
     add_config_options(p)
@@ -61,6 +63,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="finish an interrupted run (default: the newest folder under runs/)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--save-models", action="store_true",
+                   help="keep each cell's trained network under RUN/models/ (for losskit eval)")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -121,9 +125,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         cfg, out, resume = config_from_args(args)
         run = run_bench(cfg, out, resume=resume, progress=not args.no_progress, plots=not args.no_plots,
-                        log=lambda s: print(s, file=sys.stderr))
+                        log=lambda s: print(s, file=sys.stderr), save_models=getattr(args, "save_models", False))
     except BenchConfigError as e:
         print(f"losskit bench: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the run folder or a data file: the user's side, said in one line
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"losskit bench: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(run.leaderboard)
     print(f"\nrun folder: {run.out}  (results.json, cells.csv, summary.csv, config.json, leaderboard.txt"

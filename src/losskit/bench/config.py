@@ -62,8 +62,8 @@ class BenchConfig:
         factory=list, parse=split_objectives,
         help="comma-separated registry names or variants NAME[param=value,...], e.g. "
              "softmax,arcface,arcface[head=chunked]",
-        default_text="the task's list; embedding: softmax + every embedding objective + arcface's dense, chunked "
-                     "and sampled heads")
+        default_text="the task's list; embedding: softmax + every embedding objective + arcface's dense and "
+                     "chunked heads")
     overrides: dict[str, dict[str, Any]] = option(
         factory=dict, flag="--set", append=True, metavar="NAME.PARAM=VALUE", parse=parse_set,
         help="override a hyperparameter, e.g. --set arcface.margin=0.4 (python literal; repeatable; applies to "
@@ -77,14 +77,30 @@ class BenchConfig:
     max_per_class: int | None = option(None, type=int, help="cap images per class (folder/omniglot)",
                                        default_text="all")
     embedding_dim: int = option(64, low=1, help="embedding size")
-    model: str = option("auto", choices=MODELS, help="network: auto = MLP for <=16x16 images, small CNN above")
+    model: str = option("auto", metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
+                        help="network: auto = MLP for <=16x16 images, small CNN above; cnn-large = 4 wider blocks "
+                             "(the one-shot default); MODULE:FUNCTION = your own, called as "
+                             "FUNCTION(input_shape, embedding_dim) and returning an nn.Module")
     lr: float = option(1e-3, low=0, low_open=True, help="Adam learning rate, all parameters")
     weight_decay: float = option(0.0, low=0, help="Adam weight decay")
     batch_size: int = option(80, low=2, help="target batch size when P is automatic")
     batch_classes: int = option(0, low=0, help="P classes per batch", default_text="0 = from the data")
     batch_samples: int = option(0, low=0, help="K samples per class", default_text="0 = from the data")
-    augment: str = option("none", choices=("none", "shift"),
-                          help="training augmentation, identical for all objectives")
+    augment: str = option("none", choices=("none", "shift", "affine"),
+                          help="training augmentation, identical for all objectives (affine: rotation, shear, "
+                               "scale and translation as the Siamese one-shot paper)")
+    splits: int = option(1, low=1, help="repeat the protocol over N class splits (split seeds "
+                                        "SPLIT_SEED..SPLIT_SEED+N-1)")
+    split_seed: int = option(0, low=0, help="seed of the first class split (digits: 0 = classes 0-4 train)")
+    baselines: bool = option(True, help="leaderboard rows for the raw input and the untrained network")
+    skip_bad_images: bool = option(False, help="leave out unreadable image files (each is listed) instead of "
+                                               "stopping with the list")
+    track_every: int = option(1, low=0, help="evaluate the held-out primary metric every N epochs for the "
+                                             "curves and the budget warning (0 = never)")
+    oneshot: bool = option(False, help="omniglot: also measure 20-way one-shot error on the 20 runs of "
+                                       "all_runs.zip in --data-dir")
+    amp: str = option("none", choices=("none", "bf16", "fp16"),
+                      help="mixed precision for the network's forward (torch.autocast; fp16 on CUDA only)")
     device: str = option("auto", help="auto, cpu, cuda, cuda:1 ...")
     threads: int = option(1, low=0, help="torch CPU threads while training (the bench's models are tiny and extra "
                                          "threads only contend on a busy machine; 0 = torch's default)")
@@ -123,6 +139,9 @@ class BenchConfig:
             choices = choices_of(f)
             if choices is not None and value not in choices:
                 raise BenchConfigError(f"{flag_of(f)} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            kind = _kind(f)
+            if kind in (int, float, bool, str) and value is not None and not _is_kind(value, kind):
+                raise BenchConfigError(f"{flag_of(f)} must be {_KIND_WORDS[kind]}; got {value!r}")
             low = md.get("low")
             if low is not None and value is not None:
                 ok = value > low if md.get("low_open") else value >= low
@@ -131,6 +150,27 @@ class BenchConfig:
                                            f"got {value}")
         tasks.get_task(self.task).validate(self)
         return self
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _kind(f: dataclasses.Field):
+    """The field's scalar type (its option's ``type`` or its default's), or None."""
+    t = f.metadata.get("type")
+    if t is None and f.default is not MISSING and f.default is not None:
+        t = type(f.default)
+    return t if t in _KIND_WORDS else None
+
+
+def _is_kind(value: Any, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def flag_of(f: dataclasses.Field) -> str:

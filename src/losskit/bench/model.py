@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLPEmbedder", "CNNEmbedder", "build_model", "choose_model", "MODELS"]
+import importlib
+from typing import Callable
 
-#: the networks ``--model`` chooses from (``auto``: :func:`choose_model`)
-MODELS = ("auto", "mlp", "cnn")
+__all__ = ["MLPEmbedder", "CNNEmbedder", "build_model", "choose_model", "check_model", "user_model", "MODELS"]
+
+#: the networks ``--model`` chooses from (``auto``: :func:`choose_model`), besides ``MODULE:FUNCTION``
+MODELS = ("auto", "mlp", "cnn", "cnn-large")
 
 
 class MLPEmbedder(nn.Module):
@@ -35,18 +38,53 @@ class CNNEmbedder(nn.Module):
     For 28x28-ish images (Omniglot, image folders); channels 32-64-64.
     """
 
-    def __init__(self, in_channels: int, embedding_dim: int = 64, width: int = 32):
+    def __init__(self, in_channels: int, embedding_dim: int = 64, width: int = 32, large: bool = False):
         super().__init__()
 
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(), nn.MaxPool2d(2))
+        def block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
-        self.features = nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 2 * width))
-        self.head = nn.Linear(2 * width, embedding_dim)
+        if large:  # cnn-large: 64-128-128-256 channels, the last block unpooled
+            widths = (2 * width, 4 * width, 4 * width, 8 * width)
+            self.features = nn.Sequential(block(in_channels, widths[0]), block(widths[0], widths[1]),
+                                          block(widths[1], widths[2]), block(widths[2], widths[3], pool=False))
+        else:
+            widths = (width, 2 * width, 2 * width)
+            self.features = nn.Sequential(block(in_channels, widths[0]), block(widths[0], widths[1]),
+                                          block(widths[1], widths[2]))
+        self.head = nn.Linear(widths[-1], embedding_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def user_model(spec: str) -> Callable[..., nn.Module]:
+    """The function ``MODULE:FUNCTION`` names (imported; a ValueError says what is wrong)."""
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise ValueError(f"--model {spec!r}: expected one of {', '.join(MODELS)} or MODULE:FUNCTION")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's module: any import failure is the message
+        raise ValueError(f"--model {spec!r}: cannot import module {module!r} ({type(e).__name__}: {e})") from None
+    fn = mod
+    for part in func.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"--model {spec!r}: module {module!r} has no {func!r}")
+    if not callable(fn):
+        raise ValueError(f"--model {spec!r}: {func!r} is not callable")
+    return fn
+
+
+def check_model(spec: str) -> None:
+    """A ValueError unless ``spec`` is one of :data:`MODELS` or an importable ``MODULE:FUNCTION``."""
+    if spec in MODELS:
+        return
+    if ":" not in spec:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)} or MODULE:FUNCTION; got {spec!r}")
+    user_model(spec)
 
 
 def choose_model(kind: str, input_shape: tuple[int, int, int]) -> str:
@@ -65,8 +103,13 @@ def build_model(kind: str, input_shape: tuple[int, int, int], embedding_dim: int
         torch.manual_seed(seed)
         if kind == "mlp":
             return MLPEmbedder(c * h * w, embedding_dim)
-        if kind == "cnn":
+        if kind in ("cnn", "cnn-large"):
             if min(h, w) < 8:
                 raise ValueError(f"the CNN needs images of at least 8x8 pixels; got {h}x{w} (use --model mlp)")
-            return CNNEmbedder(c, embedding_dim)
-    raise ValueError(f"model must be auto, mlp or cnn; got {kind!r}")
+            return CNNEmbedder(c, embedding_dim, large=kind == "cnn-large")
+        if ":" in kind:
+            net = user_model(kind)(tuple(input_shape), embedding_dim)
+            if not isinstance(net, nn.Module):
+                raise ValueError(f"--model {kind!r} returned {type(net).__name__}, expected an nn.Module")
+            return net
+    raise ValueError(f"model must be one of {', '.join(MODELS)} or MODULE:FUNCTION; got {kind!r}")

@@ -44,7 +44,7 @@ def default_objectives(task: Task | str = DEFAULT_TASK) -> list[str]:
     """The task's :attr:`~Task.default_first` objectives, then every registered objective of its
     kind that the bench can build (those needing a required argument the task does not fill are
     left out; see :func:`unbenchable_objectives`), each followed by its
-    :attr:`~Task.default_variants` (embedding: arcface's dense, chunked and sampled heads)."""
+    :attr:`~Task.default_variants` (embedding: arcface's dense and chunked heads)."""
     task = _task(task)
     pool = {s.name: s for s in objective_specs(task)}
     first = [n for n in task.default_first if n in registry.names(kind="objective")]

@@ -43,8 +43,9 @@ __all__ = ["Paper", "Spec", "ObjectiveSpec", "Kind", "KINDS", "register", "regis
 #: What an objective consumes.  ``embedding``: ``loss(embeddings, labels)``;
 #: ``preference``: ``loss(policy_chosen_logps, policy_rejected_logps,
 #: ref_chosen_logps, ref_rejected_logps)``; ``logits``: ``loss(logits, labels)``;
+#: ``paired``: ``loss(a, b)``, row i of ``a`` and row i of ``b`` a positive pair (two towers);
 #: ``other``: documented on the object.
-TASKS = ("embedding", "preference", "logits", "other")
+TASKS = ("embedding", "preference", "logits", "paired", "other")
 
 FAMILIES = {
     "baseline": "Baselines",

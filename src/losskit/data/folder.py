@@ -70,17 +70,44 @@ def split_classes(classes: Sequence[str], test_fraction: float, seed: int) -> tu
     return train, test
 
 
+class UnreadableImages(ValueError):
+    """Image files that could not be decoded; ``files`` lists every one with its reason."""
+
+    def __init__(self, files: list[tuple[str, str]]):
+        self.files = files
+        listing = "\n  ".join(why for _, why in files)
+        super().__init__(f"{len(files)} image file{'s' if len(files) != 1 else ''} could not be read "
+                         f"(pass skip_bad_images=True, or --skip-bad-images, to leave them out):\n  {listing}")
+
+
 def load_files(files_by_class: dict[str, list], classes: list[str], hw, grayscale: bool,
-               max_per_class: int | None, read=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode the images of ``classes`` (label = position in ``classes``)."""
-    xs, ys = [], []
+               max_per_class: int | None, read=None, skipped: list[str] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the images of ``classes`` (label = position in ``classes``).
+
+    Every file is tried; unreadable ones are an :class:`UnreadableImages` error listing them
+    all, unless ``skipped`` (a list) is given: then they are left out and their names appended
+    to it (a class may end with no image)."""
+    xs, ys, bad = [], [], []
     for label, c in enumerate(classes):
         files = files_by_class[c]
         if max_per_class is not None:
             files = files[:max_per_class]
         for f in files:
-            xs.append(decode(read(f) if read else f, hw, grayscale))
+            try:
+                img = decode(read(f) if read else f, hw, grayscale)
+            except ValueError as e:
+                bad.append((str(f), str(e)))
+                continue
+            except KeyError as e:  # a zip member that is missing
+                bad.append((str(f), f"could not read image {f}: missing ({e})"))
+                continue
+            xs.append(img)
             ys.append(label)
+    if bad:
+        if skipped is None:
+            raise UnreadableImages(bad)
+        skipped.extend(name for name, _ in bad)
     x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, 1 if grayscale else 3, *hw)
     return x, torch.tensor(ys, dtype=torch.int64)
 
@@ -91,7 +118,8 @@ def _check_max(max_per_class):
 
 
 def load_image_folder(path: str | os.PathLike, image_size: int | Sequence[int] = 28, grayscale: bool = True,
-                      test_fraction: float = 0.5, seed: int = 0, max_per_class: int | None = None) -> OpenSetSplit:
+                      test_fraction: float = 0.5, seed: int = 0, max_per_class: int | None = None,
+                      skip_bad_images: bool = False) -> OpenSetSplit:
     """Images in ``path/<class name>/<image>`` (any format Pillow reads: PNG, PGM, JPEG, ...;
     grey or colour), resized to ``image_size`` and converted to 1 (``grayscale``) or 3 channels.
 
@@ -99,12 +127,23 @@ def load_image_folder(path: str | os.PathLike, image_size: int | Sequence[int] =
     (``test_fraction`` of the classes, chosen by ``seed``).  Within a class, files are
     taken in sorted name order; ``max_per_class`` keeps the first ones.
     Hidden files/folders (starting with ``.``), files Pillow has no extension for, and anything
-    nested deeper than ``path/<class>/<file>`` are ignored.
+    nested deeper than ``path/<class>/<file>`` are ignored.  A file that cannot be decoded is
+    an error listing every such file (:class:`UnreadableImages`); with ``skip_bad_images=True``
+    they are left out and listed in the split's ``skipped``.
     """
     hw = size_hw(image_size)
     _check_max(max_per_class)
     files = scan_image_folder(path)
     train, test = split_classes(list(files), test_fraction, seed)
-    tx, ty = load_files(files, train, hw, grayscale, max_per_class)
-    vx, vy = load_files(files, test, hw, grayscale, max_per_class)
-    return OpenSetSplit(f"folder:{path}", tx, ty, vx, vy, train, test)
+    skipped: list[str] | None = [] if skip_bad_images else None
+    bad: list[tuple[str, str]] = []
+    parts = []
+    for classes in (train, test):  # both parts are read before any error, so it lists every bad file
+        try:
+            parts.append(load_files(files, classes, hw, grayscale, max_per_class, skipped=skipped))
+        except UnreadableImages as e:
+            bad += e.files
+    if bad:
+        raise UnreadableImages(bad)
+    (tx, ty), (vx, vy) = parts
+    return OpenSetSplit(f"folder:{path}", tx, ty, vx, vy, train, test, skipped=skipped or [])

@@ -7,8 +7,12 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from losskit.data._images import image_extensions, size_hw
-from losskit.data.folder import _check_dir, _check_max, load_files
+from dataclasses import dataclass
+
+import torch
+
+from losskit.data._images import decode, image_extensions, size_hw
+from losskit.data.folder import UnreadableImages, _check_dir, _check_max, load_files
 from losskit.data.split import OpenSetSplit
 
 EXPECTED = ("a folder holding Omniglot splits as SPLIT.zip or extracted SPLIT/ folders "
@@ -53,27 +57,38 @@ def _scan_dir(d: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _load_split(root: Path, split: str, hw, max_per_class, exclude=frozenset()):
+def _scan_split(root: Path, split: str) -> dict:
     d, z = root / split, root / f"{split}.zip"
-    if d.is_dir() or z.is_file():
-        files = _scan_dir(d) if d.is_dir() else _scan_zip(z, split)
-        files = {c: f for c, f in files.items() if c not in exclude}
-        if not files:
-            raise ValueError(f"test_split: every class of {split!r} is also a class of the train split; "
-                             f"expected a split with other classes (open set)")
     if d.is_dir():
-        return files, load_files(files, list(files), hw, True, max_per_class)
+        return _scan_dir(d)
     if z.is_file():
-        with zipfile.ZipFile(z) as zf:
-            return files, load_files(files, list(files), hw, True, max_per_class, read=zf.read)
+        return _scan_zip(z, split)
     listing = sorted(p.name for p in root.iterdir())[:10]
     raise FileNotFoundError(f"data_dir: expected {EXPECTED}; found neither {split}.zip nor {split}/ in {root} "
                             f"(it holds: {listing or 'nothing'})")
 
 
+def _read_split(root: Path, split: str, files: dict, classes: list[str], hw, max_per_class, skipped):
+    d, z = root / split, root / f"{split}.zip"
+    if d.is_dir():
+        return load_files(files, classes, hw, True, max_per_class, skipped=skipped)
+    with zipfile.ZipFile(z) as zf:
+        return load_files(files, classes, hw, True, max_per_class, read=zf.read, skipped=skipped)
+
+
+def _load_split(root: Path, split: str, hw, max_per_class, exclude=frozenset(), skipped=None):
+    files = _scan_split(root, split)
+    files = {c: f for c, f in files.items() if c not in exclude}
+    if not files:
+        raise ValueError(f"test_split: every class of {split!r} is also a class of the train split; "
+                         f"expected a split with other classes (open set)")
+    return files, _read_split(root, split, files, list(files), hw, max_per_class, skipped)
+
+
 def load_omniglot(path: str | os.PathLike, image_size: int | Sequence[int] = 28,
                   train_split: str = "images_background_small1", test_split: str = "images_background_small2",
-                  max_per_class: int | None = None) -> OpenSetSplit:
+                  max_per_class: int | None = None, split_seed: int | None = None,
+                  skip_bad_images: bool = False) -> OpenSetSplit:
     """Omniglot characters, grey, ``[N, 1, H, W]`` in ``[0, 1]`` as stored (white
     background = 1, strokes = 0), resized from 105x105 to ``image_size``.
 
@@ -85,12 +100,159 @@ def load_omniglot(path: str | os.PathLike, image_size: int | Sequence[int] = 28,
     1,000 byte-identical images), so with the defaults the test classes are the
     106 characters of Japanese (katakana), Sanskrit and Tagalog; train has 136.
     Images are taken in sorted file-name order; ``max_per_class`` keeps the first ones.
+
+    ``split_seed`` (an int) instead pools the classes of both splits and holds out whole
+    alphabets, chosen by the seed (the alphabets are shuffled with
+    ``torch.Generator().manual_seed(split_seed)`` and taken until at least 44% of the classes,
+    the default split's share, are held out).  Unreadable files are an error listing them all
+    unless ``skip_bad_images`` (then they are left out and listed in ``skipped``).
     """
     hw = size_hw(image_size)
     _check_max(max_per_class)
     if train_split == test_split:
         raise ValueError(f"train_split and test_split: expected two different Omniglot splits, both are {train_split!r}")
     root = _check_dir(path, EXPECTED)
-    train_files, (tx, ty) = _load_split(root, train_split, hw, max_per_class)
-    test_files, (vx, vy) = _load_split(root, test_split, hw, max_per_class, exclude=set(train_files))
-    return OpenSetSplit("omniglot", tx, ty, vx, vy, list(train_files), list(test_files))
+    skipped: list[str] | None = [] if skip_bad_images else None
+    if split_seed is not None:
+        return _pooled(root, (train_split, test_split), hw, max_per_class, int(split_seed), skipped)
+    bad = []
+    try:
+        train_files, (tx, ty) = _load_split(root, train_split, hw, max_per_class, skipped=skipped)
+    except UnreadableImages as e:
+        bad += e.files
+        train_files, (tx, ty) = _load_split(root, train_split, hw, max_per_class, skipped=[])
+    try:
+        test_files, (vx, vy) = _load_split(root, test_split, hw, max_per_class, exclude=set(train_files),
+                                           skipped=skipped)
+    except UnreadableImages as e:
+        bad += e.files
+        test_files = {}
+    if bad:
+        raise UnreadableImages(bad)
+    return OpenSetSplit("omniglot", tx, ty, vx, vy, list(train_files), list(test_files), skipped=skipped or [])
+
+
+def _pooled(root: Path, splits: tuple[str, ...], hw, max_per_class, seed: int, skipped) -> OpenSetSplit:
+    where: dict[str, tuple[str, list]] = {}  # class -> (split, files); a class in both splits is read once
+    for split in splits:
+        for c, f in _scan_split(root, split).items():
+            where.setdefault(c, (split, f))
+    alphabets = sorted({c.split("/")[0] for c in where})
+    if len(alphabets) < 2:
+        raise ValueError(f"split_seed: the splits {list(splits)} hold one alphabet; nothing to hold out")
+    order = [alphabets[i] for i in torch.randperm(len(alphabets), generator=torch.Generator().manual_seed(seed))]
+    held: set[str] = set()
+    for a in order[:-1]:
+        if sum(1 for c in where if c.split("/")[0] in held) >= 0.44 * len(where):
+            break
+        held.add(a)
+    test = [c for c in sorted(where) if c.split("/")[0] in held]
+    train = [c for c in sorted(where) if c.split("/")[0] not in held]
+    bad: list = []
+
+    def read(classes):
+        xs, ys = [], []
+        for split in splits:
+            mine = [c for c in classes if where[c][0] == split]
+            if not mine:
+                continue
+            files = {c: where[c][1] for c in mine}
+            try:
+                x, y = _read_split(root, split, files, mine, hw, max_per_class, skipped)
+            except UnreadableImages as e:
+                bad.extend(e.files)
+                continue
+            index = {c: classes.index(c) for c in mine}
+            xs.append(x)
+            ys.append(torch.tensor([index[mine[int(i)]] for i in y], dtype=torch.int64))
+        if not xs:
+            return torch.zeros(0, 1, *hw), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(xs), torch.cat(ys)
+
+    tx, ty = read(train)
+    vx, vy = read(test)
+    if bad:
+        raise UnreadableImages(bad)
+    return OpenSetSplit(f"omniglot (split seed {seed})", tx, ty, vx, vy, train, test, skipped=skipped or [])
+
+
+# ---------------------------------------------------------------- the 20-way one-shot task
+
+#: error rates of the 20-way one-shot classification task on these 20 runs (Lake, Salakhutdinov and
+#: Tenenbaum, Science 2015, fig. 3 / table S1; Koch, Zemel and Salakhutdinov, ICML deep learning workshop 2015,
+#: table 2: Siamese convnet 92.0% correct)
+PUBLISHED_ONESHOT = {"people": 0.045, "Bayesian program learning": 0.033, "Siamese convnet (Koch et al. 2015)": 0.08}
+
+
+@dataclass
+class OneShotRun:
+    """One run of the 20-way one-shot task: 20 training images (one per class) and 20 test
+    images; ``test_y[i]`` is the position in ``train_x`` of test image ``i``'s class."""
+
+    name: str
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+ONESHOT_EXPECTED = "all_runs.zip or an extracted all_runs/ folder (runNN/class_labels.txt, runNN/training, runNN/test)"
+
+
+def load_oneshot_runs(path: str | os.PathLike, image_size: int | Sequence[int] = 28) -> list[OneShotRun]:
+    """The 20 runs of Omniglot's 20-way one-shot task (``all_runs.zip`` of Lake et al.'s
+    repository, or its extracted ``all_runs/`` folder, in ``path``).  Each run's
+    ``class_labels.txt`` pairs every test image with its training image."""
+    hw = size_hw(image_size)
+    root = _check_dir(path, ONESHOT_EXPECTED)
+    folder, z = root / "all_runs", root / "all_runs.zip"
+    if folder.is_dir():
+        def read(name: str) -> bytes:
+            return (folder / name).read_bytes()
+        names = [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*") if p.is_file()]
+        zf = None
+    elif z.is_file():
+        try:
+            zf = zipfile.ZipFile(z)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"data_dir: {z} is not a readable zip file ({e}); expected {ONESHOT_EXPECTED}") from e
+        names = zf.namelist()
+        read = zf.read
+    else:
+        raise FileNotFoundError(f"data_dir: expected {ONESHOT_EXPECTED} in {root}")
+    try:
+        prefix = ""
+        labels = sorted(n for n in names if n.endswith("/class_labels.txt"))
+        if labels and labels[0].count("/") == 2:  # all_runs/runNN/class_labels.txt
+            prefix = labels[0].split("/")[0] + "/"
+        runs = []
+        for lab in labels:
+            run = lab[len(prefix):].split("/")[0]
+            pairs = [line.split() for line in read(lab).decode().splitlines() if line.strip()]
+            train_names = sorted({t for _, t in pairs})
+            index = {t: i for i, t in enumerate(train_names)}
+            train_x = torch.stack([torch.from_numpy(decode(read(prefix + t), hw, True)) for t in train_names])
+            test_x = torch.stack([torch.from_numpy(decode(read(prefix + q), hw, True)) for q, _ in pairs])
+            test_y = torch.tensor([index[t] for _, t in pairs], dtype=torch.int64)
+            runs.append(OneShotRun(run, train_x, test_x, test_y))
+    finally:
+        if zf is not None:
+            zf.close()
+    if not runs:
+        raise ValueError(f"data_dir: no runNN/class_labels.txt found; expected {ONESHOT_EXPECTED}")
+    return runs
+
+
+@torch.no_grad()
+def oneshot_error(embed, runs: list[OneShotRun]) -> dict[str, float]:
+    """20-way one-shot error: each test image takes the class of its nearest training image by
+    cosine similarity of ``embed(images)`` (a function of a ``[N, 1, H, W]`` batch); returns
+    the mean error over the runs and its standard error."""
+    errors = []
+    for r in runs:
+        a = torch.nn.functional.normalize(embed(r.train_x).float(), dim=1)
+        b = torch.nn.functional.normalize(embed(r.test_x).float(), dim=1)
+        pred = (b @ a.T).argmax(1).cpu()
+        errors.append(float((pred != r.test_y).float().mean()))
+    e = torch.tensor(errors, dtype=torch.float64)
+    return {"oneshot_error": float(e.mean()),
+            "oneshot_error_se": float(e.std() / len(errors) ** 0.5) if len(errors) > 1 else float("nan")}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,6 +23,8 @@ class OpenSetSplit:
     test_y: Tensor
     train_classes: list[str]
     test_classes: list[str]
+    #: image files the loader left out because they could not be read (``skip_bad_images``)
+    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for part, x, y, classes in (

@@ -150,4 +150,6 @@ class MarginHead(nn.Module):
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         xn = Fn.normalize(embeddings.to(dtype), dim=1)
-        return self.backend.loss(self, xn, self.weight, labels, reduction, sample_weight)
+        out = self.backend.loss(self, xn, self.weight, labels, reduction, sample_weight)
+        # computed in float32 for half-precision input; returned in the input's dtype, like every loss
+        return out.to(embeddings.dtype) if embeddings.dtype in (torch.float16, torch.bfloat16) else out

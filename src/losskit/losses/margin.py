@@ -53,6 +53,12 @@ class _MarginLoss(MarginHead):
 @register("normalized-softmax", family="margin", task="embedding", paper=NORMFACE,
           summary="Cosine softmax s*cos(theta) on normalised embeddings and class centres (no margin).")
 class NormalizedSoftmaxLoss(_MarginLoss):
+    """NormFace: cross-entropy on ``scale * cos(theta)``.
+
+    Differs from pytorch-metric-learning's ``NormalizedSoftmaxLoss`` by default: its
+    ``temperature=0.05`` is a scale of 20; losskit's ``scale`` is 64.
+    """
+
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, reduction: str = "mean",
                  head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
                  process_group=None):
@@ -65,6 +71,13 @@ class NormalizedSoftmaxLoss(_MarginLoss):
 @register("arcface", family="margin", task="embedding", paper=ARCFACE,
           summary="Additive angular margin: target logit s*cos(theta+m), m in radians.")
 class ArcFaceLoss(_MarginLoss):
+    """ArcFace: the target logit is ``scale * cos(theta + margin)``, ``margin`` in radians.
+
+    Against pytorch-metric-learning's ``ArcFaceLoss``: its ``margin=28.6`` is in degrees
+    (0.499 rad, losskit 0.5 rad), its ``scale=64`` is the same, and it takes
+    ``embedding_size`` where losskit takes ``embedding_dim``.
+    """
+
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, reduction: str = "mean",
                  head: str = "auto", chunk_size: int | None = None, sample_rate: float = 0.1,
@@ -78,6 +91,11 @@ class ArcFaceLoss(_MarginLoss):
 @register("cosface", family="margin", task="embedding", paper=COSFACE,
           summary="Large margin cosine loss: target logit s*(cos(theta)-m).")
 class CosFaceLoss(_MarginLoss):
+    """CosFace: the target logit is ``scale * (cos(theta) - margin)``.
+
+    pytorch-metric-learning's ``CosFaceLoss`` has the same defaults (``margin=0.35``, ``scale=64``).
+    """
+
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.35,
                  reduction: str = "mean", head: str = "auto", chunk_size: int | None = None,
                  sample_rate: float = 0.1, process_group=None):

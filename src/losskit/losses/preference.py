@@ -44,7 +44,7 @@ from losskit.core.context import PreferenceBatch
 from losskit.core.registry import Paper, register
 from losskit.functional import preference as P
 
-__all__ = ["PreferenceObjective", "SHARED_DEFAULTS", "DPOLoss", "HingePreferenceLoss", "IPOLoss", "RobustDPOLoss", "MADPOLoss",
+__all__ = ["PreferenceObjective", "SHARED_DEFAULTS", "trl_stats", "DPOLoss", "HingePreferenceLoss", "IPOLoss", "RobustDPOLoss", "MADPOLoss",
            "BetaDPOLoss"]
 
 DPO_PAPER = Paper("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", 2023, "2305.18290")
@@ -75,6 +75,23 @@ def _init_from(defaults: dict[str, Any]) -> Callable[..., None]:
 
     __init__.__signature__ = sig
     return __init__
+
+
+@torch.no_grad()
+def trl_stats(batch: PreferenceBatch, beta: float) -> dict[str, Tensor]:
+    """The statistics TRL's ``DPOTrainer`` logs for a batch, under its names: the implicit
+    rewards ``beta * (log pi - log pi_ref)`` of the chosen and rejected completions
+    (``rewards/chosen``, ``rewards/rejected``), their difference (``rewards/margins``), the
+    fraction of pairs whose chosen reward is the larger (``rewards/accuracies``) and the
+    policy's summed log-probabilities (``logps/chosen``, ``logps/rejected``); each the batch
+    mean, a detached 0-dim tensor (TRL computes the rewards from the summed log-probabilities
+    whatever the loss's length normalisation)."""
+    chosen = beta * (batch.policy_chosen_logps - batch.ref_chosen_logps).float()
+    rejected = beta * (batch.policy_rejected_logps - batch.ref_rejected_logps).float()
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": batch.policy_chosen_logps.detach().float().mean(),
+            "logps/rejected": batch.policy_rejected_logps.detach().float().mean()}
 
 
 class PreferenceObjective(nn.Module):
@@ -121,10 +138,12 @@ class PreferenceObjective(nn.Module):
                 ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None, *,
                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
                 margin: Tensor | float | None = None, chosen_nll: Tensor | None = None,
-                sample_weight: Tensor | None = None, **inputs: Any) -> Tensor:
+                sample_weight: Tensor | None = None, return_stats: bool = False,
+                **inputs: Any) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """The loss of one batch: the four ``[B]`` log-probabilities (or one
         :class:`~losskit.PreferenceBatch`), ``sample_weight`` and the loss's own
-        ``inputs``."""
+        ``inputs``.  ``return_stats=True`` returns ``(loss, stats)``, ``stats`` the
+        values TRL's DPOTrainer logs (:func:`trl_stats`, with this loss's ``beta``)."""
         batch = PreferenceBatch.of(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, margin=margin,
                                    chosen_nll=chosen_nll)
@@ -135,7 +154,10 @@ class PreferenceObjective(nn.Module):
         for key, (required, what) in self.inputs.items():
             if required and inputs.get(key) is None:
                 raise TypeError(f"{name} needs {key}= ({what})")
-        return self.compute(batch, sample_weight, **inputs)
+        loss = self.compute(batch, sample_weight, **inputs)
+        if return_stats:
+            return loss, trl_stats(batch, float(getattr(self, "beta", 1.0)))
+        return loss
 
     def hyperparameters(self, *exclude: str) -> dict[str, Any]:
         """The validated hyperparameters (those named in ``exclude`` left out)."""
@@ -150,7 +172,7 @@ class PreferenceObjective(nn.Module):
 
 #: the PreferenceBatch fields ``forward`` takes by keyword (read from its signature: written once)
 _BATCH_KEYWORDS = tuple(n for n, p in inspect.signature(PreferenceObjective.forward).parameters.items()
-                        if p.kind == p.KEYWORD_ONLY and n != "sample_weight")
+                        if p.kind == p.KEYWORD_ONLY and n not in ("sample_weight", "return_stats"))
 
 
 @register("dpo", family="preference", task="preference", paper=DPO_PAPER,

@@ -13,6 +13,7 @@ from ..errors import BenchConfigError
 from .base import CellTrainer, Evaluation, Metric, Task
 from .classification import ClassificationTask
 from .embedding import EmbeddingTask
+from .paired import PairedTask
 
 __all__ = ["Task", "Metric", "CellTrainer", "Evaluation", "TASKS", "DEFAULT_TASK", "register_task", "get_task",
            "names"]
@@ -46,4 +47,5 @@ def get_task(name: str) -> Task:
 
 
 register_task(EmbeddingTask())
+register_task(PairedTask())
 register_task(ClassificationTask())

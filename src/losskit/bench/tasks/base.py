@@ -93,6 +93,12 @@ class Task(ABC):
     primary: ClassVar[str]
     #: said after "sorted by ..." under the leaderboard, e.g. where the metrics are measured
     leaderboard_note: ClassVar[str] = ""
+    #: whether :meth:`load_split` honours ``--splits``/``--split-seed`` (else they are refused)
+    supports_splits: ClassVar[bool] = False
+    #: reference rows of the leaderboard (:meth:`evaluate_baseline`), e.g. the raw input
+    baselines: ClassVar[tuple[str, ...]] = ()
+    #: what each baseline row is, for the leaderboard's footer
+    baseline_notes: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -118,6 +124,34 @@ class Task(ABC):
     def steps_per_epoch(self, cfg: "BenchConfig", data: Any) -> int:
         """Training steps per epoch (the same for every objective)."""
 
+    def load_split(self, cfg: "BenchConfig", split: int) -> Any:
+        """The data of class split ``split`` (0-based; its seed is ``cfg.split_seed + split``).
+        Default: :meth:`load_data` (a task without :attr:`supports_splits` has one split)."""
+        return self.load_data(cfg)
+
+    def split_classes(self, data: Any) -> dict[str, list[str]] | None:
+        """The class names of a split (saved in the run folder): default the data's
+        ``train_classes``/``test_classes`` when it has them."""
+        if hasattr(data, "train_classes") and hasattr(data, "test_classes"):
+            return {"train_classes": [str(c) for c in data.train_classes],
+                    "test_classes": [str(c) for c in data.test_classes]}
+        return None
+
+    def check_data(self, cfg: "BenchConfig", data: Any) -> list[str]:
+        """Checked once per split before any training: raise BenchConfigError when a metric
+        would be undefined; return warnings (logged, and kept in the run folder)."""
+        return []
+
+    def data_name(self, cfg: "BenchConfig", data: Any) -> str:
+        """The data set's name for titles."""
+        return str(getattr(data, "name", None) or getattr(cfg, "dataset", self.name))
+
+    def check_objective(self, cfg: "BenchConfig", data: Any, label: str, hparams: dict[str, Any],
+                        device: torch.device) -> None:
+        """Called for every objective before any training, so that a bad value is an error at
+        the start naming the objective.  Default: :meth:`setup` once (builds the objective)."""
+        self.setup(cfg, data, label, hparams, 0, device)
+
     def describe_steps(self, cfg: "BenchConfig", data: Any) -> str:
         """What one cell trains, for the run's log."""
         return f"{cfg.epochs} epochs = {cfg.epochs * self.steps_per_epoch(cfg, data)} steps"
@@ -134,6 +168,23 @@ class Task(ABC):
     def evaluate(self, cfg: "BenchConfig", data: Any, trainer: CellTrainer, device: torch.device) -> Evaluation:
         """Score the trained cell (raise CellDiverged when its output is not finite)."""
 
+    def evaluate_baseline(self, cfg: "BenchConfig", data: Any, name: str, seed: int,
+                          device: torch.device) -> Evaluation:
+        """Score baseline ``name`` (one of :attr:`baselines`) for ``seed`` on ``data``."""
+        raise NotImplementedError(f"task {self.name!r} lists baseline {name!r} but does not evaluate it")
+
+    def track(self, cfg: "BenchConfig", data: Any, trainer: CellTrainer, device: torch.device) -> float | None:
+        """The held-out :attr:`primary` metric of the model as it trains (called after an epoch
+        every ``--track-every`` epochs; it must not change the training).  Default: None (no curve)."""
+        return None
+
+    def model_record(self, cfg: "BenchConfig", data: Any, trainer: CellTrainer) -> dict[str, Any] | None:
+        """What ``--save-models`` keeps of a trained cell (``torch.save``-able), or None.
+        Default: the state_dict of ``trainer.model`` when it is an nn.Module."""
+        if isinstance(trainer.model, nn.Module):
+            return {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}}
+        return None
+
     def build_objective(self, name: str, kwargs: dict[str, Any], seed: int) -> Any:
         """``registry.get(name, **kwargs)`` under the seed convention (:data:`OBJECTIVE_SEED_OFFSET`),
         leaving torch's global generator as it was."""
@@ -147,8 +198,8 @@ class Task(ABC):
         """The leaderboard's first line."""
         return f"losskit bench: {self.name}, {n_objectives} objectives x {cfg.seeds} seeds"
 
-    def plot_title(self, cfg: "BenchConfig") -> str:
-        return f"losskit bench: {self.name}"
+    def plot_title(self, cfg: "BenchConfig", data_name: str | None = None) -> str:
+        return f"losskit bench: {self.name}" + (f" on {data_name}" if data_name else "")
 
     def plots(self, plt: Any, run: Any, rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
         """Task-specific PNGs in ``folder`` (the shared metric bars, training curves and cost

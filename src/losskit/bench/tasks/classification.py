@@ -284,6 +284,13 @@ class ClassificationTask(Task):
         fit_clean = float((train_logits.argmax(1) == data.clean_train_y).double().mean())
         return Evaluation(scores, {"train_fit": {"noisy_labels": fit_noisy, "clean_labels": fit_clean}})
 
+    def track(self, cfg, data, trainer, device) -> float | None:
+        """Clean test accuracy of the network as it trains (the runner restores training mode)."""
+        logits = _logits(trainer.model, data.test_x, device)
+        if not torch.isfinite(logits).all():
+            return float("nan")
+        return float((logits.argmax(1) == data.test_y).double().mean())
+
     # ------------------------------------------------------------------ report
 
     def title(self, cfg, n_objectives: int) -> str:
@@ -292,5 +299,5 @@ class ClassificationTask(Task):
         return (f"losskit bench: {cfg.dataset} classification{noise}{imb}, {n_objectives} objectives x "
                 f"{cfg.seeds} seeds, {cfg.epochs} epochs")
 
-    def plot_title(self, cfg) -> str:
-        return f"losskit bench: {cfg.dataset} classification"
+    def plot_title(self, cfg, data_name: str | None = None) -> str:
+        return f"losskit bench: {data_name or cfg.dataset} classification"

@@ -1,0 +1,157 @@
+"""``losskit eval RUN --task ...``: score a bench run's saved networks on another protocol.
+
+``losskit bench --save-models`` keeps each cell's trained network under
+``RUN/models/``; this rebuilds each one from the run's protocol (its ``--model``,
+input shape and embedding size), loads its weights and evaluates it:
+
+* ``--task oneshot``: Omniglot's 20-way one-shot classification on the 20 runs of
+  ``all_runs.zip`` (Lake et al. 2015), each test image given the class of its
+  nearest training image by cosine similarity, with the published error rates
+  printed beside it;
+* ``--task embedding``: the bench's open-set retrieval and verification metrics
+  on another data set (``--dataset``, ``--data-dir``) of the same image size.
+
+The table is printed and written to ``RUN/eval_<task>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_parser", "evaluate_run", "load_model", "EVAL_TASKS"]
+
+EVAL_TASKS = ("oneshot", "embedding")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a bench run's saved networks on another protocol (e.g. Omniglot 20-way one-shot)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("run", metavar="RUN", help="a bench run folder holding models/ (losskit bench --save-models)")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS,
+                   help="oneshot: Omniglot 20-way one-shot (all_runs.zip); embedding: retrieval on --dataset")
+    p.add_argument("--data-dir", default=None,
+                   help="oneshot: the folder holding all_runs.zip (default: the run's --data-dir); embedding: the "
+                        "data set's folder")
+    p.add_argument("--dataset", default=None, help="embedding: digits, folder or omniglot (default: the run's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def load_model(path: Path, protocol: dict[str, Any], device):
+    """The network saved at ``path`` (a ``--save-models`` file), rebuilt and in eval mode."""
+    import torch
+
+    from .model import build_model
+
+    record = torch.load(path, map_location="cpu", weights_only=False)
+    shape = tuple(record.get("input_shape") or ())
+    if not shape:
+        raise ValueError(f"{path}: no input_shape in the saved record; not written by the embedding task?")
+    net = build_model(record.get("model", protocol.get("model", "auto")), shape,
+                      int(record.get("embedding_dim", protocol.get("embedding_dim", 64))), int(record["seed"]))
+    net.load_state_dict(record["state_dict"])
+    return net.to(device).eval(), record
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
+def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, dataset: str | None = None,
+                 device: str = "cpu") -> tuple[str, dict[str, Any]]:
+    """Evaluate every saved network of ``run`` on ``task``; return (table text, results)."""
+    import torch
+
+    from losskit.data.omniglot import PUBLISHED_ONESHOT, load_oneshot_runs, oneshot_error
+
+    from .errors import BenchConfigError
+    from .store import MODELS_DIR, atomic_write_json, read_config
+    from .tasks.embedding import embed
+
+    run = Path(run)
+    proto = read_config(run)["protocol"]
+    files = sorted((run / MODELS_DIR).glob("*.pt"))
+    if not files:
+        raise BenchConfigError(f"{run}: no saved networks under {run / MODELS_DIR}; run the bench with --save-models")
+    dev = torch.device(device)
+    image_size = int(proto.get("image_size", 28))
+    if task == "oneshot":
+        where = data_dir or proto.get("data_dir")
+        if not where:
+            raise BenchConfigError("--task oneshot needs --data-dir (the folder holding all_runs.zip)")
+        try:
+            runs = load_oneshot_runs(where, image_size)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            raise BenchConfigError(f"--data-dir {where}: {e}") from None
+    else:
+        from losskit.data import load_dataset
+
+        name = dataset or proto.get("dataset", "digits")
+        kw = {} if name == "digits" else {"image_size": image_size}
+        try:
+            split = load_dataset(name, data_dir if name != "digits" else None, **kw)
+        except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as e:
+            raise BenchConfigError(f"--dataset {name} --data-dir {data_dir}: {e}") from None
+    per: dict[str, list[dict[str, Any]]] = {}
+    for f in files:
+        try:
+            net, record = load_model(f, proto, dev)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise BenchConfigError(f"{f}: cannot rebuild the saved network ({type(e).__name__}: {e})") from None
+        if task == "oneshot":
+            scores = oneshot_error(lambda x: embed(net, x, dev), runs)
+        else:
+            from losskit import metrics as M
+
+            if tuple(split.test_x.shape[1:]) != tuple(record["input_shape"]):
+                raise BenchConfigError(f"the network takes images {tuple(record['input_shape'])}; {name} gives "
+                                       f"{tuple(split.test_x.shape[1:])}")
+            scores = M.evaluate_embeddings(embed(net, split.test_x, dev), split.test_y, ks=(1, 4))
+        per.setdefault(record["objective"], []).append({"seed": record["seed"], "split": record.get("split", 0),
+                                                        **{k: float(v) for k, v in scores.items()}})
+    rows = []
+    key = "oneshot_error" if task == "oneshot" else "recall@1"
+    for objective, cells in per.items():
+        mean, std = _stats([c[key] for c in cells])
+        rows.append({"objective": objective, "n": len(cells), "mean": mean, "std": std, "cells": cells})
+    rows.sort(key=lambda r: r["mean"] if task == "oneshot" else -r["mean"])
+    label = "20-way 1-shot error %" if task == "oneshot" else "R@1 %"
+    width = max(len(r["objective"]) for r in rows)
+    lines = [f"losskit eval {run} --task {task}: {len(files)} saved networks "
+             f"(trained on {proto.get('dataset')}, {proto.get('epochs')} epochs, --model {proto.get('model')}, "
+             f"--augment {proto.get('augment')}, {image_size}x{image_size})",
+             f"{'objective'.ljust(width)}  seeds  {label}"]
+    for r in rows:
+        spread = f"±{100 * r['std']:.1f}" if math.isfinite(r["std"]) else ""
+        lines.append(f"{r['objective'].ljust(width)}  {r['n']:>5}  {100 * r['mean']:.1f}{spread}")
+    if task == "oneshot":
+        lines.append("mean±std over seeds of the error over the 20 runs (400 test images; one run's error is "
+                     "1/20 per mistake).")
+        lines.append("published, same 20 runs: " + "; ".join(f"{k} {100 * v:.1f}%" for k, v in
+                                                             PUBLISHED_ONESHOT.items()) + ".")
+    text = "\n".join(lines)
+    results = {"run": str(run), "task": task, "rows": rows,
+               **({"published": PUBLISHED_ONESHOT} if task == "oneshot" else {})}
+    atomic_write_json(run / f"eval_{task}.json", results)
+    return text, results
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .errors import BenchConfigError
+
+    try:
+        text, _ = evaluate_run(args.run, args.task, args.data_dir, args.dataset, args.device)
+    except BenchConfigError as e:
+        print(f"losskit eval: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0

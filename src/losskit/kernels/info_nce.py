@@ -1,0 +1,209 @@
+"""Chunked log-sum-exps of a similarity matrix, for InfoNCE at any batch size.
+
+``pair_lse(q, k, scale, chunk, cols=True)`` returns, for ``z = scale * q k^T``
+(``[Nq, Nk]``),
+
+* ``row_i = log sum_j exp(z_ij)`` (each query against every key), and
+* with ``cols``, ``col_j = log sum_i exp(z_ij)`` (each key against every query),
+
+without ever holding the ``Nq x Nk`` matrix: the query rows are visited in
+blocks of ``chunk``; a block's row log-sum-exp is complete, the column one is
+carried with an online maximum.  Only the two vectors are saved; backward
+recomputes each block, so the cost is 1 product forward and 3 backward
+(recompute, ``dq``, ``dk``) against a dense implementation's 1 + 2, and the
+extra memory is ``O(chunk x Nk)`` plus ``O((Nq + Nk) D)``.
+
+The symmetric CLIP loss of one process needs both vectors of the same matrix
+(``row`` for image -> text, ``col`` for text -> image), hence one kernel for
+both.  ``scale`` is a 0-dim tensor (a learnable logit scale gets its gradient,
+``dL/ds = sum_i q_i . dL/dq_i / s``, with no extra pass).  Half-precision
+inputs are computed in float32.  No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from losskit.core.checks import tensor_checks_enabled
+from losskit.kernels.constants import LOG2E
+
+__all__ = ["pair_lse", "PairLSE", "BLOCK_ELEMENTS", "auto_chunk"]
+
+#: values per block of the similarity matrix when no chunk size is given (16 MiB in float32)
+BLOCK_ELEMENTS = 1 << 22
+
+
+def auto_chunk(n_keys: int) -> int:
+    """Query rows per block so that a block holds about :data:`BLOCK_ELEMENTS` values."""
+    return max(1, BLOCK_ELEMENTS // max(1, n_keys))
+
+
+def _compute_dtype(*ts: Tensor) -> torch.dtype:
+    dt = torch.promote_types(ts[0].dtype, ts[1].dtype)
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+#: the fixed reference exp(z - s) cannot underflow when |z| <= s and 2 s is below this (per dtype)
+_FIXED_REF_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _augment(q: Tensor, k: Tensor, s: Tensor, offset: Tensor | None = None):
+    """``q' [Nq, D+1]``, ``k' [Nk, D+1]`` with ``q' k'^T = log2(e) (s q k^T - ref)``: ``ref = s``, or
+    the per-row ``offset`` (the subtraction and the base change ride in the product)."""
+    qa = torch.empty(q.shape[0], q.shape[1] + 1, dtype=q.dtype, device=q.device)
+    torch.mul(q, s * LOG2E, out=qa[:, :-1])
+    if offset is None:
+        qa[:, -1] = -s * LOG2E
+    else:
+        torch.mul(offset, -LOG2E, out=qa[:, -1])
+    ka = torch.empty(k.shape[0], k.shape[1] + 1, dtype=k.dtype, device=k.device)
+    ka[:, :-1] = k
+    ka[:, -1] = 1.0
+    return qa, ka
+
+
+def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, chunk: int, cols: bool):
+    """Bounded logits (``|z| <= s``: normalised inputs, ``2 s`` below the dtype's limit): one
+    ``exp2`` per similarity against the fixed reference ``s``; row and column sums as
+    matrix-vector products of the same block."""
+    nq, nk = q.shape[0], k.shape[0]
+    qa, ka = _augment(q, k, s)
+    kat = ka.t()
+    rsum = torch.empty(nq, dtype=q.dtype, device=q.device)
+    csum = torch.zeros(nk, dtype=q.dtype, device=q.device)
+    ones_k = torch.ones(nk, dtype=q.dtype, device=q.device)
+    ones_q = torch.ones(min(chunk, nq), dtype=q.dtype, device=q.device)
+    buf = torch.empty(min(chunk, nq) * nk, dtype=q.dtype, device=q.device)
+    for a in range(0, nq, chunk):
+        b = min(a + chunk, nq)
+        e = torch.mm(qa[a:b], kat, out=buf[: (b - a) * nk].view(b - a, nk)).exp2_()
+        torch.mv(e, ones_k, out=rsum[a:b])
+        if cols:
+            csum.addmv_(e.t(), ones_q[: b - a])
+    row = torch.log(rsum).add_(s)
+    col = torch.log(csum).add_(s) if cols else torch.zeros(nk, dtype=q.dtype, device=q.device)
+    return row, col
+
+
+def _backward_fixed(q, k, s, row, col, gr, gc, chunk):
+    """``dL/dz_ij = e_ij (gr_i exp(s - row_i) + gc_j exp(s - col_j))`` with ``e = exp(z - s)``."""
+    nq, nk = q.shape[0], k.shape[0]
+    qa, ka = _augment(q, k, s)
+    kat = ka.t()
+    ks = k * s
+    al = gr * torch.exp(s - row)
+    be = gc * torch.exp(s - col) if gc is not None else None
+    gq = torch.empty_like(q)
+    gk = torch.zeros_like(k)
+    buf = torch.empty(min(chunk, nq) * nk, dtype=q.dtype, device=q.device)
+    buf2 = torch.empty_like(buf) if be is not None else None
+    for a in range(0, nq, chunk):
+        b = min(a + chunk, nq)
+        n = (b - a) * nk
+        e = torch.mm(qa[a:b], kat, out=buf[:n].view(b - a, nk)).exp2_()
+        if be is None:
+            g = e.mul_(al[a:b, None])
+        else:
+            g = torch.mul(e, be[None, :], out=buf2[:n].view(b - a, nk)).addcmul_(e, al[a:b, None])
+        torch.mm(g, ks, out=gq[a:b])
+        gk.addmm_(g.t(), q[a:b])
+    return gq, gk.mul_(s)
+
+
+class PairLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: Tensor, chunk: int, cols: bool, fixed: bool):
+        dt = _compute_dtype(q, k)
+        ctx.chunk, ctx.cols, ctx.fixed = chunk, cols, fixed and q.shape[0] > 0 and k.shape[0] > 0
+        with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+            qc, kc, s = q.to(dt), k.to(dt), scale.to(dt)
+            nq, nk = qc.shape[0], kc.shape[0]
+            if ctx.fixed:
+                row, col = _forward_fixed(qc, kc, s, chunk, cols)
+                ctx.save_for_backward(q, k, scale, row, col)
+                return row.to(q.dtype), col.to(q.dtype)
+            row = torch.empty(nq, dtype=dt, device=q.device)
+            cmax = torch.full((nk,), float("-inf"), dtype=dt, device=q.device)
+            csum = torch.zeros(nk, dtype=dt, device=q.device)
+            kt = (kc * s).t()  # the scale rides in the product (O(Nk D), not O(chunk Nk))
+            buf = torch.empty(min(chunk, max(nq, 1)) * nk, dtype=dt, device=q.device)
+            if nk == 0:
+                row.fill_(float("-inf"))
+            for a in range(0, nq if nk else 0, chunk):
+                b = min(a + chunk, nq)
+                z = torch.mm(qc[a:b], kt, out=buf[: (b - a) * nk].view(b - a, nk))
+                rmax = z.amax(dim=1)
+                if cols:
+                    new = torch.maximum(cmax, z.amax(dim=0))
+                    csum.mul_(torch.exp(cmax - new)).add_(torch.exp(z - new).sum(dim=0))
+                    cmax = new
+                row[a:b] = torch.log(torch.exp(z.sub_(rmax[:, None])).sum(dim=1)).add_(rmax)
+            col = torch.log(csum).add_(cmax) if cols else torch.zeros(nk, dtype=dt, device=q.device)
+        ctx.save_for_backward(q, k, scale, row, col)
+        return row.to(q.dtype), col.to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_row: Tensor | None, g_col: Tensor | None):
+        q, k, scale, row, col = ctx.saved_tensors
+        dt = row.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qc, kc, s = q.to(dt), k.to(dt), scale.to(dt)
+            nq, nk = qc.shape[0], kc.shape[0]
+            gr = g_row.to(dt) if g_row is not None else torch.zeros(nq, dtype=dt, device=q.device)
+            gc = g_col.to(dt) if (g_col is not None and ctx.cols) else None
+            if ctx.fixed:
+                gq, gk = _backward_fixed(qc, kc, s, row, col, gr, gc, ctx.chunk)
+                gs = None
+                if ctx.needs_input_grad[2]:
+                    gs = (torch.linalg.vecdot(gq, qc).sum() / s).to(scale.dtype).reshape(scale.shape)
+                return gq.to(q.dtype), gk.to(k.dtype), gs, None, None, None
+            ks = kc * s
+            kt = ks.t()
+            gq = torch.zeros_like(qc) if nk == 0 else torch.empty_like(qc)
+            gk = torch.zeros_like(kc)
+            buf = torch.empty(min(ctx.chunk, max(nq, 1)) * nk, dtype=dt, device=q.device)
+            for a in range(0, nq if nk else 0, ctx.chunk):
+                b = min(a + ctx.chunk, nq)
+                z = torch.mm(qc[a:b], kt, out=buf[: (b - a) * nk].view(b - a, nk))
+                if gc is None:
+                    # dL/dz_ij = g_i softmax_ij, in place
+                    p = z.sub_(row[a:b, None]).exp_().mul_(gr[a:b, None])
+                else:
+                    pc = torch.exp(z - col[None, :]).mul_(gc[None, :])
+                    p = z.sub_(row[a:b, None]).exp_().mul_(gr[a:b, None]).add_(pc)
+                torch.mm(p, ks, out=gq[a:b])             # dq = s * G k
+                gk.addmm_(p.t(), qc[a:b])                # dk / s = G^T q
+            gk.mul_(s)
+            gs = None
+            if ctx.needs_input_grad[2]:
+                gs = (torch.linalg.vecdot(gq, qc).sum() / s).to(scale.dtype).reshape(scale.shape)
+        return gq.to(q.dtype), gk.to(k.dtype), gs, None, None, None
+
+
+def _may_sync() -> bool:
+    return tensor_checks_enabled() and not torch.compiler.is_compiling()
+
+
+def pair_lse(q: Tensor, k: Tensor, scale: Tensor | float, chunk: int | None = None, cols: bool = True,
+             bounded: bool = False):
+    """``(row [Nq], col [Nk])`` log-sum-exps of ``scale * q k^T`` (see the module doc);
+    ``col`` is zeros when ``cols=False``.  ``chunk``: query rows per block (default
+    :func:`auto_chunk`).  ``bounded``: the rows of ``q`` and ``k`` have norm <= 1 (normalised),
+    so ``|z| <= s`` and, when ``2 s`` is small enough for the dtype (s <= 40 in float32), every
+    block needs one ``exp2`` against the fixed reference ``s`` instead of an online maximum
+    (reading a tensor ``scale`` for that decision is one host read, skipped with tensor checks off)."""
+    s_host = None
+    if not isinstance(scale, Tensor):
+        s_host = float(scale)
+        scale = torch.tensor(s_host, dtype=q.dtype, device=q.device)
+    elif bounded and _may_sync():
+        s_host = float(scale.detach())
+    chunk = auto_chunk(k.shape[0]) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk}")
+    limit = _FIXED_REF_LIMIT.get(_compute_dtype(q, k), 0.0)
+    fixed = bool(bounded and s_host is not None and 0 < 2 * s_host <= limit)
+    return PairLSE.apply(q, k, scale, chunk, bool(cols), fixed)
