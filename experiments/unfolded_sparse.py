@@ -71,22 +71,15 @@ def main() -> None:
             v = [r[key][i] for r in rows if key in r]
             return f"{np.mean(v):.2f} +- {np.std(v):.2f}" if v else ""
         print(f"| {algo} | {loss} | {ms('matched', 0)} | {ms('matched', 1)} | {ms('p 0.2', 0)} | {ms('15 dB', 0)} |")
-    print("\nper-layer NMSE (dB), matched test, mean over seeds")
-    print("| algorithm | training | " + " | ".join(f"layer {t}" for t in LAYERS_SHOWN) + " |")
-    print("|---|---|" + "---|" * len(LAYERS_SHOWN))
-    for (algo, loss), rows in res.items():
-        if "curve" not in rows[0]:
-            continue
-        curves = np.mean([r["curve"][0] for r in rows], 0)
-        print(f"| {algo} | {loss} | " + " | ".join(f"{curves[t - 1]:.2f}" for t in LAYERS_SHOWN) + " |")
-    print("\nper-layer objective, matched test, mean over seeds")
-    print("| algorithm | training | " + " | ".join(f"layer {t}" for t in LAYERS_SHOWN) + " |")
-    print("|---|---|" + "---|" * len(LAYERS_SHOWN))
-    for (algo, loss), rows in res.items():
-        if "curve" not in rows[0]:
-            continue
-        curves = np.mean([r["curve"][1] for r in rows], 0)
-        print(f"| {algo} | {loss} | " + " | ".join(f"{curves[t - 1]:.3f}" for t in LAYERS_SHOWN) + " |")
+    for idx, (what, fmt) in enumerate((("NMSE (dB)", ".2f"), ("objective", ".3f"))):
+        print(f"\nper-layer {what}, matched test, mean over seeds")
+        print("| algorithm | training | " + " | ".join(f"layer {t}" for t in LAYERS_SHOWN) + " |")
+        print("|---|---|" + "---|" * len(LAYERS_SHOWN))
+        for (algo, loss), rows in res.items():
+            if "curve" not in rows[0]:
+                continue
+            curves = np.mean([r["curve"][idx] for r in rows], 0)
+            print(f"| {algo} | {loss} | " + " | ".join(f"{curves[t - 1]:{fmt}}" for t in LAYERS_SHOWN) + " |")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.plot:
         import matplotlib

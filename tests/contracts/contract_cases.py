@@ -221,6 +221,15 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("recipe", "run_dmm"),
+    ("recipe", "run_oracle_matching"),
+    ("recipe", "run_gradient_ascent"),
+    ("recipe", "run_gradient_difference"),
+    ("recipe", "run_retain_finetune"),
+    ("recipe", "run_ast"),
+    ("recipe", "run_mtt"),
+    ("recipe", "run_regularized_search"),
+    ("recipe", "run_ensemble_distillation"),
 }
 
 
@@ -488,6 +497,54 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_unlearning(kind: str) -> Callable:
+    def run(recipe) -> None:
+        from losskit.recipes.unlearning import Datamodels, UnlearningData
+
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(12, 4, generator=g), torch.randint(3, (12,), generator=g)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        before = copy.deepcopy(model.state_dict())
+        data = UnlearningData(x, y, torch.tensor([0, 5]))
+        extra = {"dmm": (Datamodels(torch.randn(12, 12, 3, generator=g)),),
+                 "oracle-matching": (torch.randn(12, 3, generator=g),)}.get(kind, ())
+        log = recipe(model, data, *extra)
+        assert log.steps >= 1 and math.isfinite(log.loss_last) and log.seconds >= 0
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "model unchanged"
+    return run
+
+
+def _toy_distillation(recipe) -> None:
+    from losskit.recipes.distillation import train_expert
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(6)
+    x = torch.randn(12, 1, 3, 3, generator=g) + y[:, None, None, None]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    traj = train_expert(copy.deepcopy(net), x, y, epochs=3, lr=0.1)
+    kw = {"init_model": net} if recipe.func.registry_name == "ast" else {}
+    out = recipe(net, [traj], x, y, **kw)
+    assert out.images.shape == (4, 1, 3, 3) and torch.isfinite(out.images).all() and len(out.losses) == 2
+
+
+def _toy_search(recipe) -> None:
+    res = recipe(lambda p: (p["a"] - 2) ** 2 + (p["b"] - 1) ** 2)
+    assert res.best == {"a": 2, "b": 1} and res.certified
+
+
+def _toy_ensemble_distillation(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    before = copy.deepcopy(student.state_dict())
+    data = lambda n: (torch.randint(4, (n, 2), generator=g), torch.randint(4, (n,), generator=g))
+    log = recipe(student, data(8), data(16))
+    assert log.steps >= 1 and math.isfinite(log.loss_last)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 def _toy_unfolding(recipe) -> None:
     from losskit.recipes.unfolded import SparseProblem, UnfoldedISTA
 
@@ -508,6 +565,18 @@ def _toy_linear_mdp(recipe) -> None:
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "dmm": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("dmm")),
+    "oracle-matching": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("oracle-matching")),
+    "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),
+    "gradient-difference": ({"epochs": 1}, _toy_unlearning("gradient-difference")),
+    "retain-finetune": ({"epochs": 1}, _toy_unlearning("retain-finetune")),
+    "ast": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
+    "mtt": ({"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 1.0},
+            _toy_distillation),
+    "regularized-recipe-search": ({"grid": {"a": (0, 1, 2, 3), "b": (0, 1, 2)}, "start": {"a": 0, "b": 0}},
+                                  _toy_search),
+    "ensemble-distillation": ({"epochs": 1, "batch_size": 4}, _toy_ensemble_distillation),
     "deep-unfolding": ({"iterations": 3, "batch_size": 4}, _toy_unfolding),
     "log-barrier-po": ({"eta": 0.5}, _toy_linear_mdp),
 }

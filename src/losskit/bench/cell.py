@@ -9,6 +9,7 @@ a NaN or infinite loss reported as :class:`CellDiverged`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -28,6 +29,26 @@ STEP_SEED_OFFSET = 15485863
 
 def _plain_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)) for k, v in hparams.items()}
+
+
+def _early_stopper(task, cfg):
+    """``--early-stop EPS``: a learning-curve forecaster over the held-out metric (docs/theory.md), or None."""
+    eps = float(getattr(cfg, "early_stop", 0.0) or 0.0)
+    if eps <= 0:
+        return None
+    from losskit.metrics.learning_curves import LearningCurveForecaster
+
+    f = LearningCurveForecaster(target_x=float(cfg.epochs), epsilon=eps, upper=None)
+    # the pattern is increasing: a lower-is-better primary metric is fed negated
+    f.sign = -1.0 if any(m.key == task.primary and m.lower_is_better for m in task.metrics) else 1.0
+    return f
+
+
+def _should_stop(forecaster, epoch: int, value: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    forecaster.update(epoch, forecaster.sign * value)
+    return forecaster.should_stop
 
 
 def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed: int, device: torch.device,
@@ -57,6 +78,8 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
     every = int(getattr(cfg, "track_every", 0) or 0)
     tracked: list[list[float]] = []  # [epoch, value]
     track_time = 0.0
+    forecaster = _early_stopper(task, cfg) if every else None
+    stopped_at = None
     for epoch in range(cfg.epochs):
         losses = []
         t0 = time.perf_counter()
@@ -89,6 +112,9 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
                 every = 0
             else:
                 tracked.append([epoch + 1, float(value)])
+                if forecaster is not None and epoch + 1 < cfg.epochs and _should_stop(forecaster, epoch + 1, value):
+                    stopped_at = epoch + 1
+                    break
     if cuda:
         memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
 
@@ -112,6 +138,7 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
         "memory_kind": memory_kind,
         "epoch_loss": epoch_loss,
         **({"epoch_metric": tracked, "tracked_metric": task.primary, "track_time_s": track_time} if tracked else {}),
+        **({"stopped_at_epoch": stopped_at} if stopped_at is not None else {}),
         **trainer.info,
         **scores.extras,
         "device": str(device),

@@ -97,6 +97,9 @@ class BenchConfig:
                                                "stopping with the list")
     track_every: int = option(1, low=0, help="evaluate the held-out primary metric every N epochs for the "
                                              "curves and the budget warning (0 = never)")
+    early_stop: float = option(0.0, low=0, help="stop a cell once the learning-curve forecaster says its held-out "
+                                                "metric is within EPS of the forecast asymptote (docs/theory.md; "
+                                                "needs --track-every >= 1)", default_text="0 = off")
     oneshot: bool = option(False, help="omniglot: also measure 20-way one-shot error on the 20 runs of "
                                        "all_runs.zip in --data-dir")
     amp: str = option("none", choices=("none", "bf16", "fp16"),
@@ -148,6 +151,9 @@ class BenchConfig:
                 if not ok:
                     raise BenchConfigError(f"{flag_of(f)} must be {'>' if md.get('low_open') else '>='} {low}; "
                                            f"got {value}")
+        if self.early_stop and not self.track_every:
+            raise BenchConfigError(f"--early-stop {self.early_stop} needs the held-out curve: --track-every must be "
+                                   ">= 1 (got 0)")
         tasks.get_task(self.task).validate(self)
         return self
 

@@ -67,7 +67,7 @@ DISCOVER = ["losskit.losses", "losskit.weighting", "losskit.mining", "losskit.op
 #: top-level module of an optional dependency -> the losskit extra that installs it
 OPTIONAL_EXTRAS = {"flwr": "flower", "trl": "trl", "transformers": "trl", "faiss": "faiss",
                    "sklearn": "bench", "matplotlib": "bench", "tqdm": "bench", "PIL": "bench",
-                   "pytorch_metric_learning": "dev"}
+                   "pytorch_metric_learning": "dev", "trak": "trak", "scipy": "fits"}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from losskit.metrics.entanglement import (
     per_pair_grad_norms,
 )
 from losskit.metrics.evaluate import evaluate_embeddings
+from losskit.metrics.klom import KLoMAccumulator, binned_kl, klom, klom_summary, margins_from_logits
 from losskit.metrics.knn import knn
 from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.linear_probe import (GaussianNaiveBayes, LogisticRegressionProbe, crossover, linear_probe,
@@ -41,7 +42,8 @@ __all__ = [
     "opis", "epsilon_opis", "calibration_thresholds", "class_utilities", "pair_histograms",
     "roc_from_histograms", "histogram_error_bound", "retrieval_summary", "RetrievalMetrics", "VerificationMetrics",
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
-    "per_pair_grad_norms", "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
+    "per_pair_grad_norms", "klom", "klom_summary", "binned_kl", "margins_from_logits", "KLoMAccumulator",
+    "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
     "accuracy", "macro_f1", "nll", "expected_calibration_error", "robust_accuracy", "classification_summary",
     "GaussianNaiveBayes", "LogisticRegressionProbe", "linear_probe", "sample_curve", "crossover",
 ]
