@@ -151,6 +151,23 @@ def test_class_splits_are_seeded_saved_and_compared(tmp_path, fakes):
     assert again.computed == [("fake-pair", 0, 1)] and again.complete
 
 
+def test_a_run_folder_from_before_these_options_resumes(tmp_path, tiny, fakes):
+    from losskit.bench.protocol import ADDED_FIELDS
+
+    out = tmp_path / "old"
+    cfg = dict(objectives=["fake-pair"], seeds=2, epochs=1, embedding_dim=8, batch_size=8, device="cpu")
+    run_bench(BenchConfig(**cfg), out, progress=False, plots=False, log=_quiet, data=tiny)
+    for p in [out / "config.json", *(out / "cells").glob("*.json")]:
+        d = json.loads(p.read_text())
+        for k in ADDED_FIELDS:
+            d["protocol"].pop(k, None)
+        d.pop("split", None)
+        p.write_text(json.dumps(d))
+    cell_path(out, "fake-pair", 1).unlink()
+    run = run_bench(BenchConfig(**cfg), out, resume=True, progress=False, plots=True, log=_quiet, data=tiny)
+    assert run.computed == [("fake-pair", 1)] and run.complete
+
+
 # ---------------------------------------------------------------- validation before training, lock, modes
 
 
@@ -294,6 +311,8 @@ def test_a_users_model_and_bf16_train_in_the_bench(tmp_path, tiny, fakes, monkey
                   progress=False, plots=False, log=_quiet, data=tiny)
     with pytest.raises(BenchConfigError, match="module 'mynets' has no 'nothing'"):
         BenchConfig(model="mynets:nothing").validate()
+    with pytest.raises(BenchConfigError, match="--amp fp16 needs CUDA"):
+        BenchConfig(amp="fp16", device="cpu").validate()
 
 
 # ---------------------------------------------------------------- saved models, losskit eval, one-shot

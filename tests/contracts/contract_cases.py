@@ -14,6 +14,8 @@ a generic factory here:
   also take a second ``[B, C]`` logit tensor (differentiated too);
 * objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
   positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
+* objective, task ``logits``: ``loss(logits [B, NUM_CLASSES], labels [B], ...)``
+  (reference-model logits and other extras come from EXTRA_INPUTS);
 * weighter, memory, miner: built with their defaults (``memory_size`` small);
 * optimizer: ``get(name, params)``; scheduler: ``get(name, optimizer)``;
 * recipe: needs a runner in :data:`RECIPE_RUNS`.
@@ -70,6 +72,12 @@ EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
 
 #: extra keyword inputs per entry: name -> {keyword: builder(B, dtype, device, generator)}
 EXTRA_INPUTS: dict[str, dict[str, Callable]] = {
+    # negative-flip updates (losses/negative_flips.py): an old model on the first 3 classes, a new one on all
+    "mpt": {"old_logits": lambda b, dt, dev, g: (torch.randn(b, 3, generator=g, dtype=torch.float64) * 2).to(dt).to(dev),
+            "new_logits": lambda b, dt, dev, g: (torch.randn(b, NUM_CLASSES, generator=g, dtype=torch.float64) * 2)
+            .to(dt).to(dev)},
+    "focal-distillation": {"ref_logits": lambda b, dt, dev, g: (torch.randn(b, 3, generator=g, dtype=torch.float64)
+                                                                * 2).to(dt).to(dev)},
     # MADPO: reward-model margins r(y_w) - r(y_l) (losses/preference.py)
     "madpo": {"reward_margin": lambda b, dt, dev, g: (torch.randn(b, generator=g, dtype=torch.float64) * 3)
               .to(dt).to(dev)},
@@ -212,6 +220,8 @@ INVALID_HPARAMS: dict[str, dict[str, list]] = {
     "arcface": {"margin": [-0.1, math.pi]},
     "cosface": {"margin": [-0.1]},
     "dpo": {"beta": [0.0, -1.0]},
+    "mpt": {"temperature": [0.0, -1.0], "alpha": [-1.0], "beta": [-1.0]},
+    "focal-distillation": {"temperature": [0.0], "alpha": [-0.5]},
 }
 
 #: entries the issue says must be registered, by kind and class (or function) name
@@ -221,6 +231,13 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("recipe", "run_fedavg"),
+    ("recipe", "run_fedprox"),
+    ("recipe", "run_fedld"),
+    ("recipe", "run_fedlex"),
+    ("recipe", "run_self_training"),
+    ("recipe", "run_model_update"),
+    ("recipe", "run_online_continual"),
     ("recipe", "run_dmm"),
     ("recipe", "run_oracle_matching"),
     ("recipe", "run_gradient_ascent"),
@@ -365,6 +382,13 @@ class ObjectiveCase:
                 ts[n] = f(b, d, dtype, device, g)
                 (diff if differentiable else other).append(n)
             return Inputs(("a", "b"), {**ts, **extra}, tuple(diff), None, tuple(other) + tuple(extra))
+        if self.task == "logits":
+            c = NUM_CLASSES
+            z = (torch.randn(c, b, generator=g, dtype=torch.float64).t() if noncontiguous
+                 else torch.randn(b, c, generator=g, dtype=torch.float64)) * 2
+            z = z.to(dtype).to(device)
+            y = balanced_labels(b, g, one_class).to(device)
+            return Inputs(("logits", "labels"), {"logits": z, "labels": y, **extra}, ("logits",), y, tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -497,6 +521,55 @@ def _toy_drift(recipe) -> None:
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
 
 
+def _toy_federated(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist = recipe(model, [(x[:20], y[:20]), (x[20:], y[20:])], eval_data=(x, y))
+    assert len(hist.rounds) == 2 and all(math.isfinite(r["accuracy"]) for r in hist.rounds)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+_FED = {"rounds": 2, "local_epochs": 1, "batch_size": 8}
+def _toy_blobs(n_per: int, c: int, d: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * 3
+    y = torch.arange(c).repeat_interleave(n_per)
+    return centres[y] + torch.randn(len(y), d, generator=g), y
+
+
+def _toy_self_training(recipe) -> None:
+    torch.manual_seed(0)
+    x, y = _toy_blobs(10, 3)
+    lab = torch.arange(len(y)) % 5 == 0
+    res = recipe(torch.nn.Linear(4, 3), x[lab], y[lab], x[~lab], y_unlabelled_true=y[~lab])
+    assert res.rounds and res.rounds[0].added > 0 and res.pseudo_labels.shape == (int((~lab).sum()),)
+
+
+def _toy_model_update(recipe) -> None:
+    from losskit.recipes.model_update import train_classifier
+    torch.manual_seed(0)
+    x, y = _toy_blobs(8, 3)
+    old = torch.nn.Linear(4, 2)
+    train_classifier(old, x[y < 2], y[y < 2], epochs=2)
+    res = recipe(torch.nn.Linear(4, 3), x, y, old)
+    assert len(res.epoch_losses) == 2 and all(math.isfinite(v) for v in res.epoch_losses)
+
+
+def _toy_mvp(recipe) -> None:
+    from losskit.data.streams import si_blurry_stream
+    from losskit.recipes.prompt_vit import TinyViT
+    torch.manual_seed(0)
+    y = torch.arange(6).repeat_interleave(4)
+    x = torch.rand(len(y), 1, 8, 8)
+    bb = TinyViT(image_size=8, patch_size=4, dim=8, depth=3, heads=2, num_classes=3)
+    res = recipe(bb, x, y, x, y, si_blurry_stream(y, 2, seed=0))
+    assert 0 <= res.a_auc <= 1 and len(res.curve.task_end) == 2
+
+
 def _toy_unlearning(kind: str) -> Callable:
     def run(recipe) -> None:
         from losskit.recipes.unlearning import Datamodels, UnlearningData
@@ -564,7 +637,14 @@ def _toy_linear_mdp(recipe) -> None:
 
 #: recipes: (hyperparameters for get, runner(recipe) that runs it on a toy problem and asserts)
 RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
+    "self-training": ({"policy": "fixed", "threshold": 0.5, "max_rounds": 2}, _toy_self_training),
+    "model-update": ({"method": "mpt", "epochs": 2, "lr": 0.05}, _toy_model_update),
+    "mvp": ({"method": "mvp", "online_iter": 1, "eval_period": 8, "batch_size": 4, "num_prompts": 2}, _toy_mvp),
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "fedavg": (_FED, _toy_federated),
+    "fedprox": (_FED, _toy_federated),
+    "fedld": (_FED, _toy_federated),
+    "fedlex": ({**_FED, "explore_epochs": 1}, _toy_federated),
     "dmm": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("dmm")),
     "oracle-matching": ({"epochs": 2, "lr": 1e-2}, _toy_unlearning("oracle-matching")),
     "gradient-ascent": ({"epochs": 1}, _toy_unlearning("gradient-ascent")),

@@ -54,9 +54,9 @@ def test_concrete_plant_swaps_the_most_concrete_word_within_its_part_of_speech()
 
 def test_two_digit_captions_and_negatives():
     pytest.importorskip("sklearn")
-    tr = make_two_digit_pairs(200, NORMS, split="train")
-    assert tr.images.shape == (200, 1, 8, 16) and tr.captions.shape == (200, 6) and tr.negatives.shape == (200, 2, 6)
-    for i in range(200):
+    tr = make_two_digit_pairs(60, NORMS, split="train")
+    assert tr.images.shape == (60, 1, 8, 16) and tr.captions.shape == (60, 6) and tr.negatives.shape == (60, 2, 6)
+    for i in range(60):
         cap = [VOCAB[t] for t in tr.captions[i]]
         l, r = (DIGIT_WORDS[d] for d in tr.digits[i].tolist())
         assert cap in (["a", l, "left", "of", "a", r], ["a", r, "right", "of", "a", l])

@@ -148,6 +148,12 @@ def test_bad_input_is_a_clear_error():
         pamc_objective(z, adj.to_dense()[:5], torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="order"):
         propagated_adjacency(adj, 0)
+    raw = knn_adjacency(z, 2).to(torch.float64)  # no self-loops: a node could have a zero positive sum
+    isolated = torch.sparse_coo_tensor(raw.indices()[:, raw.indices()[0] != 0], torch.ones(int((raw.indices()[0] != 0).sum()), dtype=torch.float64), (10, 10))
+    with pytest.raises(ValueError, match="adjacency: node 0 has no positive weight"):
+        pamc_objective(z, isolated, torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-negative"):
+        pamc_objective(z, -adj, torch.zeros(2, 4, dtype=torch.float64))
     loss = losskit.get("pamc", num_clusters=3, embedding_dim=4)
     with pytest.raises(ValueError, match="embedding_dim"):
         loss(torch.randn(10, 5), adj)

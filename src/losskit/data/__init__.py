@@ -3,6 +3,7 @@
 Every loader returns an :class:`OpenSetSplit`; see docs/data.md for each split rule.
 Batch samplers: :class:`PKSampler` (class-balanced P x K) in ``losskit.data.samplers``,
 :class:`~losskit.data.episodes.EpisodeSampler` (N-way K-shot) in ``losskit.data.episodes``.
+Streams for online continual learning: :func:`~losskit.data.streams.si_blurry_stream` (Si-Blurry).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from losskit.data.folder import load_image_folder
 from losskit.data.omniglot import load_omniglot
 from losskit.data.samplers import PKSampler, pk_batch_shape
 from losskit.data.split import OpenSetSplit
+from losskit.data.streams import SiBlurryStream, si_blurry_stream
 
 DATASETS = {"digits": load_digits, "folder": load_image_folder, "omniglot": load_omniglot}
 
@@ -46,4 +48,4 @@ def load_dataset(name: str, data_dir: str | None = None, **kw) -> OpenSetSplit:
 
 
 __all__ = ["OpenSetSplit", "load_digits", "load_image_folder", "load_omniglot", "load_dataset", "DATASETS", "PKSampler",
-           "pk_batch_shape"]
+           "pk_batch_shape", "SiBlurryStream", "si_blurry_stream"]

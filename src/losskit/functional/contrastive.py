@@ -400,6 +400,15 @@ def pamc_objective(z: Tensor, adjacency: Tensor, centers: Tensor, *, tau: float 
     if n == 0:
         return reduce_loss(zc.sum(dim=1).to(out_dtype) + centers.sum() * 0, reduction, sample_weight, checked=True)
     adj = adjacency.coalesce() if adjacency.is_sparse else adjacency.to_sparse().coalesce()
+    if tensor_checks_enabled():
+        vals = adj.values()
+        if vals.numel() and not bool((torch.isfinite(vals) & (vals >= 0)).all()):
+            raise ValueError("adjacency: expected finite, non-negative weights (A~ from propagated_adjacency)")
+        row = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add_(0, adj.indices()[0], vals)
+        empty = (row <= 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"adjacency: node {int(empty[0, 0])} has no positive weight, so its positive sum is 0 "
+                             "and its loss infinite (A~ needs self-loops: build it with propagated_adjacency)")
     q = soft_assignment(zc, centers.to(zc.dtype), v)
     if target is not None:
         if not isinstance(target, Tensor) or tuple(target.shape) != tuple(q.shape):

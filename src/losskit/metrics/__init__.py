@@ -19,12 +19,14 @@ from losskit.metrics.entanglement import (
     per_pair_grad_norms,
 )
 from losskit.metrics.evaluate import evaluate_embeddings
+from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate, relative_negative_flip_rate
 from losskit.metrics.klom import KLoMAccumulator, binned_kl, klom, klom_summary, margins_from_logits
 from losskit.metrics.knn import knn
 from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
 from losskit.metrics.linear_probe import (GaussianNaiveBayes, LogisticRegressionProbe, crossover, linear_probe,
                                           sample_curve)
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
+from losskit.metrics.stream import AnytimeAccuracy, a_auc
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
 from losskit.metrics.verification import (
     VerificationMetrics,
@@ -44,6 +46,7 @@ __all__ = [
     "evaluate_embeddings", "EntanglementStats", "gradient_entanglement", "pairwise_normalized_loss",
     "per_pair_grad_norms", "klom", "klom_summary", "binned_kl", "margins_from_logits", "KLoMAccumulator",
     "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
+    "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter", "AnytimeAccuracy", "a_auc",
     "accuracy", "macro_f1", "nll", "expected_calibration_error", "robust_accuracy", "classification_summary",
     "GaussianNaiveBayes", "LogisticRegressionProbe", "linear_probe", "sample_curve", "crossover",
 ]

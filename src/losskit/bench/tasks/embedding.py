@@ -197,7 +197,8 @@ class EmbeddingTask(Task):
             raise BenchConfigError(str(e)) from None
         if getattr(cfg, "oneshot", False) and cfg.dataset != "omniglot":
             raise BenchConfigError(f"--oneshot is Omniglot's 20-way one-shot task; --dataset is {cfg.dataset}")
-        if getattr(cfg, "amp", "none") == "fp16" and cfg.device in ("cpu",):
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if getattr(cfg, "amp", "none") == "fp16" and on_cpu:
             raise BenchConfigError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
 
     def check_hparams(self, label: str, hparams: dict[str, Any]) -> None:
@@ -504,6 +505,7 @@ def _hists(plt, cells: list[dict[str, Any]], order: list[str], path: Path, title
                              squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, order):
         mine = [c for c in cells if c["objective"] == name and "hist" in c]
+        mine = [c for c in mine if c["hist"]["bins"] == mine[0]["hist"]["bins"]]  # cells of older runs differ
         edges, counts, show = _pooled(mine)
         if len(edges) - 1 == show * HIST_FINE:
             edges, counts = _crop(edges, counts, show)

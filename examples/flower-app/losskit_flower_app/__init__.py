@@ -1,0 +1,1 @@
+"""losskit on Flower: the app components (see losskit.integrations.flower.apps)."""
