@@ -9,9 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
-* objective, task ``logits``: ``loss(logits [B, C], labels [B])`` with ``C = d``
-  (``D`` by default) and class-balanced labels; entries in :data:`LOGITS_PAIRED`
-  also take a second ``[B, C]`` logit tensor (differentiated too);
+* entries of task ``logits`` listed in :data:`LOGITS_PAIRED` also take a second
+  ``[B, C]`` logit tensor (differentiated too);
 * objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
   positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * objective, task ``logits``: ``loss(logits [B, NUM_CLASSES], labels [B], ...)``
@@ -386,9 +385,14 @@ class ObjectiveCase:
             c = NUM_CLASSES
             z = (torch.randn(c, b, generator=g, dtype=torch.float64).t() if noncontiguous
                  else torch.randn(b, c, generator=g, dtype=torch.float64)) * 2
-            z = z.to(dtype).to(device)
+            ts = {"logits": z.to(dtype).to(device)}
             y = balanced_labels(b, g, one_class).to(device)
-            return Inputs(("logits", "labels"), {"logits": z, "labels": y, **extra}, ("logits",), y, tuple(extra))
+            floats = ("logits",)
+            paired = LOGITS_PAIRED.get(self.name)
+            if paired:   # a second logits input, differentiated too (h(x') of adversarial comp-sum)
+                ts[paired] = (z + 0.3 * torch.randn(z.shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+                floats = ("logits", paired)
+            return Inputs(("logits", "labels"), {**ts, "labels": y, **extra}, floats, y, tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:
@@ -396,22 +400,6 @@ class ObjectiveCase:
                 t = t.to(dtype).to(device)
                 ts[n] = t[::2] if noncontiguous else t
             return Inputs(PREF_NAMES, {**ts, **extra}, PREF_NAMES, None, tuple(extra))
-        if self.task == "logits":
-            def draw():
-                if noncontiguous:
-                    z = torch.randn(d, b, generator=g, dtype=torch.float64).t()
-                else:
-                    z = torch.randn(b, d, generator=g, dtype=torch.float64)
-                return z.to(dtype).to(device)
-            z = draw()
-            y = balanced_labels(b, g, one_class).to(device)
-            ts = {"logits": z, "labels": y}
-            floats = ("logits",)
-            paired = LOGITS_PAIRED.get(self.name)
-            if paired:
-                ts[paired] = (z.double() + 0.3 * draw().double()).to(dtype)
-                floats = ("logits", paired)
-            return Inputs(("logits", "labels"), {**ts, **extra}, floats, y, tuple(extra))
         fail_no_case(self.name, f"task {self.task!r} has no input factory")
 
     # -- documented rules
