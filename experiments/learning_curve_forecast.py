@@ -7,7 +7,11 @@ for six estimators.  For each prefix the table gives |forecast - observed|
 of the last level's mean test accuracy, in accuracy points, and the
 prediction level / stopping point of the forecaster (epsilon 0.02 by default).
 
-    PYTHONPATH=src python experiments/learning_curve_forecast.py
+With ``--bench-run DIR`` it also scores the per-epoch held-out curves
+(``epoch_metric``, the held-out Recall@1 of the embedding task) that a
+``losskit bench`` run folder holds.
+
+    PYTHONPATH=src python experiments/learning_curve_forecast.py [--bench-run runs/...]
 """
 
 from __future__ import annotations
@@ -55,18 +59,28 @@ def curves(levels: int, seed: int = 0):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--levels", type=int, default=30)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--epsilon", type=float, default=0.02)
-    args = ap.parse_args()
-    t0 = time.perf_counter()
-    cs = curves(args.levels)
+def bench_curves(run_dir: str) -> dict:
+    """``{"objective/seed": (epochs, held-out metric)}`` from the cells of a bench run folder."""
+    import pathlib
+
+    out = {}
+    for path in sorted(pathlib.Path(run_dir).rglob("*.json")):
+        try:
+            cell = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+        if isinstance(cell, dict) and cell.get("epoch_metric") and "objective" in cell:
+            e, v = zip(*cell["epoch_metric"])
+            out[f"{cell['objective']}/{cell.get('seed', 0)}"] = (np.asarray(e, float), np.asarray(v, float))
+    if not out:
+        raise SystemExit(f"no cell with an epoch_metric curve under {run_dir}")
+    return out
+
+
+def score(cs: dict, epsilon: float, title: str) -> list:
     rows = []
-    print(f"digits learning curves ({args.levels} levels, 5-fold CV), |forecast - observed| of the final "
-          "accuracy in points")
-    print("| estimator | final acc | pattern 10% | power 10% | pattern 25% | power 25% | pattern 50% | power 50% "
+    print(title)
+    print("| curve | final | pattern 10% | power 10% | pattern 25% | power 25% | pattern 50% | power 50% "
           "| trusted at | stop at | A_inf (all levels) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (x, y) in cs.items():
@@ -78,7 +92,7 @@ def main() -> None:
             pw = abs(float(fit_power_law(x[:k], y[:k])(x[-1])) - y[-1]) * 100
             r[f"pattern_{frac}"], r[f"power_{frac}"] = pat, pw
             cells += [f"{pat:.2f}", f"{pw:.2f}"]
-        f = LearningCurveForecaster(target_x=float(x[-1]), epsilon=args.epsilon, tol=0.005)
+        f = LearningCurveForecaster(target_x=float(x[-1]), epsilon=epsilon, tol=0.005)
         stop = None
         for i, (xi, yi) in enumerate(zip(x, y)):
             f.update(xi, yi)
@@ -86,12 +100,31 @@ def main() -> None:
                 stop = i + 1
         r["level"], r["stop"] = f.level, stop
         rows.append(r)
-        lv = f"{f.level}/{len(x)} (n={int(x[f.level - 1])})" if f.level else "never"
-        st = f"{stop}/{len(x)} (n={int(x[stop - 1])})" if stop else "never"
+        lv = f"{f.level}/{len(x)} (x={int(x[f.level - 1])})" if f.level else "never"
+        st = f"{stop}/{len(x)} (x={int(x[stop - 1])})" if stop else "never"
         print(f"| {name} | {y[-1] * 100:.2f} | " + " | ".join(cells) + f" | {lv} | {st} | {f.asymptote * 100:.2f} |")
     mean = {k: np.mean([r[k] for r in rows]) for k in rows[0] if k.startswith(("pattern", "power"))}
     print("| mean | | " + " | ".join(f"{mean[f'{m}_{fr}']:.2f}" for fr in (0.1, 0.25, 0.5)
                                     for m in ("pattern", "power")) + " | | | |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--epsilon", type=float, default=0.02)
+    ap.add_argument("--bench-run", default=None,
+                    help="also score the per-epoch held-out curves of a `losskit bench` run folder")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    rows = score(curves(args.levels), args.epsilon,
+                 f"digits learning curves ({args.levels} levels, 5-fold CV), |forecast - observed| of the final "
+                 "accuracy in points (x = training-set size)")
+    if args.bench_run:
+        rows += score(bench_curves(args.bench_run), args.epsilon,
+                      f"\nper-epoch held-out curves of the bench run {args.bench_run} (x = epoch), "
+                      "|forecast - observed| of the last epoch's value in points")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:

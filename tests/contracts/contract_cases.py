@@ -230,6 +230,10 @@ EXPECTED_ENTRIES = {
     ("miner", "MultiSimilarityMiner"),
     ("miner", "TripletMiner"),
     ("recipe", "run_drift"),
+    ("optimizer", "FRUGAL"),
+    ("scheduler", "LinearDecayLR"),
+    ("scheduler", "RefinedLR"),
+    ("recipe", "run_ignite"),
     ("recipe", "run_fedavg"),
     ("recipe", "run_fedprox"),
     ("recipe", "run_fedld"),
@@ -444,7 +448,12 @@ def objective_cases() -> list[ObjectiveCase]:
 # ----------------------------------------------------------------------------- other kinds
 
 #: constructor hyperparameters per entry of the other kinds
-KIND_HPARAMS: dict[str, dict[str, Any]] = {}
+KIND_HPARAMS: dict[str, dict[str, Any]] = {
+    # FRUGAL: an SVD subspace renewed every 2 steps, so the round trip crosses a renewal (optim/frugal.py)
+    "frugal": {"projection": "svd", "rho": 0.5, "update_gap": 2},
+    # the refined schedule needs a previous run's gradient norms (optim/schedules.py)
+    "refined": {"grad_norms": [3.0, 2.5, 2.0, 1.0, 1.2, 0.8, 0.7, 0.9, 0.5, 0.4], "warmup_steps": 2},
+}
 
 #: for the "load_state_dict keeps the constructor's hyperparameters" check: other values per entry
 ALT_HPARAMS: dict[str, dict[str, Any]] = {
@@ -507,6 +516,17 @@ def _toy_drift(recipe) -> None:
     pol = Tab()
     logs = recipe(pol, [DSATRecord(x, 0) for x in range(3)])
     assert len(logs) >= 1 and all(math.isfinite(lg.loss_last) for lg in logs if lg.pairs)
+
+
+def _toy_ignite(recipe) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = torch.sin(x).sum(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    logs = recipe(model, (x, y))
+    assert len(logs) == 2 * 2 and all(math.isfinite(lg.loss) and lg.lam >= 0 for lg in logs)
+    assert logs[-1].loss < logs[0].loss
 
 
 def _toy_federated(recipe) -> None:
@@ -629,6 +649,7 @@ RECIPE_RUNS: dict[str, tuple[dict, Callable]] = {
     "model-update": ({"method": "mpt", "epochs": 2, "lr": 0.05}, _toy_model_update),
     "mvp": ({"method": "mvp", "online_iter": 1, "eval_period": 8, "batch_size": 4, "num_prompts": 2}, _toy_mvp),
     "drift": ({"iterations": 1, "steps_per_iteration": 2, "batch_size": 2}, _toy_drift),
+    "ignite": ({"epochs": 2, "batch_size": 32, "lr": 1e-2}, _toy_ignite),
     "fedavg": (_FED, _toy_federated),
     "fedprox": (_FED, _toy_federated),
     "fedld": (_FED, _toy_federated),

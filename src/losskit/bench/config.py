@@ -18,6 +18,7 @@ from . import tasks
 from .errors import BenchConfigError
 from .labels import parse_set, split_objectives
 from .model import MODELS
+from .optim_axis import OPTIMIZERS, SCHEDULES, validate_axis
 
 __all__ = ["BenchConfig", "BenchConfigError", "option", "cli_fields", "flag_of", "choices_of"]
 
@@ -83,6 +84,14 @@ class BenchConfig:
                              "FUNCTION(input_shape, embedding_dim) and returning an nn.Module")
     lr: float = option(1e-3, low=0, low_open=True, help="Adam learning rate, all parameters")
     weight_decay: float = option(0.0, low=0, help="Adam weight decay")
+    optimizer: str = option("adam", choices=OPTIMIZERS,
+                            help="optimiser of every cell: adam, adamw, sgd (momentum 0.9) or frugal (docs/optim.md)")
+    schedule: str = option("constant", choices=SCHEDULES,
+                           help="learning-rate schedule: constant, cosine, linear-decay or refined (needs "
+                                "--refine-from); non-constant schedules record each cell's gradient norms")
+    refine_from: str | None = option(None, type=str, metavar="RUN_DIR",
+                                     help="--schedule refined: the run folder whose cells' gradient norms "
+                                          "(same objective and seed) shape the schedule", default_text="none")
     batch_size: int = option(80, low=2, help="target batch size when P is automatic")
     batch_classes: int = option(0, low=0, help="P classes per batch", default_text="0 = from the data")
     batch_samples: int = option(0, low=0, help="K samples per class", default_text="0 = from the data")
@@ -154,6 +163,7 @@ class BenchConfig:
         if self.early_stop and not self.track_every:
             raise BenchConfigError(f"--early-stop {self.early_stop} needs the held-out curve: --track-every must be "
                                    ">= 1 (got 0)")
+        validate_axis(self)
         tasks.get_task(self.task).validate(self)
         return self
 

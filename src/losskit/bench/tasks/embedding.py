@@ -2,7 +2,7 @@
 
 Every objective trains the same network (initialised from the seed alone) on
 the same class-balanced P x K batches, with the same augmentation draws,
-optimiser (Adam on the network's and the objective's parameters) and number
+optimiser (``--optimizer``, default Adam, on the network's and the objective's parameters) and number
 of steps; the embeddings of the test classes, never seen in training, are
 scored with ``losskit.metrics`` (Recall@k, MAP@R, TAR@FAR, EER, OPIS).
 """
@@ -22,6 +22,7 @@ from losskit.data.samplers import PKSampler, pk_batch_shape
 from ..errors import BenchConfigError, CellDiverged
 from ..labels import base_name
 from ..model import build_model, choose_model
+from ..optim_axis import build_optim_axis
 from ..plots import finish_grid, grid
 from .base import CellTrainer, Evaluation, Metric, Task
 
@@ -339,10 +340,10 @@ class EmbeddingTask(Task):
             extra = [p for p in loss_fn.parameters() if p.requires_grad]
         else:
             extra = []
-        opt = torch.optim.Adam(list(model.parameters()) + extra, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
         p, k = batch_shape(cfg, data.train_y)
         sampler = self._sampler(data.train_y, p, k, seed)
+        axis = build_optim_axis(cfg, model, extra, cfg.epochs * sampler.steps_per_epoch, objective, seed)
+        opt = axis.optimizer
         aug_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
         train_x, train_y = data.train_x.to(device), data.train_y.to(device)
 
@@ -362,15 +363,17 @@ class EmbeddingTask(Task):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            axis.after_step()
             return loss.detach()
 
+        axis.info = {"batch": {"P": p, "K": k}, "model": choose_model(cfg.model, input_shape),
+                     "objective_params": sum(p_.numel() for p_ in extra), **axis.info}
         return CellTrainer(
             step=step,
             steps_per_epoch=sampler.steps_per_epoch,
             modules=[model, *([loss_fn] if isinstance(loss_fn, nn.Module) else [])],
             model=model,
-            info={"batch": {"P": p, "K": k}, "model": choose_model(cfg.model, input_shape),
-                  "objective_params": sum(p_.numel() for p_ in extra)},
+            info=axis.info,  # the optimiser axis adds the recorded gradient norms after the last step
         )
 
     def check_objective(self, cfg, data, label, hparams, device) -> None:

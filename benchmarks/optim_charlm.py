@@ -1,0 +1,264 @@
+"""Optimisers and schedules on a small character-level transformer language model.
+
+Corpus (on every machine, no download): the docstrings of a fixed list of
+Python standard-library modules (module, then every public class, function and
+method in sorted order, ``inspect.getdoc``), ASCII printable characters and
+newlines only.  The text depends on the Python version; the script prints its
+length, its SHA-256 and the version.  90% train / 10% validation (contiguous).
+
+Model: 2 pre-norm transformer blocks (d 64, 4 heads, MLP 256, context 64),
+token and position embeddings, a separate output head; every q/k/v/o and MLP
+weight is an ``nn.Linear`` (the 12 projectable matrices), embeddings, norms and
+the head stay on AdamW under FRUGAL.  Batch 32, ``--steps`` steps (default 400),
+linear warmup 20 then linear decay, the same initialisation and batches for
+every optimiser.  Validation loss on 40 fixed batches at the end.
+
+Contenders (``--contenders``): adamw (lr 3e-3, wd 0), frugal-block and
+frugal-svd (rho 0.25, signSGD residual, lr 3e-3, update gap ``--update-gap``,
+default 50), galore (pytorch-optimizer's GaLore at the same memory: rank 16 =
+0.25 x 64 on the same matrices, scale 0.25, lr 1e-2 as in the FRUGAL
+repository's GaLore baseline, ``pip install 'losskit[optim-compare]'``), sgd
+(momentum 0.9, lr 0.3).  The schedule study (``--schedules``) trains AdamW
+with cosine, linear decay and the refined schedule built from the linear-decay
+run's recorded L1 gradient norms.
+
+State bytes are measured from the optimiser's state tensors
+(``losskit.optim.optimizer_state_bytes``, plus GaLore's projector matrices),
+the maximum over the steps (blockwise FRUGAL's changes with the active blocks);
+step time is the mean over all steps (so it averages over the update gap),
+as a ratio to AdamW's in the same process.
+
+    PYTHONPATH=src python benchmarks/optim_charlm.py --threads 1 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import sys
+import time
+
+import torch
+from torch import nn
+
+MODULES = ("argparse", "collections", "difflib", "functools", "inspect", "json", "logging", "pathlib", "re",
+           "shutil", "string", "textwrap", "typing", "unittest", "zipfile", "tarfile", "calendar", "fractions",
+           "statistics", "heapq", "itertools", "operator", "pprint", "csv", "configparser", "datetime")
+CTX, D, HEADS, LAYERS, MLP, BATCH, WARMUP = 64, 64, 4, 2, 256, 32, 20
+
+
+def corpus() -> str:
+    parts = []
+    for name in MODULES:
+        mod = importlib.import_module(name)
+        doc = inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(n for n in dir(mod) if not n.startswith("_")):
+            obj = getattr(mod, attr, None)
+            if getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                d = inspect.getdoc(obj)
+                if d:
+                    parts.append(d)
+                if inspect.isclass(obj):
+                    for m in sorted(vars(obj)):
+                        f = vars(obj)[m]
+                        if not m.startswith("_") and inspect.isfunction(f) and f.__doc__:
+                            parts.append(inspect.getdoc(f))
+    text = "\n\n".join(parts)
+    return "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.up, self.down = nn.Linear(D, MLP), nn.Linear(MLP, D)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.n1(x)
+        q, k, v = (f(h).view(b, t, HEADS, D // HEADS).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, D))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.n2(x))))
+
+
+class CharLM(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, D), nn.Embedding(CTX, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, vocab)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def batches(data, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - CTX - 1, (n, BATCH), generator=g)
+    for s in starts:
+        idx = s[:, None] + torch.arange(CTX + 1)[None]
+        yield data[idx]
+
+
+def projected_linears(model):
+    return [m.weight for b in model.blocks for m in (b.q, b.k, b.v, b.o, b.up, b.down)]
+
+
+def make_optimizer(name, model, update_gap):
+    from losskit.optim import FRUGAL, frugal_param_groups
+
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    if name.startswith("frugal"):
+        proj = "blockwise" if name == "frugal-block" else "svd"
+        return FRUGAL(frugal_param_groups(model), lr=3e-3, rho=0.25, projection=proj, update_gap=update_gap,
+                      weight_decay=0.0)
+    if name == "galore":
+        try:
+            from pytorch_optimizer import GaLore
+        except ImportError:
+            return None
+        proj = {id(p) for p in projected_linears(model)}
+        rest = [p for p in model.parameters() if id(p) not in proj]
+        return GaLore([{"params": rest},
+                       {"params": projected_linears(model), "rank": 16, "update_proj_gap": update_gap,
+                        "scale": 0.25, "projection_type": "std"}], lr=1e-2, weight_decay=0.0, eps=1e-8)
+    raise ValueError(name)
+
+
+def state_bytes(opt):
+    from losskit.optim import optimizer_state_bytes
+
+    total = optimizer_state_bytes(opt)
+    for s in opt.state.values():  # GaLore keeps its projection matrix on a Python object
+        pr = s.get("projector") if isinstance(s, dict) else None
+        if pr is not None and not isinstance(pr, torch.Tensor):
+            for v in vars(pr).values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def train(name, text_ids, vocab, steps, seed, update_gap, schedule="linear-decay", grad_norms=None):
+    from losskit.optim import GradNormRecorder, LinearDecayLR, RefinedLR
+
+    n = len(text_ids)
+    train_ids, val_ids = text_ids[: int(0.9 * n)], text_ids[int(0.9 * n):]
+    torch.manual_seed(seed)
+    model = CharLM(vocab)
+    opt = make_optimizer(name, model, update_gap)
+    if opt is None:
+        return None
+    if schedule == "linear-decay":
+        sched = LinearDecayLR(opt, total_steps=steps, warmup_steps=WARMUP)
+    elif schedule == "cosine":
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / (WARMUP + 1) if t < WARMUP else 1.0)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - WARMUP - 1)
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[WARMUP])
+    else:
+        sched = RefinedLR(opt, grad_norms, total_steps=steps, warmup_steps=WARMUP, base="adam")
+    rec = GradNormRecorder(opt)
+    lossf = nn.CrossEntropyLoss()
+    t_step, peak = 0.0, 0
+    for xy in batches(train_ids, steps, seed + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        logits = model(xy[:, :-1])
+        loss = lossf(logits.reshape(-1, vocab), xy[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        sched.step()
+        t_step += time.perf_counter() - t0
+        peak = max(peak, state_bytes(opt))
+    model.eval()
+    with torch.no_grad():
+        vals = [float(lossf(model(xy[:, :-1]).reshape(-1, vocab), xy[:, 1:].reshape(-1)))
+                for xy in batches(val_ids, 40, 12345)]
+    return {"val_loss": sum(vals) / len(vals), "state_bytes": peak, "step_ms": 1e3 * t_step / steps,
+            "grad_norms_l1": rec.norms("l1")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--update-gap", type=int, default=50)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="torch threads; 0 = torch's default")
+    ap.add_argument("--contenders", nargs="+", default=["adamw", "frugal-block", "frugal-svd", "galore", "sgd"])
+    ap.add_argument("--schedules", action="store_true", help="also run the schedule study (AdamW)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    text = corpus()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    print(f"corpus: docstrings of {len(MODULES)} stdlib modules, Python {sys.version.split()[0]}: "
+          f"{len(text):,} characters, vocabulary {len(chars)}, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}")
+    print(f"model: {sum(p.numel() for p in CharLM(len(chars)).parameters()):,} parameters; {args.steps} steps, "
+          f"batch {BATCH} x {CTX}, update gap {args.update_gap}, seeds {args.seeds}\n")
+    default_threads = torch.get_num_threads()
+    out = {"rows": [], "schedules": []}
+    for th in args.threads:
+        torch.set_num_threads(th or default_threads)
+        label = f"{th}" if th else f"default ({default_threads})"
+        res = {}
+        for name in args.contenders:
+            runs = [train(name, ids, len(chars), args.steps, s, args.update_gap) for s in range(args.seeds)]
+            if runs[0] is None:
+                print(f"{name}: skipped (pytorch-optimizer not installed: pip install 'losskit[optim-compare]')")
+                continue
+            res[name] = {k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "state_bytes", "step_ms")}
+            res[name]["val_losses"] = [r["val_loss"] for r in runs]
+        base = res["adamw"]
+        print(f"threads {label}")
+        print("| optimizer | val loss (mean over seeds) | per seed | / AdamW | peak state bytes | / AdamW | step ms | / AdamW |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in res.items():
+            print(f"| {name} | {r['val_loss']:.4f} | {', '.join(f'{v:.4f}' for v in r['val_losses'])} | "
+                  f"{r['val_loss'] / base['val_loss']:.3f} | {r['state_bytes']:,.0f} | "
+                  f"{r['state_bytes'] / base['state_bytes']:.3f} | {r['step_ms']:.2f} | "
+                  f"{r['step_ms'] / base['step_ms']:.2f} |")
+            out["rows"].append({"threads": th, "optimizer": name, **r})
+        print()
+    if args.schedules:
+        torch.set_num_threads(args.threads[0] or default_threads)
+        rows = {}
+        for s in range(args.seeds):
+            lin = train("adamw", ids, len(chars), args.steps, s, args.update_gap, "linear-decay")
+            cos = train("adamw", ids, len(chars), args.steps, s, args.update_gap, "cosine")
+            ref = train("adamw", ids, len(chars), args.steps, s, args.update_gap, "refined",
+                        grad_norms=lin["grad_norms_l1"])
+            for k, r in (("cosine", cos), ("linear-decay", lin), ("refined (from linear-decay)", ref)):
+                rows.setdefault(k, []).append(r["val_loss"])
+        print("schedules (AdamW, lr 3e-3, warmup 20)")
+        print("| schedule | val loss (mean) | per seed | / cosine |")
+        print("|---|---|---|---|")
+        c = sum(rows["cosine"]) / len(rows["cosine"])
+        for k, v in rows.items():
+            m = sum(v) / len(v)
+            print(f"| {k} | {m:.4f} | {', '.join(f'{x:.4f}' for x in v)} | {m / c:.4f} |")
+            out["schedules"].append({"schedule": k, "val_losses": v})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

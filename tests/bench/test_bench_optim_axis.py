@@ -1,0 +1,58 @@
+"""The bench's optimiser axis: --optimizer and --schedule (a refined run from a
+previous run's recorded gradient norms)."""
+
+import json
+
+import pytest
+
+from losskit.bench.config import BenchConfig, BenchConfigError
+from losskit.bench.runner import run_bench
+from losskit.bench.store import cell_path
+from losskit.optim.schedules import refined_factors
+
+
+def _cfg(**kw):
+    base = dict(objectives=["softmax"], seeds=1, epochs=2, embedding_dim=8, batch_size=8, device="cpu")
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def _run(tmp_path, name, tiny, **kw):
+    out = tmp_path / name
+    run = run_bench(_cfg(**kw), out, progress=False, plots=False, log=lambda s: None, data=tiny)
+    assert run.complete and not run.failed
+    return out, json.loads(cell_path(out, "softmax", 0).read_text())
+
+
+def test_optimizers_and_schedules_train_and_are_recorded(tmp_path, tiny):
+    losses = {}
+    for opt in ("adam", "adamw", "sgd", "frugal"):
+        out, cell = _run(tmp_path, opt, tiny, optimizer=opt, schedule="linear-decay", lr=1e-2)
+        assert cell["optimizer"] == opt and cell["schedule"] == "linear-decay"
+        assert len(cell["grad_norms_l1"]) == cell["steps"] == len(cell["grad_norms_l2"])
+        protocol = json.loads((out / "config.json").read_text())["protocol"]
+        assert protocol["optimizer"] == opt and protocol["schedule"] == "linear-decay"
+        losses[opt] = cell["epoch_loss"]
+    assert losses["adam"] != losses["frugal"] != losses["sgd"], "the optimiser changes the training"
+    _, const = _run(tmp_path, "const", tiny)
+    assert const["schedule"] == "constant" and "grad_norms_l1" not in const
+
+
+def test_refined_run_uses_the_previous_run_s_norms(tmp_path, tiny):
+    first, cell = _run(tmp_path, "lin", tiny, schedule="linear-decay")
+    out, ref = _run(tmp_path, "ref", tiny, schedule="refined", refine_from=str(first))
+    assert ref["schedule"] == "refined" and ref["epoch_loss"] != cell["epoch_loss"]
+    assert refined_factors(cell["grad_norms_l1"], total_steps=cell["steps"])[-1] == 0.0
+
+
+def test_bad_axis_options_are_clear_errors(tmp_path, tiny):
+    with pytest.raises(BenchConfigError, match="--refine-from"):
+        _cfg(schedule="refined").validate()
+    with pytest.raises(BenchConfigError, match="--refine-from"):
+        _cfg(schedule="cosine", refine_from=str(tmp_path)).validate()
+    with pytest.raises(BenchConfigError, match="--optimizer"):
+        _cfg(optimizer="lion").validate()
+    first, _ = _run(tmp_path, "const", tiny)
+    run = run_bench(_cfg(schedule="refined", refine_from=str(first)), tmp_path / "x", progress=False,
+                    plots=False, log=lambda s: None, data=tiny)
+    assert "has no grad_norms_l1" in run.failed[("softmax", 0)]
