@@ -151,3 +151,9 @@ def fakes():
     """Registers fake-pair, fake-proxy and fake-trap; yields the trap to arm."""
     with registered_fakes():
         yield TRAP
+
+
+@pytest.fixture
+def make_split():
+    """:func:`tiny_split` itself, for tests that need other sizes."""
+    return tiny_split

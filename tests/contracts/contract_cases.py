@@ -9,6 +9,8 @@ a generic factory here:
   when the constructor needs them; labels are class-balanced (every class has
   >= 2 rows, so the episode losses' default support/query split has queries);
 * objective, task ``preference``: the four ``[B]`` log-prob tensors;
+* entries of task ``logits`` listed in :data:`LOGITS_PAIRED` also take a second
+  ``[B, C]`` logit tensor (differentiated too);
 * objective, task ``paired``: ``loss(a [B, D], b [B, D], sample_weight=None)``, row i of a and b a
   positive pair; entries with more inputs (hard negatives) have a row in :data:`PAIRED_INPUTS`;
 * objective, task ``logits``: ``loss(logits [B, NUM_CLASSES], labels [B], ...)``
@@ -63,6 +65,7 @@ def fail_no_case(name: str, why: str) -> None:
 
 #: constructor hyperparameters an entry needs besides the generic ones
 EXTRA_HPARAMS: dict[str, dict[str, Any]] = {
+    "comp-sum": {"tau": 1.5},   # its default tau = 1 is cross-entropy's case; test a GCE one
     "pamc": {"num_clusters": 3},
 }
 
@@ -114,6 +117,13 @@ def _pamc_inputs(b, d, dtype, device, g, noncontiguous=False) -> "Inputs":
 #: task ``other``: entry -> builder(B, D, dtype, device, generator, noncontiguous) -> Inputs
 OTHER_INPUTS: dict[str, Callable] = {
     "pamc": _pamc_inputs,
+}
+
+
+#: logits objectives that take a second [B, C] logits input, by keyword (task 'logits')
+LOGITS_PAIRED: dict[str, str] = {
+    # h(x') of the smooth adversarial comp-sum loss (losses/comp_sum.py)
+    "adversarial-comp-sum": "adv_logits",
 }
 
 
@@ -382,9 +392,14 @@ class ObjectiveCase:
             c = NUM_CLASSES
             z = (torch.randn(c, b, generator=g, dtype=torch.float64).t() if noncontiguous
                  else torch.randn(b, c, generator=g, dtype=torch.float64)) * 2
-            z = z.to(dtype).to(device)
+            ts = {"logits": z.to(dtype).to(device)}
             y = balanced_labels(b, g, one_class).to(device)
-            return Inputs(("logits", "labels"), {"logits": z, "labels": y, **extra}, ("logits",), y, tuple(extra))
+            floats = ("logits",)
+            paired = LOGITS_PAIRED.get(self.name)
+            if paired:   # a second logits input, differentiated too (h(x') of adversarial comp-sum)
+                ts[paired] = (z + 0.3 * torch.randn(z.shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+                floats = ("logits", paired)
+            return Inputs(("logits", "labels"), {**ts, "labels": y, **extra}, floats, y, tuple(extra))
         if self.task == "preference":
             ts = {}
             for n in PREF_NAMES:

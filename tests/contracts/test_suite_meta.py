@@ -41,11 +41,11 @@ def registered(monkeypatch):
     snap = dict(R._REGISTRY)
     R.register("test-fake-reference", family="baseline", paper=R.Paper("fake", 2024))(_Reference)
 
-    class Logits(nn.Module):
+    class Other(nn.Module):
         def __init__(self, reduction: str = "mean"):
             super().__init__()
 
-    R.register("test-fake-logits", family="baseline", task="other")(Logits)
+    R.register("test-fake-other", family="baseline", task="other")(Other)
 
     class NeedsK(nn.Module):
         def __init__(self, k: int, reduction: str = "mean"):
@@ -93,7 +93,7 @@ def test_the_contracts_catch_a_wrong_mean(registered, monkeypatch):
         T.test_none_sum_mean_agree(case, "cpu")
 
 
-@pytest.mark.parametrize("name,why", [("test-fake-logits", "task 'other' has no input factory"),
+@pytest.mark.parametrize("name,why", [("test-fake-other", "task 'other' has no input factory"),
                                       ("test-fake-needs-k", r"required hyperparameters \['k'\]")])
 def test_an_entry_without_a_case_is_a_failure_naming_it(registered, name, why):
     case = registered[name]

@@ -27,7 +27,9 @@ def test_first_epoch_uniform_then_gain_weights():
     g2 = GLOW(alpha=3.0, beta=10.0)
     g2.load_state_dict(g.state_dict())
     g2.pending.clear()
-    out = g2(l1, [0, 1, 2])
+    torch.testing.assert_close(g2(l1, [0, 1, 2]), torch.tensor(exp))   # calling it gives the weights
+    g2.pending.clear()
+    out = g2.loss(l1, [0, 1, 2])
     out.backward()
     torch.testing.assert_close(l1.grad, torch.tensor(exp) / 3)
 
@@ -94,7 +96,9 @@ def test_glow_bad_input():
         g.weights(torch.tensor([1.0, float("nan")]), [1, 2])
     with pytest.raises(ValueError, match="alpha"):
         GLOW(alpha=0)
-    assert g(torch.zeros(0, requires_grad=True), []).item() == 0.0
+    assert g.loss(torch.zeros(0, requires_grad=True), []).item() == 0.0
+    with pytest.raises(ValueError, match="sample_ids"):
+        g(torch.rand(3))
 
 
 def test_load_state_dict_never_overrides_constructor_arguments():

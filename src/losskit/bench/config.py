@@ -116,6 +116,18 @@ class BenchConfig:
     device: str = option("auto", help="auto, cpu, cuda, cuda:1 ...")
     threads: int = option(1, low=0, help="torch CPU threads while training (the bench's models are tiny and extra "
                                          "threads only contend on a busy machine; 0 = torch's default)")
+    # -- the classification task (tasks/classification.py); ignored by the embedding task
+    test_fraction: float = option(0.3, low=0, low_open=True,
+                                  help="classification: share of each class's images held out for testing (< 1)")
+    label_noise: float = option(0.0, low=0, help="classification: share of training labels corrupted (< 1)")
+    noise: str = option("symmetric", choices=("symmetric", "pair"),
+                        help="classification: label noise kind, symmetric (a uniform other class) or pair "
+                             "(class c -> c + 1)")
+    imbalance: float = option(1.0, low=1, help="classification: largest / smallest training class size "
+                                               "(exponential profile; 1 = as loaded)")
+    pgd_radius: float = option(8 / 255, low=0, default_text="8/255",
+                               help="classification: l_inf radius of the robust-accuracy PGD attack (0 = skip)")
+    pgd_steps: int = option(10, low=1, help="classification: PGD steps of the robust-accuracy attack")
     ks: tuple[int, ...] = option((1, 2, 4, 8), cli=False, help="the k of Recall@k")
     fars: tuple[float, ...] = option((1e-3, 1e-2), cli=False, help="the false-accept rates of TAR@FAR")
     hist_bins: int = option(80, low=1, cli=False, help="bins of the similarity histograms")

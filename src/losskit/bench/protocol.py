@@ -17,6 +17,8 @@ __all__ = ["protocol", "upgrade_protocol", "diff_protocol", "check_resume", "pla
 #: older folder implicitly had (its protocol lacks the key): such a folder still resumes
 ADDED_FIELDS = {"task": "embedding", "splits": 1, "split_seed": 0, "baselines": True, "skip_bad_images": False,
                 "track_every": 1, "oneshot": False, "amp": "none", "early_stop": 0.0,
+                "test_fraction": 0.3, "label_noise": 0.0, "noise": "symmetric", "imbalance": 1.0,
+                "pgd_radius": 8 / 255, "pgd_steps": 10,
                 "optimizer": "adam", "schedule": "constant", "refine_from": None}
 
 

@@ -113,7 +113,8 @@ def register_kind(kind: Kind) -> Kind:
 
 for _k in (
     Kind("objective", "loss(inputs..., sample_weight=None) -> Tensor ([B] for reduction='none', else a scalar)"),
-    Kind("weighter", "weights(losses [B], sample_ids) -> Tensor [B]; state_dict()/load_state_dict()"),
+    Kind("weighter", "w(losses [B], sample_ids=None) -> detached Tensor [B] (also w.weights, w.loss, w.step()); "
+                     "state_dict()/load_state_dict()"),
     Kind("miner", "miner(embeddings [B, D], labels [B], reference=None) -> index tensors"),
     Kind("memory", "memory(embeddings [B, D], labels [B], sample_weight=None) -> Tensor; wraps an objective"),
     Kind("optimizer", "a torch.optim.Optimizer: get(name, params, **hp); step(closure=None)", ("params",)),

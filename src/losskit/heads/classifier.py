@@ -23,6 +23,12 @@ inputs once and hands them to the backend ``head`` names
 * ``"auto"``: fused where it applies (a scalar loss that needs a
   gradient), else dense when ``B * C <= 2**22``, else chunked.
 
+``tau`` (default 1, cross-entropy) makes the loss the comp-sum loss ``l_tau``
+of the same logits (:mod:`losskit.functional.comp_sum`): a function of each
+row's cross-entropy, so every backend computes it without building more than
+it does for cross-entropy (the fused kernel scales each row block's gradient
+by ``l_tau'(ce)``).
+
 Every margin policy works in every mode (CFCD's batch statistics come from a
 no-grad pass over the rows it needs; UNPG's extra columns are one scalar
 log-sum-exp added to every row, the policy's ``extra_lse`` hook).  Labels
@@ -57,8 +63,11 @@ class MarginHead(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, policy: MarginPolicy, *, head: str = "auto",
                  chunk_size: int | None = None, sample_rate: float = 0.1, process_group=None,
                  reduction: str = "mean", generator: torch.Generator | None = None,
-                 row_chunk_size: int | None = None):
+                 row_chunk_size: int | None = None, tau: float = 1.0):
         super().__init__()
+        #: the comp-sum parameter of the loss (functional.comp_sum): 1 cross-entropy (the margin losses),
+        #: 0 sum-exponential, (1, 2) generalized cross-entropy, 2 MAE; every backend, same numbers
+        self.tau = check_hparam("tau", tau, low=0.0)
         self.num_classes = check_int("num_classes", num_classes, low=1)
         self.embedding_dim = check_int("embedding_dim", embedding_dim, low=1)
         if not isinstance(policy, MarginPolicy):

@@ -54,6 +54,9 @@ from losskit.kernels.constants import FIXED_REF_MAX_SCALE, LN2, LOG2E, NORM_EPS,
 
 __all__ = ["fused_margin_ce", "FusedMarginCE", "auto_row_chunk", "AUTO_ROW_ELEMS"]
 
+#: ``ce [b] -> (phi(ce) [b], phi'(ce) [b])``: a per-row function of the cross-entropy (comp-sum)
+RowFn = Callable[[Tensor], "tuple[Tensor, Tensor]"]
+
 #: automatic row chunk: at least this many logits per block (16 MiB in fp32)
 AUTO_ROW_ELEMS = 2 ** 22
 #: classes per slice when the last block finishes the weight gradient (4 MiB at D = 512)
@@ -171,7 +174,7 @@ class FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, coef: Tensor, scale: float,
                 target_fn: Callable[[Tensor], Tensor], extra_fn: Callable[[Tensor], Tensor] | None,
-                row_chunk: int):
+                row_chunk: int, row_fn: RowFn | None = None):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = torch.promote_types(xn.dtype, weight.dtype)
         dev = xn.device
@@ -256,6 +259,11 @@ class FusedMarginCE(torch.autograd.Function):
                 vb = lb >= 0
                 loss_rows[r0:r1] = torch.where(vb, (lse2 - tb) * LN2, torch.zeros_like(s))
                 cb = coef[r0:r1]
+                if row_fn is not None:
+                    # l_i = phi(ce_i): every gradient term of the row scales by phi'(ce_i)
+                    val, fac = row_fn(loss_rows[r0:r1])
+                    loss_rows[r0:r1] = torch.where(vb, val, torch.zeros_like(val))
+                    cb = cb * fac
                 g_t[r0:r1] = cb * (torch.exp2(tb - lse2) - 1.0) * vb
                 if eb is not None:
                     g_e = g_e + (cb * torch.exp2(eb - lse2)).sum()
@@ -323,23 +331,27 @@ class FusedMarginCE(torch.autograd.Function):
             # the stored tensors themselves: without retain_graph the engine frees the
             # saved ones before accumulating, so weight.grad takes this storage (no copy);
             # with retain_graph autograd copies them; they are never modified in place
-            return gx, gw, None, None, None, None, None, None
+            return gx, gw, None, None, None, None, None, None, None
         gxo = gx * grad_out.to(gx.dtype) if gx is not None else None
         gwo = gw * grad_out.to(gw.dtype) if gw is not None else None
-        return gxo, gwo, None, None, None, None, None, None
+        return gxo, gwo, None, None, None, None, None, None, None
 
 
 def fused_margin_ce(xn: Tensor, weight: Tensor, labels: Tensor, coef: Tensor, scale: float,
                     target_fn: Callable[[Tensor], Tensor], extra_fn: Callable[[Tensor], Tensor] | None = None,
-                    row_chunk: int | None = None) -> Tensor:
+                    row_chunk: int | None = None, row_fn: RowFn | None = None) -> Tensor:
     """The scalar ``sum_i coef_i l_i`` (see module doc).  ``coef`` must not
     require gradient; ``target_fn`` maps target cosines to target logits
     ``s * psi``; ``extra_fn`` maps ``xn`` to UNPG's scalar log-sum-exp (or
-    ``None``)."""
+    ``None``).  ``row_fn`` (optional) maps the rows' cross-entropies ``ce``
+    to ``(phi(ce), phi'(ce))``: the loss becomes ``sum_i coef_i phi(ce_i)``
+    (the comp-sum losses are functions of the row cross-entropy; each row's
+    gradient is scaled by ``phi'(ce_i)``, known once the row's log-sum-exp is)."""
     if coef.requires_grad:
         raise ValueError("coef: the fused head needs row weights without gradient (use head='chunked')")
     if row_chunk is None:
         row_chunk = auto_row_chunk(xn.shape[0], weight.shape[0], weight.shape[1])
     if row_chunk < 1:
         raise ValueError(f"row_chunk: expected an integer >= 1, got {row_chunk}")
-    return FusedMarginCE.apply(xn, weight, labels, coef.detach(), float(scale), target_fn, extra_fn, int(row_chunk))
+    return FusedMarginCE.apply(xn, weight, labels, coef.detach(), float(scale), target_fn, extra_fn, int(row_chunk),
+                               row_fn)

@@ -1,4 +1,6 @@
-"""losskit.metrics: open-set retrieval and verification metrics.
+"""losskit.metrics: open-set retrieval and verification metrics; closed-set
+classification metrics (accuracy, macro-F1, NLL, ECE, robust accuracy) and
+linear evaluation of frozen embeddings (logistic regression, Gaussian naive Bayes).
 
 All functions take torch tensors (numpy accepted) and return python floats or
 dicts.  ``metric`` takes the distance vocabulary of :mod:`losskit.distances`
@@ -8,6 +10,8 @@ distance object; distances rank by their negative (higher = closer).  Retrieval 
 handling and the OPIS protocol: docs/metrics.md.
 """
 
+from losskit.metrics.classification import (accuracy, classification_summary, expected_calibration_error, macro_f1,
+                                            nll, robust_accuracy)
 from losskit.metrics.entanglement import (
     EntanglementStats,
     gradient_entanglement,
@@ -19,6 +23,8 @@ from losskit.metrics.flips import FlipCounter, flip_summary, negative_flip_rate,
 from losskit.metrics.klom import KLoMAccumulator, binned_kl, klom, klom_summary, margins_from_logits
 from losskit.metrics.knn import knn
 from losskit.metrics.learning_curves import LearningCurveForecaster, fit_accuracy_pattern, fit_power_law
+from losskit.metrics.linear_probe import (GaussianNaiveBayes, LogisticRegressionProbe, crossover, linear_probe,
+                                          sample_curve)
 from losskit.metrics.opis import calibration_thresholds, class_utilities, epsilon_opis, opis
 from losskit.metrics.stream import AnytimeAccuracy, a_auc
 from losskit.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, recall_at_k, retrieval_summary
@@ -41,4 +47,6 @@ __all__ = [
     "per_pair_grad_norms", "klom", "klom_summary", "binned_kl", "margins_from_logits", "KLoMAccumulator",
     "LearningCurveForecaster", "fit_accuracy_pattern", "fit_power_law",
     "negative_flip_rate", "relative_negative_flip_rate", "flip_summary", "FlipCounter", "AnytimeAccuracy", "a_auc",
+    "accuracy", "macro_f1", "nll", "expected_calibration_error", "robust_accuracy", "classification_summary",
+    "GaussianNaiveBayes", "LogisticRegressionProbe", "linear_probe", "sample_curve", "crossover",
 ]

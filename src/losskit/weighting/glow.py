@@ -24,7 +24,7 @@ batch except for the batch-mean fallback, which stays per micro-batch (as
 the official code's).  :meth:`end_epoch` commits and advances the epoch.
 
 ``state_dict()`` / ``load_state_dict()`` carry the history, the staged
-losses and the epoch counter, so a resumed run reproduces the weights (the
+losses, the epoch and the optimiser-step counters, so a resumed run reproduces the weights (the
 official code keeps the history in a module-level dict that is lost on
 resume).  Hyperparameters are never loaded: they are the constructed
 object's.  The state records the ones it was saved with, and loading it into
@@ -33,27 +33,30 @@ a GLOW constructed with others raises an error naming each mismatch
 
 Registered as the weighter ``glow`` (family ``robust``: it reweights the
 training loss per sample): ``losskit.get("glow", alpha=1.0, beta=20.0)``.
+It implements the weighting interface of :mod:`losskit.weighting.base`:
+``glow(losses, ids)`` returns the detached weights, ``glow.loss(losses, ids)``
+the weighted mean ``mean(w * l)``.
 
     glow = GLOW(alpha=1.0, beta=20.0)
     for epoch in range(E):
         for batch in loader:
             for micro in split(batch):
                 per_sample = seq_mean_ce(model, micro)          # [b], with graph
-                (glow(per_sample, micro["sample_id"]) / n_micro).backward()
+                (glow.loss(per_sample, micro["sample_id"]) / n_micro).backward()
             opt.step(); opt.zero_grad(); glow.step()
         glow.end_epoch()
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from losskit.core.checks import check_finite, check_hparam, check_int
-from losskit.core.reduction import reduce_loss
+from losskit.core.checks import check_hparam, check_int
 from losskit.core.registry import Paper, register
+from losskit.weighting.base import Weighter
 
 __all__ = ["GLOW", "glow_weights", "GLOW_PAPER"]
 
@@ -67,22 +70,9 @@ def glow_weights(gain: Tensor, alpha: float = 1.0, beta: float = 20.0, w_min: fl
     return (alpha * torch.sigmoid(-beta * gain.detach())).clamp(w_min, w_max)
 
 
-def _ids(sample_ids: Tensor | Sequence[int], n: int) -> list[int]:
-    if isinstance(sample_ids, Tensor):
-        if sample_ids.dim() != 1 or sample_ids.is_floating_point():
-            raise ValueError(f"sample_ids: expected a [B] integer tensor, got shape {list(sample_ids.shape)} "
-                             f"dtype {sample_ids.dtype}")
-        ids = [int(v) for v in sample_ids.tolist()]
-    else:
-        ids = [int(v) for v in sample_ids]
-    if len(ids) != n:
-        raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {len(ids)}")
-    return ids
-
-
 @register("glow", family="robust", kind="weighter", paper=GLOW_PAPER,
           summary="GLOW: per-sample weights from the loss gain since the sample's previous visit.")
-class GLOW:
+class GLOW(Weighter):
     """Per-sample GLOW weights with an id-keyed loss history (see the module docstring).
 
     ``alpha`` 1 and ``beta`` 20 are the paper's math defaults (beta 5 for MMLU);
@@ -90,8 +80,12 @@ class GLOW:
     ``w = 1`` for the first epoch.
     """
 
+    needs_ids = True
+    state_keys = ("epoch", "history", "pending")
+
     def __init__(self, alpha: float = 1.0, beta: float = 20.0, w_min: float = 0.5, w_max: float = 5.0,
                  warmup_epochs: int = 1):
+        super().__init__()
         self.alpha = check_hparam("alpha", alpha, low=0.0, low_open=True)
         self.beta = check_hparam("beta", beta, low=0.0, low_open=True)
         self.w_min = check_hparam("w_min", w_min, low=0.0)
@@ -101,19 +95,10 @@ class GLOW:
         self.history: dict[int, float] = {}
         self.pending: dict[int, float] = {}
 
-    def _hyperparameters(self) -> dict[str, Any]:
-        """The validated values of the constructor's arguments (their names: ``self.hparams``)."""
-        return {k: getattr(self, k) for k in self.hparams}
-
     # -- weights --------------------------------------------------------------------------------
-    def weights(self, losses: Tensor, sample_ids: Tensor | Sequence[int], record: bool = True) -> Tensor:
-        """Weights ``[B]`` (detached, losses' dtype/device); stages the losses when ``record``."""
-        if not isinstance(losses, Tensor) or losses.dim() != 1:
-            raise ValueError(f"losses: expected a [B] tensor of per-sample losses, got "
-                             f"{list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
-        check_finite(losses, "losses")
-        ids = _ids(sample_ids, losses.shape[0])
-        cur = losses.detach()
+    def compute(self, losses: Tensor, ids: list[int], record: bool = True) -> Tensor:
+        """Weights ``[B]``; stages the losses when ``record`` (committed by :meth:`step`)."""
+        cur = losses
         if self.epoch < self.warmup_epochs or cur.numel() == 0:
             w = torch.ones_like(cur)
         else:
@@ -125,49 +110,31 @@ class GLOW:
                 self.pending[i] = v
         return w
 
-    def __call__(self, losses: Tensor, sample_ids: Tensor | Sequence[int], reduction: str = "mean") -> Tensor:
-        """``mean(w * losses)`` (or ``'sum'``/``'none'``) with the GLOW weights."""
-        w = self.weights(losses, sample_ids)
-        return reduce_loss(losses, reduction, w)
-
     # -- bookkeeping ----------------------------------------------------------------------------
     def step(self) -> None:
         """Commit the staged losses of this optimiser step into the history."""
+        super().step()
         self.history.update(self.pending)
         self.pending.clear()
 
     def end_epoch(self) -> None:
-        self.step()
+        """Commit the staged losses and advance the epoch (no optimiser step is counted)."""
+        self.history.update(self.pending)
+        self.pending.clear()
         self.epoch += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        """The state (epoch, history, staged losses) and, for checking only, the hyperparameters."""
+    def extra_state(self) -> dict[str, Any]:
+        """The epoch, the history and the staged losses."""
         def pack(d: dict[int, float]) -> dict[str, Tensor]:
             return {"ids": torch.tensor(list(d.keys()), dtype=torch.long),
                     "losses": torch.tensor(list(d.values()), dtype=torch.float64)}
 
-        return {"epoch": self.epoch, "history": pack(self.history), "pending": pack(self.pending),
-                "hparams": self._hyperparameters()}
+        return {"epoch": self.epoch, "history": pack(self.history), "pending": pack(self.pending)}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Restore the epoch, the history and the staged losses.  The
-        hyperparameters stay those this GLOW was constructed with: with
-        ``strict`` (default) a state saved under other ones is an error naming
-        each difference; ``strict=False`` loads the state and keeps them."""
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         def unpack(d: dict[str, Tensor]) -> dict[int, float]:
             return {int(i): float(v) for i, v in zip(d["ids"].tolist(), d["losses"].tolist())}
 
-        missing = [k for k in ("epoch", "history", "pending") if k not in state]
-        if missing:
-            raise KeyError(f"GLOW.load_state_dict: the state has no {', '.join(missing)}")
-        if strict:
-            mine = self._hyperparameters()
-            diff = [f"{k}={v!r} (constructed {mine[k]!r})" for k, v in state.get("hparams", {}).items()
-                    if k in mine and v != mine[k]]
-            if diff:
-                raise ValueError(f"GLOW.load_state_dict: the state was saved with {', '.join(diff)}; hyperparameters "
-                                 "are not loaded: construct GLOW(**state['hparams']) to resume with them, or pass "
-                                 "strict=False to keep the constructed ones")
         self.epoch = int(state["epoch"])
         self.history = unpack(state["history"])
         self.pending = unpack(state["pending"])

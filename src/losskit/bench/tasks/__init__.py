@@ -11,6 +11,7 @@ import difflib
 
 from ..errors import BenchConfigError
 from .base import CellTrainer, Evaluation, Metric, Task
+from .classification import ClassificationTask
 from .embedding import EmbeddingTask
 from .paired import PairedTask
 
@@ -47,3 +48,4 @@ def get_task(name: str) -> Task:
 
 register_task(EmbeddingTask())
 register_task(PairedTask())
+register_task(ClassificationTask())

@@ -128,6 +128,30 @@ def _distributed_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+#: the fixed seed of the linear probes' fit/test halves and shot draws
+PROBE_SEED = 31337
+
+
+def linear_probe_scores(emb: Tensor, labels: Tensor) -> dict[str, float]:
+    """Logistic regression and Gaussian naive Bayes (``losskit.metrics.linear_probe``) on the
+    held-out classes' embeddings: each class's images split in halves (a fixed draw), the probes
+    fit on 1, 5 or all images per class of the first half and scored on the second."""
+    from losskit.metrics.linear_probe import linear_probe
+
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    fit, test = [], []
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        rows = rows[torch.randperm(rows.shape[0], generator=g)]
+        half = max(1, rows.shape[0] // 2)
+        fit.append(rows[:half])
+        test.append(rows[half:])
+    fit_i, test_i = torch.cat(fit), torch.cat(test)
+    if test_i.numel() == 0:
+        return {}
+    return linear_probe(emb[fit_i], labels[fit_i], emb[test_i], labels[test_i], shots=(1, 5, None), seed=PROBE_SEED)
+
+
 class EmbeddingTask(Task):
     name = "embedding"
     objective_task = "embedding"
@@ -146,6 +170,13 @@ class EmbeddingTask(Task):
         Metric("eer", "EER", lower_is_better=True),
         Metric("opis", "OPIS", percent=False, lower_is_better=True),
         Metric("oneshot_error", "1-shot err", lower_is_better=True),
+        # linear probes on the held-out classes (half of each class's images fit, the other half test)
+        Metric("logistic@1", "LR@1"),
+        Metric("naive-bayes@1", "NB@1"),
+        Metric("logistic@5", "LR@5"),
+        Metric("naive-bayes@5", "NB@5"),
+        Metric("logistic@all", "LR@all"),
+        Metric("naive-bayes@all", "NB@all"),
     )
     primary = "recall@1"
     leaderboard_note = "all metrics on the held-out classes"
@@ -418,6 +449,7 @@ class EmbeddingTask(Task):
                                "embeddings")
         test_y = data.test_y.cpu()
         scores = M.evaluate_embeddings(emb, test_y, ks=cfg.ks, fars=cfg.fars)
+        scores.update(linear_probe_scores(emb, test_y))
         if getattr(data, "oneshot", None) is not None:
             from losskit.data.omniglot import oneshot_error
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from losskit.core.reduction import reduce_loss
+from losskit.functional.comp_sum import comp_sum_rows
 from losskit.heads.margin_spec import MarginBatch, MarginPolicy, NontargetFn, SyncFn, _identity
 from losskit.kernels.constants import NORM_EPS
 
@@ -41,6 +42,7 @@ class HeadBackend:
     def loss(self, head, xn: Tensor, weight: Tensor, labels: Tensor, reduction: str,
              sample_weight: Tensor | None) -> Tensor:
         per = self.per_row(head, xn, weight, labels)
+        per = comp_sum_rows(per, getattr(head, "tau", 1.0))   # the identity at tau = 1 (cross-entropy)
         return reduce_loss(per.to(xn.dtype), reduction, sample_weight, checked=True)
 
     def per_row(self, head, xn: Tensor, weight: Tensor, labels: Tensor) -> Tensor:

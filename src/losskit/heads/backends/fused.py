@@ -10,13 +10,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from losskit.core.checks import tensor_checks_enabled
 from losskit.core.reduction import row_coefficients
+from losskit.functional.comp_sum import comp_sum_from_ce, comp_sum_rows
 from losskit.heads.backends.base import HeadBackend, has_extra, prepare_policy, target_cosines, target_logits
 from losskit.heads.backends.chunked import ChunkedBackend
 from losskit.kernels.chunked_lse import nontarget_lse_nograd
 from losskit.kernels.fused_margin_ce import fused_margin_ce
 
 __all__ = ["FusedBackend"]
+
+
+def sync_allowed() -> bool:
+    return tensor_checks_enabled() and not torch.compiler.is_compiling()
 
 
 class FusedBackend(HeadBackend):
@@ -52,5 +58,9 @@ class FusedBackend(HeadBackend):
             return target_logits(policy, cos_y, valid, batch)
 
         extra_fn = (lambda x: policy.extra_lse(x, labels, batch)) if has_extra(policy) else None
-        out = fused_margin_ce(xn, weight, ly, coef, batch.scale, target_fn, extra_fn, head.row_chunk_size)
+        tau = getattr(head, "tau", 1.0)
+        row_fn = None if tau == 1.0 else (lambda ce: comp_sum_from_ce(ce, tau))
+        out = fused_margin_ce(xn, weight, ly, coef, batch.scale, target_fn, extra_fn, head.row_chunk_size, row_fn)
+        if row_fn is not None and tau < 1.0 and sync_allowed() and not bool(torch.isfinite(out)):
+            comp_sum_rows(torch.full((1,), float("inf")), tau)   # the overflow error of comp_sum_rows
         return out.to(xn.dtype)
