@@ -28,20 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _tensor_peak_mib(step) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak / 2**20
+from _measure import tensor_peak_mib
 
 
 def contenders(a, b, chunks):
@@ -91,7 +78,7 @@ def main(argv=None):
         mems, times = {}, {n: [] for n in steps}
         for name, step in steps.items():
             step()  # warm-up
-            mems[name] = _tensor_peak_mib(step)
+            mems[name] = tensor_peak_mib(step)
         for _ in range(args.repeats):  # rounds over the contenders, so that a load change hits all alike
             for name, step in steps.items():
                 t0 = time.perf_counter()

@@ -33,34 +33,13 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from _measure import measure_step
 
 KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 CONTENDERS = ("floor", "losskit", "pml")
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(args) -> None:
@@ -100,47 +79,7 @@ def worker(args) -> None:
             return xx.grad
 
     step(x[:128], y[:128])  # one-time library set-up (thread pools, GEMM buffers) outside the measurement
-    method = "VmHWM after clear_refs"
-    if _reset_peak() and _status_kb("VmHWM") is not None:
-        base = _status_kb("VmRSS")
-        t0 = time.perf_counter()
-        g = step()
-        first = time.perf_counter() - t0
-        peak = _status_kb("VmHWM")
-    else:  # fall back to the process's lifetime peak
-        method = "ru_maxrss"
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        g = step()
-        first = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del g
-    tensor_mib = None
-    if args.tensor_memory:
-        tensor_mib = _tensor_peak_mib(step)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"median_s": statistics.median(times), "times": times, "first_s": first,
-                      "extra_mib": (peak - base) / 1024, "method": method, "tensor_mib": tensor_mib}))
-
-
-def _tensor_peak_mib(step) -> float:
-    """Peak of bytes held by tensors allocated during one step, from
-    torch.profiler's allocation events (allocator caching excluded)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak / 2**20
+    print(json.dumps(measure_step(step, args.repeats, args.tensor_memory)))
 
 
 def run_one(contender, B, args, env_extra, threads):
