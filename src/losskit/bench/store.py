@@ -59,15 +59,14 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON (NaN as null) to a temporary file in the same folder, then rename over ``path``."""
-    data = _json_safe(data)
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, flushed to disk, then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
@@ -79,21 +78,15 @@ def atomic_write_json(path: Path, data: Any) -> None:
         raise
 
 
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON (NaN as null) to a temporary file in the same folder, then rename over ``path``."""
+    data = _json_safe(data)
+    _atomic_write(path, lambda f: json.dump(data, f, indent=1, allow_nan=False))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically (temporary file, then rename), readable like a plain file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def _stem(objective: str, seed: int, split: int) -> str:
