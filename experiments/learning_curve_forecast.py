@@ -109,22 +109,51 @@ def score(cs: dict, epsilon: float, title: str) -> list:
     return rows
 
 
+def plot(cs: dict, path: str, frac: float = 0.25) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharex=True)
+    for ax, (name, (x, y)) in zip(axes.ravel(), cs.items()):
+        k = max(3, int(round(frac * len(x))))
+        xs = np.geomspace(x[0], x[-1], 200)
+        ax.plot(x, y * 100, "k.", label="observed")
+        ax.plot(x[:k], y[:k] * 100, "o", mfc="none", color="C3", label=f"first {frac:.0%} (fitted)")
+        ax.plot(xs, fit_accuracy_pattern(x[:k], y[:k])(xs) * 100, "C0-", label="pattern c - a x^-b")
+        ax.plot(xs, fit_power_law(x[:k], y[:k])(xs) * 100, "C1--", label="power law a x^b")
+        ax.set(xscale="log", title=name, ylim=(min(y) * 100 - 5, 101))
+    for ax in axes[1]:
+        ax.set_xlabel("training-set size")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy %")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("digits learning curves: forecasts from the first 25% of each curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", type=int, default=30)
     ap.add_argument("--json", default=None)
     ap.add_argument("--epsilon", type=float, default=0.02)
+    ap.add_argument("--plot", default=None, help="PNG: each digits curve with the fits from its first 25%%")
     ap.add_argument("--bench-run", default=None,
                     help="also score the per-epoch held-out curves of a `losskit bench` run folder")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    rows = score(curves(args.levels), args.epsilon,
+    digits = curves(args.levels)
+    rows = score(digits, args.epsilon,
                  f"digits learning curves ({args.levels} levels, 5-fold CV), |forecast - observed| of the final "
                  "accuracy in points (x = training-set size)")
     if args.bench_run:
         rows += score(bench_curves(args.bench_run), args.epsilon,
                       f"\nper-epoch held-out curves of the bench run {args.bench_run} (x = epoch), "
                       "|forecast - observed| of the last epoch's value in points")
+    if args.plot:
+        plot(digits, args.plot)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:
