@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from losskit.core import registry
+
+sys.path.insert(0, os.path.dirname(__file__))  # bench_cfg (tests use --import-mode=importlib)
 
 
 @dataclass

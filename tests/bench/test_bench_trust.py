@@ -21,16 +21,7 @@ from losskit.bench.store import RunLock, cell_path
 from losskit.bench.tasks import get_task
 from losskit.bench.tasks.embedding import RAW, UNTRAINED, affine
 from losskit.cli import main
-
-
-def _cfg(objectives, **kw):
-    base = dict(objectives=list(objectives), seeds=2, epochs=2, embedding_dim=8, batch_size=8, device="cpu")
-    base.update(kw)
-    return BenchConfig(**base)
-
-
-def _quiet(s):
-    pass
+from bench_cfg import quiet, tiny_cfg
 
 
 # ---------------------------------------------------------------- significance
@@ -108,7 +99,7 @@ def test_budget_warning_names_objectives_still_improving():
 
 def test_baselines_curves_and_the_leaderboard_of_a_run(tmp_path, tiny, fakes):
     out = tmp_path / "run"
-    run = run_bench(_cfg(["fake-pair", "softmax"], epochs=3), out, progress=False, plots=False, log=_quiet, data=tiny)
+    run = run_bench(tiny_cfg(["fake-pair", "softmax"], epochs=3), out, progress=False, plots=False, log=quiet, data=tiny)
     assert run.complete and len(run.computed) == 4  # baselines are not cells
     names = sorted({c["objective"] for c in run.baseline_cells})
     assert names == sorted([RAW, UNTRAINED]) and len(run.baseline_cells) == 4
@@ -122,8 +113,8 @@ def test_baselines_curves_and_the_leaderboard_of_a_run(tmp_path, tiny, fakes):
     assert [e for e, _ in cell["epoch_metric"]] == [1, 2, 3] and cell["tracked_metric"] == "recall@1"
     assert all(0 <= v <= 1 for _, v in cell["epoch_metric"])
     # tracking never changes the training: the same cell without it has the same losses and metrics
-    run2 = run_bench(_cfg(["fake-pair"], epochs=3, seeds=1, track_every=0, baselines=False), tmp_path / "b",
-                     progress=False, plots=False, log=_quiet, data=tiny)
+    run2 = run_bench(tiny_cfg(["fake-pair"], epochs=3, seeds=1, track_every=0, baselines=False), tmp_path / "b",
+                     progress=False, plots=False, log=quiet, data=tiny)
     assert run2.cells[0]["epoch_loss"] == cell["epoch_loss"] and run2.cells[0]["metrics"] == cell["metrics"]
     assert "epoch_metric" not in run2.cells[0] and run2.baseline_cells == []
 
@@ -136,8 +127,8 @@ def test_class_splits_are_seeded_saved_and_compared(tmp_path, fakes):
     assert one.train_classes != ["0", "1", "2", "3", "4"] and len(one.train_classes) == 5
     assert task.load_split(base, 1).train_classes == one.train_classes  # split s has seed split_seed + s
     out = tmp_path / "run"
-    cfg = _cfg(["fake-pair"], seeds=1, epochs=1, splits=2, batch_size=40, embedding_dim=8)
-    run = run_bench(cfg, out, progress=False, plots=False, log=_quiet)
+    cfg = tiny_cfg(["fake-pair"], seeds=1, epochs=1, splits=2, batch_size=40, embedding_dim=8)
+    run = run_bench(cfg, out, progress=False, plots=False, log=quiet)
     assert run.complete and run.computed == [("fake-pair", 0), ("fake-pair", 0, 1)]
     saved = [json.loads((out / "splits" / f"split{s}.json").read_text()) for s in (0, 1)]
     assert saved[0]["test_classes"] == ["5", "6", "7", "8", "9"] and saved[1]["test_classes"] == one.test_classes
@@ -147,7 +138,7 @@ def test_class_splits_are_seeded_saved_and_compared(tmp_path, fakes):
     assert "x 2 class splits" in run.leaderboard.splitlines()[0] and " runs " in run.leaderboard.splitlines()[1]
     # resume knows the splits: remove split 1's cell, only it is retrained
     cell_path(out, "fake-pair", 0, 1).unlink()
-    again = run_bench(cfg, out, resume=True, progress=False, plots=False, log=_quiet)
+    again = run_bench(cfg, out, resume=True, progress=False, plots=False, log=quiet)
     assert again.computed == [("fake-pair", 0, 1)] and again.complete
 
 
@@ -156,7 +147,7 @@ def test_a_run_folder_from_before_these_options_resumes(tmp_path, tiny, fakes):
 
     out = tmp_path / "old"
     cfg = dict(objectives=["fake-pair"], seeds=2, epochs=1, embedding_dim=8, batch_size=8, device="cpu")
-    run_bench(BenchConfig(**cfg), out, progress=False, plots=False, log=_quiet, data=tiny)
+    run_bench(BenchConfig(**cfg), out, progress=False, plots=False, log=quiet, data=tiny)
     for p in [out / "config.json", *(out / "cells").glob("*.json")]:
         d = json.loads(p.read_text())
         for k in ADDED_FIELDS:
@@ -164,7 +155,7 @@ def test_a_run_folder_from_before_these_options_resumes(tmp_path, tiny, fakes):
         d.pop("split", None)
         p.write_text(json.dumps(d))
     cell_path(out, "fake-pair", 1).unlink()
-    run = run_bench(BenchConfig(**cfg), out, resume=True, progress=False, plots=True, log=_quiet, data=tiny)
+    run = run_bench(BenchConfig(**cfg), out, resume=True, progress=False, plots=True, log=quiet, data=tiny)
     assert run.computed == [("fake-pair", 1)] and run.complete
 
 
@@ -199,17 +190,17 @@ def test_a_second_bench_into_the_same_folder_is_refused(tmp_path, tiny, fakes):
     held = RunLock(out).acquire()
     try:
         with pytest.raises(BenchConfigError, match=r"another bench \(pid \d+\) is writing into this run folder"):
-            run_bench(_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=_quiet, data=tiny)
+            run_bench(tiny_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=quiet, data=tiny)
         assert not (out / "config.json").exists()
     finally:
         held.release()
     # a lock left by a process that is gone is taken over
     (out / ".lock").write_text(f"{2**22 + 12345} {os.uname().nodename}\n")
-    run = run_bench(_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=_quiet, data=tiny)
+    run = run_bench(tiny_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=quiet, data=tiny)
     assert run.complete and not (out / ".lock").exists()
     # and a finished run folder is refused without --resume
     with pytest.raises(BenchConfigError, match="already holds a bench run"):
-        run_bench(_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=_quiet, data=tiny)
+        run_bench(tiny_cfg(["fake-pair"], seeds=1, epochs=1), out, progress=False, plots=False, log=quiet, data=tiny)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
     assert modes["results.json"] == modes["cells.csv"] == modes["config.json"] == modes["leaderboard.txt"]
     assert modes["results.json"] & 0o044  # readable by others like the CSVs (umask permitting)
@@ -302,13 +293,13 @@ def test_a_users_model_and_bf16_train_in_the_bench(tmp_path, tiny, fakes, monkey
         "def not_a_module(input_shape, embedding_dim):\n"
         "    return 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    run = run_bench(_cfg(["fake-pair"], seeds=1, epochs=1, model="mynets:tiny_net", amp="bf16"), tmp_path / "r",
-                    progress=False, plots=False, log=_quiet, data=tiny)
+    run = run_bench(tiny_cfg(["fake-pair"], seeds=1, epochs=1, model="mynets:tiny_net", amp="bf16"), tmp_path / "r",
+                    progress=False, plots=False, log=quiet, data=tiny)
     assert run.complete and run.cells[0]["model"] == "mynets:tiny_net"
     assert math.isfinite(run.cells[0]["metrics"]["recall@1"])
     with pytest.raises(BenchConfigError, match="returned int, expected an nn.Module"):
-        run_bench(_cfg(["fake-pair"], seeds=1, epochs=1, model="mynets:not_a_module"), tmp_path / "s",
-                  progress=False, plots=False, log=_quiet, data=tiny)
+        run_bench(tiny_cfg(["fake-pair"], seeds=1, epochs=1, model="mynets:not_a_module"), tmp_path / "s",
+                  progress=False, plots=False, log=quiet, data=tiny)
     with pytest.raises(BenchConfigError, match="module 'mynets' has no 'nothing'"):
         BenchConfig(model="mynets:nothing").validate()
     with pytest.raises(BenchConfigError, match="--amp fp16 needs CUDA"):

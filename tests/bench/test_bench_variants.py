@@ -13,16 +13,7 @@ from losskit.bench.objectives import default_objectives, resolve_hparams, resolv
 from losskit.bench.runner import run_bench
 from losskit.bench.store import cell_path
 from losskit.cli import build_parser, main
-
-
-def _cfg(objectives, **kw):
-    base = dict(objectives=list(objectives), seeds=2, epochs=2, embedding_dim=8, batch_size=8, device="cpu")
-    base.update(kw)
-    return BenchConfig(**base)
-
-
-def _quiet(s):
-    pass
+from bench_cfg import quiet, tiny_cfg
 
 
 # ---------------------------------------------------------------- parsing
@@ -169,7 +160,7 @@ def test_file_names_are_safe_and_distinct():
 def test_variants_get_their_own_labels_cells_and_files(tmp_path, tiny, fakes):
     labels = ["fake-pair", "fake-pair[margin=0.2]", "fake-pair[margin=0.9, scale=2.0]"]
     out = tmp_path / "run"
-    run = run_bench(_cfg(labels, seeds=1), out, progress=False, log=_quiet, data=tiny)
+    run = run_bench(tiny_cfg(labels, seeds=1), out, progress=False, log=quiet, data=tiny)
     norm = ["fake-pair", "fake-pair[margin=0.2]", "fake-pair[margin=0.9,scale=2.0]"]
     assert run.complete and sorted(run.computed) == sorted((n, 0) for n in norm)
     proto = json.loads((out / "config.json").read_text())["protocol"]
@@ -194,15 +185,15 @@ def test_resume_with_variant_labels(tmp_path, tiny, fakes):
     trap.exc, trap.after = KeyboardInterrupt(), 2  # the trap variant's seed-1 cell is "Ctrl-C"
     labels = ["fake-pair[margin=0.2]", "fake-trap[margin=0.3]"]
     out = tmp_path / "run"
-    run = run_bench(_cfg(labels), out, progress=False, plots=False, log=_quiet, data=tiny)
+    run = run_bench(tiny_cfg(labels), out, progress=False, plots=False, log=quiet, data=tiny)
     assert run.interrupted and run.computed == [("fake-pair[margin=0.2]", 0), ("fake-trap[margin=0.3]", 0),
                                                 ("fake-pair[margin=0.2]", 1)]
     trap.exc = None
     with pytest.raises(BenchConfigError, match=r"hparams\[fake-trap\[margin=0.4\]\]: run has None"):
-        run_bench(_cfg(["fake-pair[margin=0.2]", "fake-trap[margin=0.4]"]), out, resume=True, log=_quiet,
+        run_bench(tiny_cfg(["fake-pair[margin=0.2]", "fake-trap[margin=0.4]"]), out, resume=True, log=quiet,
                   data=tiny)
-    run2 = run_bench(_cfg([" fake-pair[ margin=0.2 ]", "fake-trap[margin = 0.3]"]), out, resume=True,
-                     progress=False, plots=False, log=_quiet, data=tiny)
+    run2 = run_bench(tiny_cfg([" fake-pair[ margin=0.2 ]", "fake-trap[margin = 0.3]"]), out, resume=True,
+                     progress=False, plots=False, log=quiet, data=tiny)
     assert run2.computed == [("fake-trap[margin=0.3]", 1)] and run2.complete
     assert len(list((out / "cells").glob("*.json"))) == 4
 
@@ -229,7 +220,7 @@ def test_chunked_and_sampled_heads_train_like_dense_on_digits(tmp_path):
     # (head='auto'): bitwise equal.
     labels = ["arcface[head=dense]", "arcface[head=chunked]", "arcface", "arcface[head=sampled]"]
     run = run_bench(BenchConfig(objectives=labels, seeds=1, epochs=1, device="cpu"), tmp_path / "r",
-                    progress=False, plots=False, log=_quiet)
+                    progress=False, plots=False, log=quiet)
     assert run.complete
     cells = {c["objective"]: c for c in run.cells}
     dense = cells["arcface[head=dense]"]
@@ -251,7 +242,7 @@ def test_sharded_head_runs_inside_an_initialised_process_group(tmp_path, tiny):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         labels = ["arcface[head=sharded]", "arcface[head=dense]"]
-        run = run_bench(_cfg(labels, seeds=1, epochs=1), tmp_path / "r", progress=False, plots=False, log=_quiet,
+        run = run_bench(tiny_cfg(labels, seeds=1, epochs=1), tmp_path / "r", progress=False, plots=False, log=quiet,
                         data=tiny)
     finally:
         dist.destroy_process_group()
