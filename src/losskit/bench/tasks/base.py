@@ -23,11 +23,19 @@ from losskit.core import registry
 if TYPE_CHECKING:  # pragma: no cover
     from losskit.bench.config import BenchConfig
 
-__all__ = ["Task", "Metric", "CellTrainer", "Evaluation", "OBJECTIVE_SEED_OFFSET"]
+__all__ = ["Task", "Metric", "CellTrainer", "Evaluation", "OBJECTIVE_SEED_OFFSET", "check_scalar_loss"]
 
 #: An objective is built under ``torch.manual_seed(seed + OBJECTIVE_SEED_OFFSET)`` (its own
 #: parameters, such as class weights or proxies, are then the same for a seed whatever ran before).
 OBJECTIVE_SEED_OFFSET = 7919
+
+
+def check_scalar_loss(loss: Any, objective: str) -> Tensor:
+    """A training step's loss must be a scalar tensor: else a TypeError naming the objective and what it gave."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"objective {objective!r} must return a scalar loss tensor; got {shape}")
+    return loss
 
 
 @dataclass(frozen=True)

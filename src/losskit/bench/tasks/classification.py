@@ -48,7 +48,7 @@ from losskit.core import registry
 from ..errors import BenchConfigError, CellDiverged
 from ..labels import base_name
 from ..model import build_model, choose_model
-from .base import CellTrainer, Evaluation, Metric, Task
+from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
 from .embedding import shift
 
 __all__ = ["ClassificationTask", "ClosedSetData", "closed_set", "corrupt_labels", "imbalance_indices"]
@@ -250,9 +250,7 @@ class ClassificationTask(Task):
                 loss = loss_fn(model(x), y, sample_ids=idx)
             else:
                 loss = loss_fn(model(x), y)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise TypeError(f"objective {objective!r} must return a scalar loss tensor; got {shape}")
+            check_scalar_loss(loss, objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

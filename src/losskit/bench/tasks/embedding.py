@@ -24,7 +24,7 @@ from ..labels import base_name
 from ..model import build_model, choose_model
 from ..optim_axis import build_optim_axis
 from ..plots import finish_grid, grid
-from .base import CellTrainer, Evaluation, Metric, Task
+from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
 
 __all__ = ["EmbeddingTask", "batch_shape", "shift", "affine", "embed", "RAW", "UNTRAINED"]
 
@@ -357,9 +357,7 @@ class EmbeddingTask(Task):
             with _autocast(cfg, device):
                 emb = model(x)
             loss = loss_fn(emb, y)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise TypeError(f"objective {objective!r} must return a scalar loss tensor; got {shape}")
+            check_scalar_loss(loss, objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,7 +24,7 @@ from losskit.core import registry
 
 from ..errors import BenchConfigError, CellDiverged
 from ..labels import base_name
-from .base import CellTrainer, Evaluation, Metric, Task
+from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
 
 __all__ = ["PairedTask", "CaptionEncoder"]
 
@@ -146,8 +146,7 @@ class PairedTask(Task):
             if "concreteness" in needs:
                 kw["concreteness"] = sc[idx]
             loss = loss_fn(image(x[idx]), text(c[idx]), **kw)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise TypeError(f"objective {objective!r} must return a scalar loss tensor")
+            check_scalar_loss(loss, objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
