@@ -27,13 +27,29 @@ def _stack(states: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
 
 
 class Aggregator:
-    """Base rule: subclasses implement :meth:`aggregate`."""
+    """Base rule: the loop over the state's tensors is here; subclasses implement
+    :meth:`_aggregate_float` for one floating tensor (non-floating tensors take the
+    largest client value) and may count rounds in :meth:`_after_round`."""
 
     name = "base"
 
     def aggregate(self, global_state: Mapping[str, Tensor], states: Sequence[Mapping[str, Tensor]],
                   weights: Sequence[float]) -> "OrderedDict[str, Tensor]":
+        if not states:
+            raise ValueError("states: expected at least one client state, got none")
+        out = OrderedDict()
+        for k, g in global_state.items():
+            out[k] = (self._aggregate_float(k, g, states, weights) if g.is_floating_point()
+                      else _stack(states, k).amax(0).to(g.dtype))
+        self._after_round()
+        return out
+
+    def _aggregate_float(self, key: str, g: Tensor, states: Sequence[Mapping[str, Tensor]],
+                         weights: Sequence[float]) -> Tensor:
         raise NotImplementedError
+
+    def _after_round(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}
@@ -41,26 +57,14 @@ class Aggregator:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    @staticmethod
-    def _non_float(global_state, states, key) -> Tensor:
-        return _stack(states, key).amax(0).to(global_state[key].dtype)
-
 
 class FedAvgAggregator(Aggregator):
     """FedAvg: ``sum_i n_i w_i / sum_i n_i`` (McMahan et al., 2017)."""
 
     name = "fedavg"
 
-    def aggregate(self, global_state, states, weights):
-        if not states:
-            raise ValueError("states: expected at least one client state, got none")
-        out = OrderedDict()
-        for k, g in global_state.items():
-            if not g.is_floating_point():
-                out[k] = self._non_float(global_state, states, k)
-                continue
-            out[k] = weighted_mean(_stack(states, k), weights).to(g.dtype)
-        return out
+    def _aggregate_float(self, key, g, states, weights):
+        return weighted_mean(_stack(states, key), weights).to(g.dtype)
 
 
 class FedLDAggregator(Aggregator):
@@ -83,22 +87,16 @@ class FedLDAggregator(Aggregator):
         self.eps = check_hparam("eps", eps, low=0, low_open=True)
         self.rounds = 0
 
-    def aggregate(self, global_state, states, weights):
-        if not states:
-            raise ValueError("states: expected at least one client state, got none")
-        out = OrderedDict()
-        for k, g in global_state.items():
-            if not g.is_floating_point():
-                out[k] = self._non_float(global_state, states, k)
-                continue
-            deltas = _stack(states, k).reshape(len(states), -1).double() - g.detach().reshape(1, -1).double()
-            if self.rounds == 0 or g.numel() == 1:
-                step = deltas.mean(0)
-            else:
-                step = principal_gradient_aggregate(deltas, self.k_proportion, self.eps)
-            out[k] = (g.double() + step.reshape(g.shape)).to(g.dtype)
+    def _aggregate_float(self, key, g, states, weights):
+        deltas = _stack(states, key).reshape(len(states), -1).double() - g.detach().reshape(1, -1).double()
+        if self.rounds == 0 or g.numel() == 1:
+            step = deltas.mean(0)
+        else:
+            step = principal_gradient_aggregate(deltas, self.k_proportion, self.eps)
+        return (g.double() + step.reshape(g.shape)).to(g.dtype)
+
+    def _after_round(self):
         self.rounds += 1
-        return out
 
     def state_dict(self):
         return {"rounds": self.rounds}
@@ -118,21 +116,14 @@ class ServerMomentumAggregator(Aggregator):
     def __init__(self, beta: float = 0.9):
         self.beta = check_hparam("beta", beta, low=0, high=1, high_open=True)
         self.buffers: dict[str, Tensor] = {}
-        self._avg = FedAvgAggregator()
 
-    def aggregate(self, global_state, states, weights):
-        avg = self._avg.aggregate(global_state, states, weights)
-        out = OrderedDict()
-        for k, g in global_state.items():
-            if not g.is_floating_point():
-                out[k] = avg[k]
-                continue
-            d = g.double() - avg[k].double()
-            v = self.buffers.get(k)
-            v = (1 - self.beta) * d if v is None else self.beta * v + (1 - self.beta) * d
-            self.buffers[k] = v
-            out[k] = (g.double() - v).to(g.dtype)
-        return out
+    def _aggregate_float(self, key, g, states, weights):
+        avg = weighted_mean(_stack(states, key), weights).to(g.dtype)  # FedAvg's value of this tensor
+        d = g.double() - avg.double()
+        v = self.buffers.get(key)
+        v = (1 - self.beta) * d if v is None else self.beta * v + (1 - self.beta) * d
+        self.buffers[key] = v
+        return (g.double() - v).to(g.dtype)
 
     def state_dict(self):
         return {"beta": self.beta, "buffers": {k: v.clone() for k, v in self.buffers.items()}}
