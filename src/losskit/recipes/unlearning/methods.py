@@ -164,7 +164,8 @@ def _batches(idx: Tensor, batch_size: int, gen: torch.Generator):
     return [perm[s:s + batch_size] for s in range(0, perm.numel(), batch_size)]
 
 
-def _descent(model, data, idx, sign: float, name: str, epochs, lr, batch_size, momentum, seed) -> UnlearningLog:
+def _sgd_loop(model, data, idx, name: str, batch_loss, epochs, lr, batch_size, momentum, seed) -> UnlearningLog:
+    """SGD over shuffled batches of ``idx``: ``batch_loss(b, gen) -> (objective, logged loss, examples)``."""
     _check_model_data(model, data)
     epochs = check_int("epochs", epochs, low=1)
     lr = check_hparam("lr", lr, low=0.0, low_open=True)
@@ -178,15 +179,23 @@ def _descent(model, data, idx, sign: float, name: str, epochs, lr, batch_size, m
     model.train()
     for _ in range(epochs):
         for b in _batches(idx, batch_size, gen):
-            loss = nn.functional.cross_entropy(model(data.x[b]), data.y[b])
+            objective, logged, n = batch_loss(b, gen)
             opt.zero_grad(set_to_none=True)
-            (sign * loss).backward()
+            objective.backward()
             opt.step()
             steps += 1
-            examples += b.numel()
-            first = float(loss.detach()) if steps == 1 else first
-            last = float(loss.detach())
+            examples += n
+            first = float(logged.detach()) if steps == 1 else first
+            last = float(logged.detach())
     return UnlearningLog(name, steps, examples, time.perf_counter() - t0, first, last)
+
+
+def _descent(model, data, idx, sign: float, name: str, epochs, lr, batch_size, momentum, seed) -> UnlearningLog:
+    def batch_loss(b, gen):
+        loss = nn.functional.cross_entropy(model(data.x[b]), data.y[b])
+        return sign * loss, loss, b.numel()
+
+    return _sgd_loop(model, data, idx, name, batch_loss, epochs, lr, batch_size, momentum, seed)
 
 
 @register("gradient-ascent", family="unlearning", kind="recipe", paper=DMM_PAPER,
@@ -211,29 +220,14 @@ def run_gradient_difference(model: nn.Module, data: UnlearningData, *, epochs: i
                             batch_size: int = 64, forget_weight: float = 1.0, momentum: float = 0.0,
                             seed: int = 0) -> UnlearningLog:
     """``CE(retain batch) - forget_weight * CE(forget batch)`` per step; an epoch is one pass over the forget set."""
-    _check_model_data(model, data)
-    epochs = check_int("epochs", epochs, low=1)
-    lr = check_hparam("lr", lr, low=0.0, low_open=True)
-    batch_size = check_int("batch_size", batch_size, low=1)
     forget_weight = check_hparam("forget_weight", forget_weight, low=0.0)
-    momentum = check_hparam("momentum", momentum, low=0.0, high=1.0, high_open=True)
-    gen = torch.Generator().manual_seed(check_int("seed", seed))
-    opt = _sgd(model, lr, momentum)
-    steps = examples = 0
-    first = last = float("nan")
-    t0 = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        for fb in _batches(data.forget, batch_size, gen):
-            rb = data.retain[torch.randint(data.retain.numel(), (fb.numel(),), generator=gen)]
-            lf = nn.functional.cross_entropy(model(data.x[fb]), data.y[fb])
-            lr_ = nn.functional.cross_entropy(model(data.x[rb]), data.y[rb])
-            loss = lr_ - forget_weight * lf
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            examples += fb.numel() + rb.numel()
-            first = float(loss.detach()) if steps == 1 else first
-            last = float(loss.detach())
-    return UnlearningLog("gradient-difference", steps, examples, time.perf_counter() - t0, first, last)
+
+    def batch_loss(fb, gen):
+        rb = data.retain[torch.randint(data.retain.numel(), (fb.numel(),), generator=gen)]
+        lf = nn.functional.cross_entropy(model(data.x[fb]), data.y[fb])
+        lr_ = nn.functional.cross_entropy(model(data.x[rb]), data.y[rb])
+        loss = lr_ - forget_weight * lf
+        return loss, loss, fb.numel() + rb.numel()
+
+    return _sgd_loop(model, data, data.forget, "gradient-difference", batch_loss, epochs, lr, batch_size, momentum,
+                     seed)
