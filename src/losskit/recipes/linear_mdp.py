@@ -220,7 +220,7 @@ def run_policy_optimization(mdp: LayeredLinearMDP, thetas: np.ndarray, *, regula
     if thetas.ndim != 3 or thetas.shape[1:] != (mdp.H, mdp.d) or thetas.shape[0] < 1:
         raise ValueError(f"thetas must be [K, H, d] = [K, {mdp.H}, {mdp.d}]; got {list(thetas.shape)}")
     k_total = thetas.shape[0]
-    h_, s_, a_, d_ = mdp.H, mdp.S, mdp.A, mdp.d
+    h_, s_, a_ = mdp.H, mdp.S, mdp.A
     if eta is None:
         eta = (1.0 / (h_ * math.sqrt(a_ * k_total)) if regulariser == "log-barrier"
                else math.sqrt(math.log(a_) / k_total) / h_)
@@ -232,11 +232,16 @@ def run_policy_optimization(mdp: LayeredLinearMDP, thetas: np.ndarray, *, regula
     cum = np.zeros((h_, s_, a_))
     summed = np.zeros((h_, s_, a_))
     values = np.empty(k_total)
+    regret = np.empty(k_total)  # after k episodes, against the best fixed policy of those k episodes
+    total = 0.0
     for k in range(k_total):
         pi = policy_fn(cum, eta)
         losses = mdp.losses(thetas[k])
         summed += losses
         values[k] = policy_value(mdp, pi, losses)
+        total += values[k]
+        best = best_fixed_policy(mdp, summed)[1]
+        regret[k] = total - best
         # one trajectory with bandit feedback
         s = rng.choice(s_, p=mdp.start)
         visited, observed = [], []
@@ -259,11 +264,4 @@ def run_policy_optimization(mdp: LayeredLinearMDP, thetas: np.ndarray, *, regula
             cum += q_hat - big_b
         else:
             cum += q_hat
-    _, best = best_fixed_policy(mdp, summed)
-    # regret after k episodes against the best fixed policy of the first k episodes
-    regret = np.empty(k_total)
-    running = np.zeros((h_, s_, a_))
-    for k in range(k_total):
-        running += mdp.losses(thetas[k])
-        regret[k] = values[:k + 1].sum() - best_fixed_policy(mdp, running)[1]
     return RegretRun(regret=regret, learner_values=values, best_value=best)
