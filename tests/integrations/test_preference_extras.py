@@ -49,5 +49,9 @@ def test_flower_and_trl_resolve_as_documented():
     assert active(extras()["flower"], "3.10") == []
     (flwr,) = active(extras()["flower"], "3.12")
     assert flwr.name == "flwr" and Version("1.42.0") in flwr.specifier and Version("1.43") not in flwr.specifier
+    # the simulation engine: the same Flower series with its Ray extra
+    assert active(extras()["simulation"], "3.10") == []
+    (sim,) = active(extras()["simulation"], "3.12")
+    assert sim.name == "flwr" and sim.extras == {"simulation"} and sim.specifier == flwr.specifier
     assert active(extras()["trl"], "3.10") == []
     assert sorted(r.name for r in active(extras()["trl"], "3.11")) == ["transformers", "trl"]

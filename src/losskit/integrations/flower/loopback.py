@@ -7,6 +7,11 @@ Every address is 127.0.0.1 (ports picked free by the OS); each process is
 started in its own session (process group) and :meth:`Loopback.stop` sends
 SIGTERM to each group, then SIGKILL after a grace period, so the ServerApp,
 SuperExec and ClientApp subprocesses Flower spawns go with their parents.
+Flower's SuperLink starts its SuperExec in a new session of its own (and that
+one the ServerApp or ``flwr-simulation`` with Ray's processes), out of reach of
+the group signal; so :meth:`Loopback.stop` first notes every descendant of the
+processes it started (from ``/proc``, on Linux) and after the group signals
+ends those still alive the same way (SIGTERM, SIGKILL after the grace period).
 Flower's configuration lives in a private ``FLWR_HOME`` under the work
 folder; telemetry and update checks are off (``FLWR_TELEMETRY_ENABLED=0``,
 ``FLWR_DISABLE_UPDATE_CHECK=1``) and the SuperLink runs with
@@ -16,6 +21,25 @@ folder; telemetry and update checks are off (``FLWR_TELEMETRY_ENABLED=0``,
 127.0.0.1/localhost (python ``cryptography``, which Flower depends on) and
 runs the SuperLink with them, the SuperNodes and ``flwr`` with the CA as
 root certificate, instead of ``--insecure``.
+
+``simulation=True`` (``--simulation`` on the command line) runs the same app
+under Flower's simulation engine instead: one SuperLink started with
+``--simulation``, no SuperNode processes, and ``flwr run ... --federation-config
+"num-supernodes=N client-resources-num-cpus=C"``; the SuperLink's
+``flwr-simulation`` process runs the ClientApps in Ray actors.  It needs
+``flwr[simulation]`` (Ray; ``pip install 'losskit[simulation]'``) in the
+interpreter that runs this module.  Ray's session files go to
+``workdir/ray`` (``RAY_TMPDIR``), or, where that path is too long for Ray's
+unix sockets (107 bytes with Ray's ~70-byte session suffix), to a fresh
+``/tmp/losskit-ray-*`` folder removed by :meth:`Loopback.stop`; Ray's usage
+stats are off (``RAY_USAGE_STATS_ENABLED=0``).  Note: ``flwr run --stream``
+exits 0 even when the simulation crashes (Flower 1.42); the launcher judges a
+run by its ``result.json``.
+
+Flower's programs start each other by name (the SuperLink runs
+``flower-superexec``, which runs ``flwr-serverapp`` / ``flwr-simulation``), so
+the folder of the running interpreter goes first on their ``PATH``: the whole
+deployment uses this interpreter's environment.
 
 This module imports no Flower code: it runs Flower's command-line programs.
 """
@@ -36,9 +60,26 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Loopback", "make_self_signed_certificates", "free_port", "format_run_config", "main"]
+__all__ = ["Loopback", "make_self_signed_certificates", "free_port", "format_run_config", "simulation_available",
+           "live_pids", "main"]
 
 HOST = "127.0.0.1"
+#: bytes Ray appends to RAY_TMPDIR for its longest socket ("/ray/session_<date>_<time>_<us>_<pid>/sockets/plasma_store")
+RAY_SOCKET_SUFFIX = 72
+
+
+def simulation_available() -> bool:
+    """Whether Flower's simulation engine can run here (``ray`` importable and Flower's
+    ``flwr-simulation`` program present), without importing either."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return False
+    try:
+        _program("flwr-simulation")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -137,13 +178,30 @@ class Loopback:
 
     ``node_configs[i]`` adds keys to node ``i``'s ``--node-config`` (besides
     ``partition-id`` and ``num-partitions``).  Logs go to ``workdir``.
+    ``simulation=True``: a SuperLink in simulation mode and ``num_nodes`` virtual
+    SuperNodes in Flower's simulation engine (Ray), each ClientApp given
+    ``client_cpus`` of Ray's CPUs (``ray_cpus``: the CPUs Ray may use, default all);
+    Flower sets each virtual node's ``partition-id`` and ``num-partitions`` itself,
+    so ``node_configs`` must stay empty.
     """
 
     def __init__(self, num_nodes: int = 2, *, workdir: str | os.PathLike | None = None, tls: bool = False,
                  node_configs: Sequence[Mapping[str, Any]] | None = None, start_timeout: float = 60.0,
-                 stop_grace: float = 10.0):
+                 stop_grace: float = 10.0, simulation: bool = False, client_cpus: int = 1,
+                 ray_cpus: int | None = None):
         if num_nodes < 1:
             raise ValueError(f"num_nodes: expected >= 1, got {num_nodes}")
+        if simulation and node_configs:
+            raise ValueError("node_configs: the simulation engine sets each virtual node's config itself "
+                             f"(partition-id, num-partitions); expected none, got {list(node_configs)}")
+        if client_cpus < 1 or (ray_cpus is not None and ray_cpus < client_cpus):
+            raise ValueError(f"client_cpus, ray_cpus: expected 1 <= client_cpus <= ray_cpus, got {client_cpus} "
+                             f"and {ray_cpus}")
+        self.simulation = simulation
+        self.ray_tmpdir: Path | None = None
+        self._own_ray_tmpdir = False
+        self.client_cpus = client_cpus
+        self.ray_cpus = ray_cpus
         self.num_nodes = num_nodes
         self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="losskit-flower-")
         self.workdir = Path(workdir if workdir is not None else self._tmp.name)
@@ -163,7 +221,11 @@ class Loopback:
         env = dict(os.environ)
         env.update({"FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
-                    "PYTHONUNBUFFERED": "1"})
+                    "PYTHONUNBUFFERED": "1",
+                    # Flower's programs start each other by name: this interpreter's first
+                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])})
+        if self.simulation:
+            env.update({"RAY_TMPDIR": str(self.ray_tmpdir or self.workdir / "ray"), "RAY_USAGE_STATS_ENABLED": "0"})
         return env
 
     def _write_flower_config(self) -> None:
@@ -193,11 +255,24 @@ class Loopback:
         self._write_flower_config()
         sec = (["--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
                 "--ssl-ca-certfile", str(self.certs["ca"])] if self.tls else ["--insecure"])
+        if self.simulation:
+            if not simulation_available():
+                raise ImportError("Flower's simulation engine needs Ray: pip install 'losskit[simulation]' "
+                                  f"(no 'ray' or no 'flwr-simulation' for {sys.executable})", name="ray")
+            ray_dir = self.workdir.resolve() / "ray"
+            if len(os.fsencode(ray_dir)) + RAY_SOCKET_SUFFIX > 107:  # AF_UNIX path limit
+                ray_dir = Path(tempfile.mkdtemp(prefix="losskit-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+                self._own_ray_tmpdir = True
+            ray_dir.mkdir(parents=True, exist_ok=True)
+            self.ray_tmpdir = ray_dir
         try:
             link = self._spawn("superlink", [_program("flower-superlink"), *sec, "--host", HOST, "--port",
-                                             str(self.port), "--disable-runtime-dependency-installation"])
+                                             str(self.port), "--disable-runtime-dependency-installation",
+                                             *(["--simulation"] if self.simulation else [])])
             deadline = time.monotonic() + self.start_timeout
             _wait_port(self.port, deadline, link, "the SuperLink", self.procs[-1][2])
+            if self.simulation:
+                return self
             node_sec = ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
             for i, extra in enumerate(self.node_configs):
                 node_port = free_port()
@@ -215,6 +290,11 @@ class Loopback:
         """Start ``flwr run APP loopback --stream`` and return at once (its output goes to
         ``workdir/flwr-run.log``; :meth:`stop` ends it with the rest)."""
         argv = [_program("flwr"), "run", str(Path(app).resolve()), "loopback", "--stream"]
+        if self.simulation:
+            fed = {"num-supernodes": self.num_nodes, "client-resources-num-cpus": self.client_cpus}
+            if self.ray_cpus is not None:
+                fed["init-args-num-cpus"] = self.ray_cpus
+            argv += ["--federation-config", format_run_config(fed)]
         if run_config:
             argv += ["--run-config", format_run_config(run_config)]
         log = self.workdir / "flwr-run.log"
@@ -237,10 +317,20 @@ class Loopback:
         self.procs = [t for t in self.procs if t[1] is not p]
         return subprocess.CompletedProcess(p.args, rc, log.read_text(errors="replace"), "")
 
+    def process_tree(self) -> dict[int, str]:
+        """``{pid: start time}`` of every live process started here and of their descendants
+        (Linux ``/proc``; empty elsewhere).  The start time tells a pid reused later apart."""
+        return _descendants([p.pid for _, p, _ in self.procs])
+
     def stop(self) -> None:
+        tree = self.process_tree()
         for _, p, _ in reversed(self.procs):
             _kill_group(p, self.stop_grace)
         self.procs.clear()
+        _kill_pids(tree, self.stop_grace)
+        if self._own_ray_tmpdir and self.ray_tmpdir is not None:
+            shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
+            self._own_ray_tmpdir = False
 
     def alive(self) -> list[str]:
         return [w for w, p, _ in self.procs if p.poll() is None]
@@ -255,6 +345,65 @@ class Loopback:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """``{pid: (ppid, start time)}`` of the live (non-zombie) processes, from ``/proc``; ``{}`` without it."""
+    proc = Path("/proc")
+    out: dict[int, tuple[int, str]] = {}
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] in ("Z", "X"):
+            continue
+        out[int(d.name)] = (int(fields[1]), fields[19])
+    return out
+
+
+def _descendants(roots: Sequence[int]) -> dict[int, str]:
+    """``{pid: start time}`` of ``roots`` (those alive) and all their live descendants."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, str] = {}
+    todo = [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out[pid] = table[pid][1]
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def live_pids(tree: Mapping[int, str]) -> list[int]:
+    """The pids of ``tree`` (from :meth:`Loopback.process_tree`) still alive and not zombies
+    (a pid whose start time changed is another process)."""
+    table = _proc_table()
+    return sorted(pid for pid, start in tree.items() if pid in table and table[pid][1] == start)
+
+
+def _kill_pids(tree: Mapping[int, str], grace: float) -> None:
+    """SIGTERM the processes of ``tree`` still alive, SIGKILL those left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = live_pids(tree)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while live_pids(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _kill_group(p: subprocess.Popen, grace: float) -> None:
@@ -289,11 +438,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--app", default="examples/flower-app", help="the Flower app folder (default: %(default)s)")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--tls", action="store_true", help="self-signed TLS instead of --insecure")
+    ap.add_argument("--simulation", action="store_true",
+                    help="Flower's simulation engine (Ray) with --nodes virtual SuperNodes instead of SuperNode "
+                         "processes; needs losskit[simulation]")
+    ap.add_argument("--client-cpus", type=int, default=1, help="--simulation: Ray CPUs per ClientApp")
     ap.add_argument("--run-config", default="", help='e.g. "algorithm=\'fedld\' num-server-rounds=2"')
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--workdir", default=None, help="keep logs and results here (default: a temporary folder)")
     a = ap.parse_args(argv)
-    with Loopback(a.nodes, workdir=a.workdir, tls=a.tls) as fed:
+    with Loopback(a.nodes, workdir=a.workdir, tls=a.tls, simulation=a.simulation,
+                  client_cpus=a.client_cpus) as fed:
         out = fed.workdir / "out"
         cfg = dict(_parse_pairs(a.run_config))
         cfg.setdefault("out-dir", str(out))
@@ -304,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(res.stdout[-4000:])
         if result.exists():
             print(result.read_text())
-        print(f"flwr run exit code {res.returncode}; {took:.1f} s; {a.nodes} SuperNodes; "
+        kind = "virtual SuperNodes (simulation engine)" if a.simulation else "SuperNodes"
+        print(f"flwr run exit code {res.returncode}; {took:.1f} s; {a.nodes} {kind}; "
               f"{'TLS' if a.tls else 'insecure'}")
         return 0 if res.returncode == 0 and result.exists() else 1
 
