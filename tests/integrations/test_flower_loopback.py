@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")
 
-from losskit.integrations.flower.loopback import Loopback  # noqa: E402
+from losskit.integrations.flower.loopback import Loopback, live_pids  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 pytestmark = pytest.mark.slow
@@ -42,8 +42,10 @@ def _run(tmp_path, nodes, run_config, tls=False, node_configs=None):
         pgids = {os.getpgid(p.pid) for _, p, _ in fed.procs}
         assert len(fed.alive()) == nodes + 1
         res = fed.run(APP, {"out-dir": str(tmp_path / "out"), **run_config}, timeout=420)
+        tree = fed.process_tree()  # with the SuperLink's SuperExec, which runs in a session of its own
         logs = fed.logs() + (fed.workdir / "superlink.log").read_text(errors="replace")
     assert not _live_in_groups(pgids), "processes left running after stop()"
+    assert not live_pids(tree), "descendants left running after stop()"
     assert res.returncode == 0, res.stdout[-3000:] + logs
     return json.loads((tmp_path / "out" / "result.json").read_text())["rounds"], res, logs
 
