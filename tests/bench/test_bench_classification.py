@@ -133,3 +133,10 @@ def test_classification_trains_on_the_optimiser_axis(tmp_path, make_split):
                           lr=1e-2)
     assert refined["cross-entropy"]["schedule"] == "refined"
     assert refined["cross-entropy"]["epoch_loss"] != losses["adam"]
+
+
+def test_classification_applies_each_augmentation(tmp_path, make_split):
+    data = closed_set(make_split(n_train_classes=3, n_test_classes=2, per_class=12, side=8), 0.25)
+    loss = {a: _cls_run(tmp_path, a, data, augment=a)[1]["cross-entropy"]["epoch_loss"]
+            for a in ("none", "shift", "affine")}
+    assert len({tuple(v) for v in loss.values()}) == 3, loss

@@ -54,7 +54,7 @@ from ..labels import base_name
 from ..model import build_model, choose_model
 from ..optim_axis import build_optim_axis
 from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
-from .embedding import shift
+from .embedding import affine, shift
 
 __all__ = ["ClassificationTask", "ClosedSetData", "closed_set", "corrupt_labels", "imbalance_indices"]
 
@@ -253,6 +253,8 @@ class ClassificationTask(Task):
             x, y = train_x[idx], train_y[idx]
             if cfg.augment == "shift":
                 x = shift(x, aug_gen)
+            elif cfg.augment == "affine":
+                x = affine(x, aug_gen)
             if adversarial:
                 loss = loss_fn.from_model(model, x, y, generator=aug_gen)
             elif takes_ids:
