@@ -54,7 +54,9 @@ def check_sample_ids(sample_ids: Tensor | Sequence[int] | None, n: int, *, requi
         raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {ids.shape[0]}")
     if not required:
         return None
-    return ids.to(device=device, dtype=torch.long)
+    if ids.dtype != torch.long or (device is not None and ids.device != device):
+        ids = ids.to(device=device, dtype=torch.long)
+    return ids
 
 
 class Weighter:
@@ -87,7 +89,7 @@ class Weighter:
                                who=type(self).__name__, device=losses.device)
         with torch.no_grad():
             w = self.compute(losses.detach(), ids, **kw)
-        return w.to(losses.dtype)
+        return w if w.dtype == losses.dtype else w.to(losses.dtype)
 
     def loss(self, losses: Tensor, sample_ids: Tensor | Sequence[int] | None = None, reduction: str = "mean",
              **kw: Any) -> Tensor:

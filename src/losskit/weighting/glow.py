@@ -149,12 +149,13 @@ class GLOW(Weighter):
             w = torch.ones_like(cur)
         else:
             mean = total / cur.shape[0]
-            prev = self._loss[ids].to(cur.dtype).nan_to_num_(nan=mean)     # no history yet: the batch mean
+            prev = self._loss[ids]
+            prev = (prev if cur.dtype == torch.float32 else prev.to(cur.dtype)).nan_to_num_(nan=mean)     # no history yet: the batch mean
             # glow_weights(prev - cur), in place: clip(alpha sigmoid(beta (cur - prev)), w_min, w_max)
             w = torch.sub(cur, prev).mul_(self.beta).sigmoid_()
             w = (w if self.alpha == 1.0 else w.mul_(self.alpha)).clamp_(self.w_min, self.w_max)
         if record:    # copies: the caller may reuse its tensors; within one call a repeated id keeps one loss
-            self._staged.append((ids.clone(), cur.to(torch.float32, copy=True)))
+            self._staged.append((ids.clone(), cur.clone() if cur.dtype == torch.float32 else cur.float()))
         return w
 
     # -- bookkeeping ----------------------------------------------------------------------------
