@@ -33,7 +33,7 @@ import time
 import torch
 
 
-def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, float]:
+def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, tuple[float, float, list[float]]]:
     for _ in range(warmup):
         for f in steps.values():
             f()
@@ -43,15 +43,21 @@ def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, float]:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
+    return {k: (statistics.median(v) * 1e3, min(v) * 1e3, v) for k, v in times.items()}
 
 
-def _table(title: str, ms: dict[str, tuple[float, float]], base: str, threads: int) -> None:
+def _table(title: str, ms: dict, base: str, threads: int) -> None:
+    """Median and minimum per contender, their ratios to ``base``, and the median over repetitions of
+    the ratio within one repetition (the contenders of a repetition run back to back, so slow drifts of
+    the machine's load cancel in it)."""
     print(f"\n{title} (torch threads: {threads})\n")
-    print(f"| contender | median ms | ratio of medians to {base} | min ms | ratio of minima |")
-    print("|---|---|---|---|---|")
-    for k, (med, mn) in ms.items():
-        print(f"| {k} | {med:.2f} | {med / ms[base][0]:.3f}x | {mn:.2f} | {mn / ms[base][1]:.3f}x |")
+    print(f"| contender | median ms | ratio of medians to {base} | min ms | ratio of minima | "
+          "median of per-repetition ratios |")
+    print("|---|---|---|---|---|---|")
+    b = ms[base]
+    for k, (med, mn, v) in ms.items():
+        paired = statistics.median(x / y for x, y in zip(v, b[2]))
+        print(f"| {k} | {med:.2f} | {med / b[0]:.3f}x | {mn:.2f} | {mn / b[1]:.3f}x | {paired:.3f}x |")
 
 
 def bench_logits(B: int, C: int, reps: int, warmup: int) -> dict[str, float]:
