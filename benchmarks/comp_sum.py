@@ -11,8 +11,9 @@ Three comparisons (issue 11, item 6):
    B 1024, C 100k, D 512 against arcface's fused head (tau 1); target: within 1.2x.
 3. ``weighting``: one training step of an MLP classifier (Adam; a small one,
    ~2 ms a step, and a larger one) with cross-entropy, against the same step
-   with the loss reweighted by ``linupper``/``quadratic`` (burn-in 0) or GLOW;
-   target: under 5% more.
+   with the loss reweighted by ``linupper``/``quadratic``/``extremes`` (burn-in 0) or GLOW;
+   target: under 5% more.  ``weighting-cnn``: the same on the bench's CNN at
+   28x28 (B 128, 100 classes), a step size where the target is meaningful.
 
     python benchmarks/comp_sum.py                       # all three, --threads 1 0
     python benchmarks/comp_sum.py --only logits --reps 20
@@ -32,7 +33,7 @@ import time
 import torch
 
 
-def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, float]:
+def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, tuple[float, float, list[float]]]:
     for _ in range(warmup):
         for f in steps.values():
             f()
@@ -42,15 +43,21 @@ def _round_robin(steps: dict, reps: int, warmup: int) -> dict[str, float]:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
+    return {k: (statistics.median(v) * 1e3, min(v) * 1e3, v) for k, v in times.items()}
 
 
-def _table(title: str, ms: dict[str, tuple[float, float]], base: str, threads: int) -> None:
+def _table(title: str, ms: dict, base: str, threads: int) -> None:
+    """Median and minimum per contender, their ratios to ``base``, and the median over repetitions of
+    the ratio within one repetition (the contenders of a repetition run back to back, so slow drifts of
+    the machine's load cancel in it)."""
     print(f"\n{title} (torch threads: {threads})\n")
-    print(f"| contender | median ms | ratio of medians to {base} | min ms | ratio of minima |")
-    print("|---|---|---|---|---|")
-    for k, (med, mn) in ms.items():
-        print(f"| {k} | {med:.2f} | {med / ms[base][0]:.3f}x | {mn:.2f} | {mn / ms[base][1]:.3f}x |")
+    print(f"| contender | median ms | ratio of medians to {base} | min ms | ratio of minima | "
+          "median of per-repetition ratios |")
+    print("|---|---|---|---|---|---|")
+    b = ms[base]
+    for k, (med, mn, v) in ms.items():
+        paired = statistics.median(x / y for x, y in zip(v, b[2]))
+        print(f"| {k} | {med:.2f} | {med / b[0]:.3f}x | {mn:.2f} | {mn / b[1]:.3f}x | {paired:.3f}x |")
 
 
 def bench_logits(B: int, C: int, reps: int, warmup: int) -> dict[str, float]:
@@ -66,7 +73,9 @@ def bench_logits(B: int, C: int, reps: int, warmup: int) -> dict[str, float]:
             fn().backward()
         return step
 
-    steps = {"F.cross_entropy": make(lambda: torch.nn.functional.cross_entropy(z, y))}
+    steps = {"F.cross_entropy": make(lambda: torch.nn.functional.cross_entropy(z, y)),
+             "F.cross_entropy none, .mean()": make(lambda: torch.nn.functional.cross_entropy(z, y, reduction="none")
+                                                   .mean())}
     for tau in (0.0, 1.0, 1.5, 2.0):
         steps[f"comp-sum tau={tau:g}"] = make(lambda tau=tau: comp_sum_loss(z, y, tau))
     return _round_robin(steps, reps, warmup)
@@ -94,19 +103,37 @@ def bench_head(B: int, C: int, D: int, reps: int, warmup: int) -> dict[str, floa
     return _round_robin({k: make(h) for k, h in heads.items()}, reps, warmup)
 
 
-def bench_weighting(reps: int, warmup: int, B: int = 256, D: int = 64, C: int = 10,
-                    hidden: int = 256) -> dict[str, float]:
+def _mlp(D: int, hidden: int, C: int):
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(D, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                                   torch.nn.ReLU(), torch.nn.Linear(hidden, C))
+    return build
+
+
+def _cnn(C: int, dim: int = 128):
+    """The bench's CNN embedder (3 conv-BN-ReLU-pool blocks, 32-64-64 channels) and a linear layer."""
+    def build():
+        from losskit.bench.model import build_model
+
+        return torch.nn.Sequential(build_model("cnn", (1, 28, 28), dim, 0), torch.nn.Linear(dim, C))
+    return build
+
+
+def bench_weighting(reps: int, warmup: int, B: int = 256, shape: tuple = (64,), C: int = 10,
+                    build=None) -> dict[str, float]:
+    """One Adam step (forward, loss, backward, step, the weighter's step) per contender; each
+    contender trains its own copy of the same network on the same batch."""
     import losskit
 
+    build = build or _mlp(shape[0], 256, C)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, D, generator=g)
+    x = torch.rand(B, *shape, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     ids = torch.arange(B)
 
     def make(loss_fn, use_ids: bool):
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(D, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-                                  torch.nn.ReLU(), torch.nn.Linear(hidden, C))
+        net = build()
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
         def step():
@@ -120,18 +147,18 @@ def bench_weighting(reps: int, warmup: int, B: int = 256, D: int = 64, C: int = 
 
     glow = losskit.get("reweighted", weighter="glow")
     glow.weighter.epoch = 1   # past GLOW's warm-up epoch, so the weights are computed
-    steps = {"cross-entropy": make(losskit.get("cross-entropy"), False),
-             "reweighted linupper": make(losskit.get("reweighted", weighter="linupper", burn_in=0), True),
-             "reweighted quadratic": make(losskit.get("reweighted", weighter="quadratic", burn_in=0), True),
-             "reweighted glow": make(glow, True)}
+    steps = {"cross-entropy": make(losskit.get("cross-entropy"), False)}
+    for w in ("linupper", "quadratic", "extremes"):
+        steps[f"reweighted {w}"] = make(losskit.get("reweighted", weighter=w, burn_in=0), True)
+    steps["reweighted glow"] = make(glow, True)
     return _round_robin(steps, reps, warmup)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="torch threads (0 = torch's default)")
-    ap.add_argument("--only", choices=("logits", "head", "weighting"), nargs="+",
-                    default=["logits", "head", "weighting"])
+    ap.add_argument("--only", choices=("logits", "head", "weighting", "weighting-cnn"), nargs="+",
+                    default=["logits", "head", "weighting", "weighting-cnn"])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sizes")
@@ -153,8 +180,13 @@ def main(argv=None) -> None:
                    bench_weighting(args.reps * 5, args.warmup), "cross-entropy", n)
             if not args.quick:
                 _table("one Adam step of a larger MLP classifier (B=1024, 784-1024-1024-100)",
-                       bench_weighting(args.reps * 2, args.warmup, B=1024, D=784, C=100, hidden=1024),
-                       "cross-entropy", n)
+                       bench_weighting(args.reps * 2, args.warmup, B=1024, shape=(784,), C=100,
+                                       build=_mlp(784, 1024, 100)), "cross-entropy", n)
+        if "weighting-cnn" in args.only:
+            B = 16 if args.quick else 128
+            _table(f"one Adam step of the bench's CNN classifier (B={B}, 1x28x28, 32-64-64 conv, 100 classes)",
+                   bench_weighting(args.reps, args.warmup, B=B, shape=(1, 28, 28), C=100, build=_cnn(100)),
+                   "cross-entropy", n)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,44 @@ def test_embedding_task_reports_the_linear_probes(tmp_path, fakes, tiny):
     m = run.cells[0]["metrics"]
     for k in ("logistic@1", "naive-bayes@1", "logistic@5", "naive-bayes@5", "logistic@all", "naive-bayes@all"):
         assert 0 <= m[k] <= 1, k
+
+
+def _cls_run(tmp_path, name, data, objectives=("cross-entropy",), **kw):
+    from bench_cfg import quiet, tiny_cfg
+    from losskit.bench.store import cell_path
+
+    cfg = tiny_cfg(list(objectives), task="classification", seeds=1, epochs=3, batch_size=16, pgd_radius=0.0, **kw)
+    out = tmp_path / name
+    run = run_bench(cfg, out, progress=False, plots=False, log=quiet, data=data)
+    assert run.complete and not run.failed, run.failed
+    return out, {o: json.loads(cell_path(out, o, 0).read_text()) for o in objectives}
+
+
+def test_classification_trains_on_the_optimiser_axis(tmp_path, make_split):
+    data = closed_set(make_split(n_train_classes=3, n_test_classes=2, per_class=12, side=8), 0.25)
+    losses = {}
+    for opt in ("adam", "sgd", "frugal"):
+        out, cells = _cls_run(tmp_path, opt, data, ("cross-entropy", "reweighted"), optimizer=opt,
+                              schedule="linear-decay", lr=1e-2)
+        for c in cells.values():
+            assert c["optimizer"] == opt and c["schedule"] == "linear-decay"
+            assert len(c["grad_norms_l1"]) == c["steps"] == len(c["grad_norms_l2"]) == 9
+        assert cells["reweighted"]["burn_in"] == 0      # the task's own info survives beside the axis'
+        protocol = json.loads((out / "config.json").read_text())["protocol"]
+        assert protocol["optimizer"] == opt and protocol["schedule"] == "linear-decay"
+        losses[opt] = cells["cross-entropy"]["epoch_loss"]
+    assert losses["adam"] != losses["sgd"] != losses["frugal"] != losses["adam"], "the optimiser changes training"
+    _, const = _cls_run(tmp_path, "const", data, lr=1e-2)
+    assert const["cross-entropy"]["schedule"] == "constant" and "grad_norms_l1" not in const["cross-entropy"]
+    assert const["cross-entropy"]["epoch_loss"] != losses["adam"], "the schedule changes training"
+    _, refined = _cls_run(tmp_path, "refined", data, schedule="refined", refine_from=str(tmp_path / "adam"),
+                          lr=1e-2)
+    assert refined["cross-entropy"]["schedule"] == "refined"
+    assert refined["cross-entropy"]["epoch_loss"] != losses["adam"]
+
+
+def test_classification_applies_each_augmentation(tmp_path, make_split):
+    data = closed_set(make_split(n_train_classes=3, n_test_classes=2, per_class=12, side=8), 0.25)
+    loss = {a: _cls_run(tmp_path, a, data, augment=a)[1]["cross-entropy"]["epoch_loss"]
+            for a in ("none", "shift", "affine")}
+    assert len({tuple(v) for v in loss.values()}) == 3, loss

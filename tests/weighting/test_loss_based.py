@@ -159,3 +159,22 @@ def test_two_processes_give_the_weights_of_one_process_on_the_joined_batch(run_g
         torch.testing.assert_close(torch.cat([res[0][name], res[1][name]]), one(l_all), msg=name)
         torch.testing.assert_close(torch.cat([res[0][name + "+lengths"], res[1][name + "+lengths"]]),
                                    one(l_all, lengths=n_all), msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["linupper", "quadratic", "extremes"])
+def test_device_path_without_host_read_matches(strategy):
+    """The range kept as 0-d tensors (the path of an accelerator with tensor checks off) gives the
+    weights of the path that reads it (CPU, or checks on), and both the paper's."""
+    from losskit.weighting.loss_based import loss_reweighting_weights
+
+    l = _losses(32, seed=4)
+    for dtype in (torch.float64, torch.float32):
+        x = l.to(dtype)
+        dev = loss_reweighting_weights(x, strategy, r=0.4, delta=2.0)
+        host = LossReweighting(strategy, r=0.4, delta=2.0, burn_in=0)(x)
+        assert dev.dtype == host.dtype == dtype
+        torch.testing.assert_close(dev, host)
+        torch.testing.assert_close(dev.double(), naive(l, strategy, 0.4, 2.0), rtol=1e-5, atol=1e-5)
+    with losskit.tensor_checks(False):       # CPU: the read stays (no device to wait for), the values too
+        torch.testing.assert_close(LossReweighting(strategy, burn_in=0)(l), naive(l, strategy, LossReweighting(
+            strategy).r))

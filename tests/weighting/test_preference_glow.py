@@ -26,9 +26,9 @@ def test_first_epoch_uniform_then_gain_weights():
     # loss = mean(w l); gradient only through l
     g2 = GLOW(alpha=3.0, beta=10.0)
     g2.load_state_dict(g.state_dict())
-    g2.pending.clear()
+    g2.discard_staged()
     torch.testing.assert_close(g2(l1, [0, 1, 2]), torch.tensor(exp))   # calling it gives the weights
-    g2.pending.clear()
+    g2.discard_staged()
     out = g2.loss(l1, [0, 1, 2])
     out.backward()
     torch.testing.assert_close(l1.grad, torch.tensor(exp) / 3)
@@ -154,3 +154,35 @@ def test_glow_is_a_registered_weighter():
 def test_glow_hyperparameters_checked_at_construction(kw, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         GLOW(**kw)
+
+
+def test_history_table_ids_and_growth():
+    g = GLOW(warmup_epochs=0)
+    with pytest.raises(ValueError, match=r"sample_ids: expected ids in \[0, 2\^28\)"):
+        g.weights(torch.rand(2), [3, -1])
+    with pytest.raises(ValueError, match=r"sample_ids: expected ids in \[0, 2\^28\)"):
+        g.weights(torch.rand(1), [1 << 28])
+    with pytest.raises(ValueError, match="sample_ids: expected a \\[B\\] integer tensor"):
+        g.weights(torch.rand(2), torch.tensor([0.0, 1.0]))
+    assert g.history == {} and g.pending == {}
+    # ids far apart: the table grows; every committed loss is history, a later loss of an id wins
+    g.weights(torch.tensor([1.0, 2.0]), [0, 5000])
+    g.weights(torch.tensor([3.0]), [0])               # a second micro-batch of the same step
+    assert g.pending == {0: 3.0, 5000: 2.0}
+    g.step()
+    assert g.history == {0: 3.0, 5000: 2.0} and g.pending == {}
+    w = g.weights(torch.tensor([3.0, 1.0, 7.0]), torch.tensor([0, 5000, 77]))
+    torch.testing.assert_close(w, torch.tensor([naive_w(3.0, 3.0), naive_w(2.0, 1.0), naive_w(11 / 3, 7.0)]))
+    g.discard_staged()
+    g.step()
+    assert g.history == {0: 3.0, 5000: 2.0}           # the discarded losses never became history
+
+
+def test_staged_losses_are_copies():
+    g = GLOW(warmup_epochs=0)
+    l, ids = torch.tensor([1.0, 2.0]), torch.tensor([4, 6])
+    g.weights(l, ids)
+    l.add_(10.0)
+    ids.add_(1)
+    g.step()
+    assert g.history == {4: 1.0, 6: 2.0}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from losskit.core.checks import check_hparam, check_int, check_reduction
@@ -61,7 +62,11 @@ class ReweightedLoss(nn.Module):
         w = self.weighter(per.detach(), sample_ids)
         if sample_weight is not None:      # the caller's weights multiply the policy's (checked by reduce_loss)
             return reduce_loss(per * w, self.reduction, sample_weight)
-        return reduce_loss(per, self.reduction, w, checked=True)   # the policy's weights: finite, >= 0
+        if self.reduction == "none" or per.dim() != 1:
+            return reduce_loss(per, self.reduction, w, checked=True)   # the policy's weights: finite, >= 0
+        # reduce_loss's rule (sum_i w_i l_i, over B for 'mean') as one dot product: one autograd node
+        # instead of three (mul, sum, div); the 1/B goes on the detached weights
+        return torch.dot(per, w if self.reduction == "sum" else w * (1.0 / max(per.shape[0], 1)))
 
     def step(self) -> None:
         """Once after each optimiser step."""

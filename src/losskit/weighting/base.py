@@ -30,26 +30,32 @@ __all__ = ["Weighter", "check_sample_ids"]
 
 
 def check_sample_ids(sample_ids: Tensor | Sequence[int] | None, n: int, *, required: bool = False,
-                     who: str = "this weighter") -> list[int] | None:
-    """``None`` (allowed unless ``required``) or ``n`` integer ids, as a list when ``required``
-    (a policy that does not use them only has their shape checked: no host copy)."""
+                     who: str = "this weighter", device: torch.device | None = None) -> Tensor | None:
+    """``None`` (allowed unless ``required``) or ``n`` integer ids.  When ``required`` they are
+    returned as a ``[n]`` int64 tensor on ``device`` (a list or tuple is converted); a policy that
+    does not use them only has their shape checked.  No host read (values are the policy's to check)."""
     if sample_ids is None:
         if required:
             raise ValueError(f"sample_ids: {who} keys its state by sample id; pass a [B] integer tensor of ids")
         return None
     if isinstance(sample_ids, Tensor):
-        if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.dtype == torch.bool:
+        if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() \
+                or sample_ids.dtype == torch.bool:
             raise ValueError(f"sample_ids: expected a [B] integer tensor, got shape {list(sample_ids.shape)} "
                              f"dtype {sample_ids.dtype}")
-        if not required:
-            if sample_ids.shape[0] != n:
-                raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {sample_ids.shape[0]}")
-            return None
-        ids = [int(v) for v in sample_ids.tolist()]
+        ids = sample_ids
     else:
-        ids = [int(v) for v in sample_ids]
-    if len(ids) != n:
-        raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {len(ids)}")
+        try:
+            ids = torch.as_tensor([int(v) for v in sample_ids], dtype=torch.long)
+        except (TypeError, ValueError):
+            raise ValueError(f"sample_ids: expected a [B] integer tensor or a sequence of ints, got "
+                             f"{type(sample_ids).__name__}") from None
+    if ids.shape[0] != n:
+        raise ValueError(f"sample_ids: expected {n} ids (one per loss), got {ids.shape[0]}")
+    if not required:
+        return None
+    if ids.dtype != torch.long or (device is not None and ids.device != device):
+        ids = ids.to(device=device, dtype=torch.long)
     return ids
 
 
@@ -58,6 +64,9 @@ class Weighter:
 
     #: whether :meth:`compute` needs ``sample_ids``
     needs_ids = False
+    #: whether :meth:`compute` checks the losses' finiteness itself (more cheaply than the base's
+    #: ``[B]`` scan: from a range or a sum it reads anyway); otherwise the base checks them
+    checks_finite = False
     #: keys :meth:`load_state_dict` requires (besides the optional ``num_steps`` and ``hparams``)
     state_keys: tuple[str, ...] = ()
 
@@ -74,19 +83,22 @@ class Weighter:
         if not isinstance(losses, Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             got = shape_str(losses) + f" {losses.dtype}" if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"losses: expected a [B] floating tensor of per-sample losses, got {got}")
-        check_finite(losses, "losses")
+        if not self.checks_finite:
+            check_finite(losses, "losses")
         ids = check_sample_ids(sample_ids, losses.shape[0], required=self.needs_ids,
-                               who=type(self).__name__)
+                               who=type(self).__name__, device=losses.device)
         with torch.no_grad():
             w = self.compute(losses.detach(), ids, **kw)
-        return w.detach().to(losses.dtype)
+        return w if w.dtype == losses.dtype else w.to(losses.dtype)
 
     def loss(self, losses: Tensor, sample_ids: Tensor | Sequence[int] | None = None, reduction: str = "mean",
              **kw: Any) -> Tensor:
         """``reduce_loss(losses, reduction, weights)``: the weighted loss, gradient through ``losses`` only."""
         return reduce_loss(losses, reduction, self.weights(losses, sample_ids, **kw))
 
-    def compute(self, losses: Tensor, ids: list[int] | None, **kw: Any) -> Tensor:
+    def compute(self, losses: Tensor, ids: Tensor | None, **kw: Any) -> Tensor:
+        """The weights of detached ``losses [B]`` (run under ``no_grad``); ``ids``: the ``[B]`` int64
+        ids on the losses' device when :attr:`needs_ids`, else ``None``."""
         raise NotImplementedError
 
     def step(self) -> None:

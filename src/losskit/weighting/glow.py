@@ -49,16 +49,17 @@ the weighted mean ``mean(w * l)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from losskit.core.checks import check_hparam, check_int
+from losskit.core.checks import check_finite, check_hparam, check_int
 from losskit.core.registry import Paper, register
 from losskit.weighting.base import Weighter
 
-__all__ = ["GLOW", "glow_weights", "GLOW_PAPER"]
+__all__ = ["GLOW", "glow_weights", "GLOW_PAPER", "MAX_ID"]
 
 GLOW_PAPER = Paper("Learning from Mistakes: Negative Reasoning Samples Enhance Out-of-Domain Generalization", 2026,
                    "2601.04992")
@@ -70,6 +71,10 @@ def glow_weights(gain: Tensor, alpha: float = 1.0, beta: float = 20.0, w_min: fl
     return (alpha * torch.sigmoid(-beta * gain.detach())).clamp(w_min, w_max)
 
 
+#: ids at or above this are refused (the history is a table of ``largest id + 1`` float32 entries)
+MAX_ID = 1 << 28
+
+
 @register("glow", family="robust", kind="weighter", paper=GLOW_PAPER,
           summary="GLOW: per-sample weights from the loss gain since the sample's previous visit.")
 class GLOW(Weighter):
@@ -78,9 +83,18 @@ class GLOW(Weighter):
     ``alpha`` 1 and ``beta`` 20 are the paper's math defaults (beta 5 for MMLU);
     ``w_min``/``w_max`` 0.5/5 the official clip; ``warmup_epochs`` 1 keeps
     ``w = 1`` for the first epoch.
+
+    The history is a table indexed by sample id (ids are dataset indices in
+    ``[0, 2^28)``; the table grows to the largest id seen + 1: float32 losses,
+    as the official code's ``.item()`` of a float32 loss, NaN for none yet), on
+    the losses' device: a call is a few ``[B]`` tensor operations and one host
+    read (the ids' range, which also checks the losses through their sum), no
+    Python loop over samples.  :attr:`history` and :attr:`pending` give
+    ``{id: loss}`` snapshots.
     """
 
     needs_ids = True
+    checks_finite = True
     state_keys = ("epoch", "history", "pending")
 
     def __init__(self, alpha: float = 1.0, beta: float = 20.0, w_min: float = 0.5, w_max: float = 5.0,
@@ -92,39 +106,89 @@ class GLOW(Weighter):
         self.w_max = check_hparam("w_max", w_max, low=self.w_min)
         self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
         self.epoch = 0
-        self.history: dict[int, float] = {}
-        self.pending: dict[int, float] = {}
+        self._loss = torch.zeros(0)                        # [table] float32: the last committed loss per id, NaN: none
+        self._staged: list[tuple[Tensor, Tensor]] = []     # this step's (ids, losses), in call order
+
+    # -- the table ------------------------------------------------------------------------------
+    def _reserve(self, size: int, device: torch.device) -> None:
+        """The table on ``device`` with at least ``size`` entries (grown geometrically, NaN-filled)."""
+        if self._loss.device != device:
+            self._loss = self._loss.to(device)
+            self._staged = [(i.to(device), v.to(device)) for i, v in self._staged]
+        n = self._loss.shape[0]
+        if size > n:
+            m = max(size, 2 * n, 1024)
+            self._loss = torch.cat([self._loss, self._loss.new_full((m - n,), math.nan)])
+
+    def _commit(self) -> None:
+        if not self._staged:
+            return
+        if len(self._staged) == 1:
+            ids, vals = self._staged[0]
+        else:                                   # in call order: a later loss of the same id wins
+            ids = torch.cat([i for i, _ in self._staged])
+            vals = torch.cat([v for _, v in self._staged])
+        self._loss.index_put_((ids,), vals)
+        self._staged.clear()
 
     # -- weights --------------------------------------------------------------------------------
-    def compute(self, losses: Tensor, ids: list[int], record: bool = True) -> Tensor:
+    def compute(self, losses: Tensor, ids: Tensor, record: bool = True) -> Tensor:
         """Weights ``[B]``; stages the losses when ``record`` (committed by :meth:`step`)."""
         cur = losses
-        if self.epoch < self.warmup_epochs or cur.numel() == 0:
+        if cur.numel() == 0:
+            return torch.ones_like(cur)
+        lo, hi = torch.aminmax(ids)
+        lo, hi, total = int(lo), int(hi), float(cur.sum(dtype=torch.float64))    # host reads (no device sync on CPU)
+        if not math.isfinite(total):
+            check_finite(cur, "losses")     # names the index (a finite batch whose sum overflows passes)
+        if lo < 0 or hi >= MAX_ID:
+            raise ValueError(f"sample_ids: expected ids in [0, 2^28) (dataset indices: GLOW keeps a table of "
+                             f"largest id + 1 losses), got {int(lo)}..{int(hi)}")
+        self._reserve(int(hi) + 1, cur.device)
+        if self.epoch < self.warmup_epochs:
             w = torch.ones_like(cur)
         else:
-            fallback = float(cur.float().mean())
-            prev = torch.tensor([self.history.get(i, fallback) for i in ids], dtype=cur.dtype, device=cur.device)
-            w = glow_weights(prev - cur, self.alpha, self.beta, self.w_min, self.w_max)
-        if record:
-            for i, v in zip(ids, cur.float().tolist()):
-                self.pending[i] = v
+            mean = total / cur.shape[0]
+            prev = self._loss[ids]
+            prev = (prev if cur.dtype == torch.float32 else prev.to(cur.dtype)).nan_to_num_(nan=mean)     # no history yet: the batch mean
+            # glow_weights(prev - cur), in place: clip(alpha sigmoid(beta (cur - prev)), w_min, w_max)
+            w = torch.sub(cur, prev).mul_(self.beta).sigmoid_()
+            w = (w if self.alpha == 1.0 else w.mul_(self.alpha)).clamp_(self.w_min, self.w_max)
+        if record:    # copies: the caller may reuse its tensors; within one call a repeated id keeps one loss
+            self._staged.append((ids.clone(), cur.clone() if cur.dtype == torch.float32 else cur.float()))
         return w
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def step(self) -> None:
         """Commit the staged losses of this optimiser step into the history."""
         super().step()
-        self.history.update(self.pending)
-        self.pending.clear()
+        self._commit()
 
     def end_epoch(self) -> None:
         """Commit the staged losses and advance the epoch (no optimiser step is counted)."""
-        self.history.update(self.pending)
-        self.pending.clear()
+        self._commit()
         self.epoch += 1
 
+    def discard_staged(self) -> None:
+        """Drop the losses staged since the last :meth:`step` (they never become history)."""
+        self._staged.clear()
+
+    @property
+    def history(self) -> dict[int, float]:
+        """``{id: loss}``: a snapshot of the committed losses."""
+        ids = (~self._loss.isnan()).nonzero().squeeze(1)
+        return dict(zip(ids.tolist(), self._loss[ids].double().tolist()))
+
+    @property
+    def pending(self) -> dict[int, float]:
+        """``{id: loss}``: a snapshot of this step's staged losses (a later one of an id wins)."""
+        out: dict[int, float] = {}
+        for i, v in self._staged:
+            out.update(zip(i.tolist(), v.double().tolist()))
+        return out
+
     def extra_state(self) -> dict[str, Any]:
-        """The epoch, the history and the staged losses."""
+        """The epoch, the history and the staged losses (``ids`` int64 and ``losses`` float64, on the CPU)."""
         def pack(d: dict[int, float]) -> dict[str, Tensor]:
             return {"ids": torch.tensor(list(d.keys()), dtype=torch.long),
                     "losses": torch.tensor(list(d.values()), dtype=torch.float64)}
@@ -132,9 +196,20 @@ class GLOW(Weighter):
         return {"epoch": self.epoch, "history": pack(self.history), "pending": pack(self.pending)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        def unpack(d: dict[str, Tensor]) -> dict[int, float]:
-            return {int(i): float(v) for i, v in zip(d["ids"].tolist(), d["losses"].tolist())}
+        def ids_vals(d: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            return d["ids"].to(torch.long).reshape(-1), d["losses"].to(torch.float32).reshape(-1)
 
+        device = self._loss.device
+        hist_ids, hist_vals = ids_vals(state["history"])
+        pend_ids, pend_vals = ids_vals(state["pending"])
+        both = torch.cat([hist_ids, pend_ids])
+        if both.numel() and (int(both.min()) < 0 or int(both.max()) >= MAX_ID):
+            raise ValueError("GLOW.load_extra_state: the state holds ids outside [0, 2^28)")
         self.epoch = int(state["epoch"])
-        self.history = unpack(state["history"])
-        self.pending = unpack(state["pending"])
+        self._loss = torch.zeros(0, device=device)
+        self._staged = []
+        self._reserve(int(both.max()) + 1 if both.numel() else 0, device)
+        self._staged = [(hist_ids.to(device), hist_vals.to(device))]
+        self._commit()
+        if pend_ids.numel():
+            self._staged = [(pend_ids.to(device), pend_vals.to(device))]

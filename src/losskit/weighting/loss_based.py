@@ -40,10 +40,14 @@ batch sizes are equal (docs/design.md, "Distributed").
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from losskit.core.checks import check_choice, check_hparam, check_int, check_vector
+from losskit.core.checks import check_choice, check_finite, check_hparam, check_int, check_vector, \
+    tensor_checks_enabled
 from losskit.core.registry import Paper, register
 from losskit.distributed.collectives import all_gather_no_grad, all_reduce_sum, gather_sizes, world
 from losskit.weighting.base import Weighter
@@ -59,27 +63,51 @@ STRATEGIES = ("linupper", "quadratic", "extremes")
 RANGE_EPS = 1e-6
 
 
-def _scores(h: Tensor, strategy: str, delta: float) -> Tensor:
+def _weights_from_range(lw: Tensor, lo, hi, strategy: str, r: float, delta: float) -> Tensor:
+    """``N softmax(f / r)`` from the losses ``lw`` (compute dtype) and their range ``lo``, ``hi``
+    (Python floats, or 0-d tensors: no host read).
+
+    The softmax is shift-invariant, so the constants of ``f`` are dropped and
+    ``f / r`` is written as ``k * s(l - mid)`` with ``mid = (lo + hi) / 2``,
+    ``a = 2 delta / max(hi - lo, 1e-6)`` (``h = a (l - mid)``) and:
+    LinUpper ``min(h + delta, delta) = delta + a min(l - mid, 0)``: ``s = min(t, 0)``, ``k = a / r``;
+    Quadratic ``1 - h^2 / delta^2``: ``s = t^2``, ``k = -a^2 / (delta^2 r)``;
+    Extremes ``|h|``: ``s = |t|``, ``k = a / r``.  Five ``[N]`` operations."""
+    n = lw.shape[0]
+    if isinstance(lo, Tensor):
+        a = (2.0 * delta) / torch.clamp(hi - lo, min=RANGE_EPS)
+        mid = (lo + hi) * 0.5
+    else:
+        a = 2.0 * delta / max(hi - lo, RANGE_EPS)
+        mid = (lo + hi) * 0.5
+    t = lw - mid
     if strategy == "linupper":
-        return torch.minimum(h + delta, torch.full_like(h, delta))
-    if strategy == "quadratic":
-        return 1 - h * h / (delta * delta)
-    return h.abs()
+        t.clamp_max_(0.0)
+        k = a / r
+    elif strategy == "quadratic":
+        t.square_()
+        k = -(a * a) / (delta * delta * r)
+    else:
+        t.abs_()
+        k = a / r
+    p = torch.softmax(t.mul_(k), dim=0)
+    return p.mul_(n)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def loss_reweighting_weights(losses: Tensor, strategy: str = "linupper", r: float = 1.0,
                              delta: float = 1.0) -> Tensor:
     """The weights ``N p`` (mean 1) of one global batch of losses ``[N]`` (no
-    burn-in, no token counts, no gradient)."""
+    burn-in, no token counts, no gradient, no host read)."""
     strategy = check_choice("strategy", strategy, STRATEGIES)
     if losses.numel() == 0:
         return torch.ones_like(losses)
-    lw = losses.detach().to(torch.float64 if losses.dtype == torch.float64 else torch.float32)
-    lmin, lmax = lw.min(), lw.max()
-    h = 2 * delta * (lw - (lmax + lmin) / 2) / torch.clamp(lmax - lmin, min=RANGE_EPS)
-    f = _scores(h, strategy, delta)
-    p = torch.softmax((f - f.max()) / r, dim=0)
-    return (p * losses.shape[0]).to(losses.dtype)
+    lw = losses.detach().to(_compute_dtype(losses.dtype))
+    lo, hi = torch.aminmax(lw)
+    return _weights_from_range(lw, lo, hi, strategy, r, delta).to(losses.dtype)
 
 
 class LossReweighting(Weighter):
@@ -103,7 +131,10 @@ class LossReweighting(Weighter):
         self.burn_in = check_int("burn_in", burn_in, low=0)
         self.process_group = process_group
 
-    def compute(self, losses: Tensor, ids: list[int] | None, lengths: Tensor | None = None) -> Tensor:
+    #: the finiteness of the losses is checked here, from their range (one host read, no [B] scan)
+    checks_finite = True
+
+    def compute(self, losses: Tensor, ids: Tensor | None, lengths: Tensor | None = None) -> Tensor:
         n_local = losses.shape[0]
         if lengths is not None:
             lengths = check_vector(lengths, "lengths", n_local, losses, floating=False, finite=False,
@@ -111,7 +142,7 @@ class LossReweighting(Weighter):
             lengths = lengths.to(losses.dtype)
             if lengths.numel() and bool((lengths < 0).any()):
                 raise ValueError(f"lengths: expected token counts >= 0, got min {float(lengths.min())}")
-        w_size, rank = world(self.process_group)
+        w_size, rank = world(self.process_group) if self.process_group is not None or _dist_on() else (1, 0)
         if w_size > 1:
             sizes = gather_sizes(n_local, losses.device, self.process_group)
             glob = all_gather_no_grad(losses, self.process_group, sizes)
@@ -119,15 +150,30 @@ class LossReweighting(Weighter):
         else:
             glob, start = losses, 0
         if self.num_steps < self.burn_in or glob.numel() == 0:
+            check_finite(losses, "losses")
             w = torch.ones_like(losses)
         else:
-            w = loss_reweighting_weights(glob, self.strategy, self.r, self.delta)[start:start + n_local]
+            lw = glob.to(_compute_dtype(glob.dtype))
+            lo, hi = torch.aminmax(lw)
+            if tensor_checks_enabled() or lw.device.type == "cpu":
+                # one read of the range: it checks the losses (NaN and inf propagate to the min or max)
+                # and makes the scalar arithmetic Python's; on CPU there is no device to wait for
+                lo, hi = float(lo), float(hi)
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    check_finite(losses, "losses")          # names the index when the bad loss is ours
+                    raise ValueError("losses: expected finite values, got a NaN or inf loss on another rank")
+            w = _weights_from_range(lw, lo, hi, self.strategy, self.r, self.delta)
+            w = w[start:start + n_local] if w_size > 1 else w
         if lengths is not None:
             total = all_reduce_sum(lengths.sum().reshape(1), self.process_group) if w_size > 1 else lengths.sum()
             count = sum(sizes) if w_size > 1 else n_local
             mean_n = (total.reshape(()) / max(count, 1)).clamp_min(torch.finfo(lengths.dtype).tiny)
             w = w * lengths / mean_n
         return w
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 @register("linupper", family="robust", kind="weighter", paper=SOW_PAPER,

@@ -17,7 +17,11 @@ training part only, in this order and with fixed draws:
 Training.  Every objective trains the same network (the bench's MLP or CNN
 embedder plus a linear layer to ``C`` logits, initialised from the seed
 alone) with the same shuffled batches of ``--batch-size`` images, the same
-augmentation draws and Adam on the network's parameters.  An objective is a
+augmentation draws and the bench's optimiser axis (``--optimizer``, default
+Adam, and ``--schedule``, default constant: :mod:`losskit.bench.optim_axis`)
+on the network's parameters and the objective's own, if it has any; a
+non-constant schedule records the cell's gradient norms, so a later
+``--schedule refined --refine-from RUN_DIR`` run can use them.  An objective is a
 registered ``logits`` objective called ``loss(logits, labels)``;
 ``adversarial-comp-sum`` is called ``loss.from_model(net, x, labels)`` (its
 PGD inner maximisation runs on the network in training mode) and
@@ -48,8 +52,9 @@ from losskit.core import registry
 from ..errors import BenchConfigError, CellDiverged
 from ..labels import base_name
 from ..model import build_model, choose_model
+from ..optim_axis import build_optim_axis
 from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
-from .embedding import shift
+from .embedding import affine, shift
 
 __all__ = ["ClassificationTask", "ClosedSetData", "closed_set", "corrupt_labels", "imbalance_indices"]
 
@@ -223,7 +228,11 @@ class ClassificationTask(Task):
         loss_fn = self.build_objective(name, kwargs, seed)
         if isinstance(loss_fn, nn.Module):
             loss_fn = loss_fn.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            extra = [p for p in loss_fn.parameters() if p.requires_grad]
+        else:
+            extra = []
+        axis = build_optim_axis(cfg, model, extra, cfg.epochs * spe, objective, seed)
+        opt = axis.optimizer
         shuffle = torch.Generator().manual_seed(seed + SHUFFLE_SEED_OFFSET)
         aug_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
         train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -244,6 +253,8 @@ class ClassificationTask(Task):
             x, y = train_x[idx], train_y[idx]
             if cfg.augment == "shift":
                 x = shift(x, aug_gen)
+            elif cfg.augment == "affine":
+                x = affine(x, aug_gen)
             if adversarial:
                 loss = loss_fn.from_model(model, x, y, generator=aug_gen)
             elif takes_ids:
@@ -254,15 +265,19 @@ class ClassificationTask(Task):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            axis.after_step()
             if hasattr(loss_fn, "step"):
                 loss_fn.step()
             return loss.detach()
 
+        axis.info = {"batch_size": cfg.batch_size, "model": choose_model(cfg.model, input_shape),
+                     "objective_params": sum(p_.numel() for p_ in extra),
+                     **({"burn_in": kwargs["burn_in"]} if "burn_in" in kwargs else {}), **axis.info}
+
         return CellTrainer(
             step=step, steps_per_epoch=spe, modules=[model, *([loss_fn] if isinstance(loss_fn, nn.Module) else [])],
             model=model,
-            info={"batch_size": cfg.batch_size, "model": choose_model(cfg.model, input_shape),
-                  **({"burn_in": kwargs["burn_in"]} if "burn_in" in kwargs else {})},
+            info=axis.info,  # the optimiser axis adds the recorded gradient norms after the last step
         )
 
     def evaluate(self, cfg, data, trainer, device) -> Evaluation:
