@@ -56,3 +56,26 @@ def test_bad_axis_options_are_clear_errors(tmp_path, tiny):
     run = run_bench(_cfg(schedule="refined", refine_from=str(first)), tmp_path / "x", progress=False,
                     plots=False, log=lambda s: None, data=tiny)
     assert "has no grad_norms_l1" in run.failed[("softmax", 0)]
+
+
+def test_an_early_stopped_run_seeds_a_refined_run(tmp_path, tiny, monkeypatch):
+    """--early-stop ends a cell before its last step; the runner's on_end hook still copies the
+    recorded gradient norms (one per step trained), and --refine-from that run trains."""
+    from losskit.bench.tasks.embedding import EmbeddingTask
+
+    calls = {"n": 0}
+
+    def settled(self, cfg, data, trainer, device):  # the held-out metric follows 0.9 - 0.5 n^-0.8
+        calls["n"] += 1
+        return 0.9 - 0.5 * calls["n"] ** -0.8
+
+    monkeypatch.setattr(EmbeddingTask, "track", settled)
+    first, cell = _run(tmp_path, "lin", tiny, schedule="linear-decay", epochs=12, early_stop=0.1, baselines=False)
+    stop = cell["stopped_at_epoch"]
+    assert stop < 12, "the cell stopped early"
+    assert len(cell["grad_norms_l1"]) == len(cell["grad_norms_l2"]) == cell["steps"]
+    monkeypatch.undo()
+    out, ref = _run(tmp_path, "ref", tiny, schedule="refined", refine_from=str(first), epochs=12, baselines=False)
+    assert ref["schedule"] == "refined" and ref["refined_from_steps"] == cell["steps"]
+    assert "stopped_at_epoch" not in ref and len(ref["grad_norms_l1"]) == ref["steps"]
+    assert ref["steps"] * stop == cell["steps"] * 12, "the early-stopped cell recorded the steps of its epochs"

@@ -16,7 +16,11 @@ protocol (data, network, batches, seeds, budget).
   a previous run, given with ``--refine-from RUN_DIR``, recorded for the same
   objective and seed).  Every non-constant schedule records the cell's
   per-step gradient norms (``grad_norms_l1``, ``grad_norms_l2`` in the cell's
-  JSON) so that its run can seed a refined one.
+  JSON) so that its run can seed a refined one.  They are copied when the
+  cell's training ends for any reason (the runner's ``on_end`` hook), so a
+  cell stopped by ``--early-stop`` records the steps it trained; a refined
+  cell stretches the previous cell's norms to its own length (as for any new
+  run length) and records how many there were (``refined_from_steps``).
 """
 
 from __future__ import annotations
@@ -46,11 +50,16 @@ class OptimAxis:
         self.info: dict[str, Any] = {}
 
     def after_step(self) -> None:
-        """Advance the schedule; after the last step, copy the recorded norms into ``info``."""
+        """Advance the schedule (after each optimiser step)."""
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
-        if self.recorder is not None and self.steps == self.total_steps:
+
+    def finish(self) -> None:
+        """Copy the recorded norms into ``info``: the cell's ``on_end`` hook, called by the runner when
+        training ends for any reason (the last step, ``--early-stop``, an error), so that a cell that
+        stopped early still seeds a refined run (with the steps it trained)."""
+        if self.recorder is not None:
             self.info["grad_norms_l1"] = self.recorder.norms("l1")
             self.info["grad_norms_l2"] = self.recorder.norms("l2")
 
@@ -115,5 +124,7 @@ def build_optim_axis(cfg, model: nn.Module, extra: list[Tensor], total_steps: in
     rec = GradNormRecorder(opt) if cfg.schedule != "constant" else None
     axis = OptimAxis(opt, sched, rec, total_steps)
     axis.info.update({"optimizer": cfg.optimizer, "schedule": cfg.schedule})
+    if cfg.schedule == "refined":
+        axis.info["refined_from_steps"] = len(norms)
     return axis
 
