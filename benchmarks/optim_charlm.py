@@ -25,8 +25,9 @@ run's recorded L1 gradient norms.
 State bytes are measured from the optimiser's state tensors
 (``losskit.optim.optimizer_state_bytes``, plus GaLore's projector matrices),
 the maximum over the steps (blockwise FRUGAL's changes with the active blocks);
-step time is the mean over all steps (so it averages over the update gap),
-as a ratio to AdamW's in the same process; the contenders of a seed train in
+step time (the whole training step) and ``opt.step`` time (the optimiser's
+step alone, where the optimisers differ) are means over all steps (so they
+average over the update gap), as ratios to AdamW's in the same process; the contenders of a seed train in
 lockstep (one step of each in turn), so that a busy machine slows them alike.
 Each ``--threads`` value is one table; run one value per invocation to keep
 each invocation short (about 2 minutes per value at the defaults on an idle
@@ -186,7 +187,7 @@ class Run:
         self.rec = GradNormRecorder(opt)
         self.batches = batches(train_ids, steps, seed + 1)
         self.lossf = nn.CrossEntropyLoss()
-        self.t_step, self.peak = 0.0, 0
+        self.t_step, self.t_opt, self.peak = 0.0, 0.0, 0
 
     def step(self):
         xy = next(self.batches)
@@ -195,7 +196,9 @@ class Run:
         logits = self.model(xy[:, :-1])
         loss = self.lossf(logits.reshape(-1, self.vocab), xy[:, 1:].reshape(-1))
         loss.backward()
+        t1 = time.perf_counter()
         self.opt.step()
+        self.t_opt += time.perf_counter() - t1
         self.sched.step()
         self.t_step += time.perf_counter() - t0
         self.peak = max(self.peak, state_bytes(self.opt))
@@ -206,7 +209,7 @@ class Run:
             vals = [float(self.lossf(self.model(xy[:, :-1]).reshape(-1, self.vocab), xy[:, 1:].reshape(-1)))
                     for xy in batches(val_ids, 40, 12345)]
         return {"val_loss": sum(vals) / len(vals), "state_bytes": self.peak, "step_ms": 1e3 * self.t_step / self.steps,
-                "grad_norms_l1": self.rec.norms("l1")}
+                "opt_ms": 1e3 * self.t_opt / self.steps, "grad_norms_l1": self.rec.norms("l1")}
 
 
 def train_lockstep(specs, text_ids, vocab, steps, seed, update_gap):
@@ -289,17 +292,19 @@ def main():
             if runs[0] is None:
                 print(f"{name}: skipped (pytorch-optimizer not installed: pip install 'losskit[optim-compare]')")
                 continue
-            res[name] = {k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "state_bytes", "step_ms")}
+            res[name] = {k: sum(r[k] for r in runs) / len(runs)
+                         for k in ("val_loss", "state_bytes", "step_ms", "opt_ms")}
             res[name]["val_losses"] = [r["val_loss"] for r in runs]
         base = res["adamw"]
         print(f"threads {label}")
-        print("| optimizer | val loss (mean over seeds) | per seed | / AdamW | peak state bytes | / AdamW | step ms | / AdamW |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| optimizer | val loss (mean over seeds) | per seed | / AdamW | peak state bytes | / AdamW | "
+              "step ms | / AdamW | opt.step ms | / AdamW |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, r in res.items():
             print(f"| {name} | {r['val_loss']:.4f} | {', '.join(f'{v:.4f}' for v in r['val_losses'])} | "
                   f"{r['val_loss'] / base['val_loss']:.3f} | {r['state_bytes']:,.0f} | "
                   f"{r['state_bytes'] / base['state_bytes']:.3f} | {r['step_ms']:.2f} | "
-                  f"{r['step_ms'] / base['step_ms']:.2f} |")
+                  f"{r['step_ms'] / base['step_ms']:.2f} | {r['opt_ms']:.2f} | {r['opt_ms'] / base['opt_ms']:.2f} |")
             out["rows"].append({"threads": th, "optimizer": name, **r})
         print()
     if args.schedules:
