@@ -45,7 +45,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
