@@ -22,6 +22,14 @@ def test_charlm_benchmark_runs(tmp_path):
     assert "| frugal-svd |" in out.stdout and "| refined (from linear-decay) |" in out.stdout
     rows = {r["optimizer"]: r for r in json.loads(raw.read_text())["rows"]}
     assert rows["frugal-block"]["state_bytes"] < 0.5 * rows["adamw"]["state_bytes"]
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "optim_charlm.py"), "--state-table"],
+                           capture_output=True, text=True, timeout=600, env=ENV)
+    assert table.returncode == 0, table.stderr
+    tiny = next(line for line in table.stdout.splitlines() if line.startswith("| 64, 2, 256 |")).split(" | ")
+    # the state from the parameter split (no training) is the measured peak of the run above
+    assert int(tiny[3].replace(",", "")) == rows["adamw"]["state_bytes"]
+    for col, name in ((5, "frugal-block"), (7, "frugal-svd")):
+        assert float(tiny[col]) == round(rows[name]["state_bytes"] / rows["adamw"]["state_bytes"], 3)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import losskit
-from losskit.optim import FRUGAL, frugal_param_groups, optimizer_state_bytes
+from losskit.optim import FRUGAL, adamw_state_bytes, frugal_param_groups, frugal_state_bytes, optimizer_state_bytes
 from losskit.optim.projections import PROJECTIONS
 
 PROJ = list(PROJECTIONS)
@@ -283,3 +283,48 @@ def test_training_reduces_the_loss_for_every_projection():
             ((model(x) - y) ** 2).mean().backward()
             opt.step()
         assert float(((model(x) - y) ** 2).mean()) < 0.6 * first, projection
+
+
+@pytest.mark.parametrize("projection", PROJ)
+@pytest.mark.parametrize("order", ["descending", "random"])
+def test_expected_state_bytes_equal_the_measured_ones_at_every_step(projection, order):
+    """frugal_state_bytes (shapes and dtypes alone) == state_bytes() measured after every step of
+    every renewal; its peak is the measured peak; adamw_state_bytes == torch AdamW's measured."""
+    for dtype, rho in ((torch.float32, 0.25), (torch.float32, 0.6), (torch.bfloat16, 0.4)):
+        model = _mlp(dtype=dtype)
+        kw = dict(lr=1e-3, rho=rho, projection=projection, update_gap=2, block_order=order, seed=3)
+        opt = FRUGAL(frugal_param_groups(model), **kw)
+        measured = []
+        for t in range(12):
+            x, y = _data(t)
+            opt.zero_grad()
+            ((model(x.to(dtype)) - y.to(dtype)) ** 2).float().mean().backward()
+            opt.step()
+            got = opt.state_bytes()
+            assert got == opt.expected_state_bytes(t // 2), f"{dtype} rho {rho} step {t}"
+            measured.append(got["total"])
+        expected = frugal_state_bytes(frugal_param_groups(model), steps=12, **kw)
+        assert [r["total"] for r in expected["per_renewal"]] == measured[::2]
+        assert expected["peak"] == max(measured)
+        if dtype == torch.float32:
+            adam = torch.optim.AdamW(model.parameters())
+            _train(model, adam, 1)
+            assert expected["adamw"] == adamw_state_bytes(model.parameters()) == optimizer_state_bytes(adam)
+
+
+def test_expected_state_bytes_need_no_memory_and_show_the_parameter_split():
+    """Meta tensors: a model too large to train here.  Blockwise at rho 0.25 over 4 equal tensors
+    keeps one on Adam; the head, biases and norms keep full AdamW moments."""
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(4)], nn.LayerNorm(1024),
+                              nn.Linear(1024, 10))
+    est = frugal_state_bytes(frugal_param_groups(model), rho=0.25)
+    other = 2 * 1024 + 1024 * 10 + 10
+    assert est["projectable"] == 4 * 1024 * 1024 and est["other"] == other
+    assert est["adam_projectable"] == 1024 * 1024
+    assert est["peak"] == est["mean"] == 8 * (1024 * 1024 + other)
+    assert est["adamw"] == 8 * (4 * 1024 * 1024 + other) + 4 * 8  # 8 tensors, a float32 step each
+    svd = frugal_state_bytes(frugal_param_groups(model), rho=0.25, projection="svd")
+    assert svd["peak"] == 4 * (4 * (2 * 1024 * 256 + 256 * 1024) + 2 * other)
+    with pytest.raises(ValueError, match="rho"):
+        frugal_state_bytes(frugal_param_groups(model), rho=1.5)

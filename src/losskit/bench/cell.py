@@ -80,41 +80,46 @@ def run_cell(task, cfg, data: Any, objective: str, hparams: dict[str, Any], seed
     track_time = 0.0
     forecaster = _early_stopper(task, cfg) if every else None
     stopped_at = None
-    for epoch in range(cfg.epochs):
-        losses = []
-        t0 = time.perf_counter()
-        for _ in range(per_epoch):
-            if n == 0 and not cuda:
-                # the first step is profiled for memory and left out of the timing
-                tp = time.perf_counter()
-                memory_mb, loss = measure_step_memory(trainer.step, param_bytes(*trainer.modules))
-                t0 += time.perf_counter() - tp
-            else:
-                loss = trainer.step()
-            n += 1
-            losses.append(loss)
-            if on_step is not None:
-                on_step()
-        values = torch.stack(losses).float().cpu()  # one device sync per epoch
-        train_time += time.perf_counter() - t0
-        if not torch.isfinite(values).all():
-            first = int((~torch.isfinite(values)).nonzero()[0])
-            raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
-                               f"at step {first + 1 + epoch * per_epoch} of {total_steps}")
-        epoch_loss.append(float(values.mean()))
-        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
-            t1 = time.perf_counter()
-            value = task.track(cfg, data, trainer, device)
-            for m in trainer.modules:
-                m.train()
-            track_time += time.perf_counter() - t1
-            if value is None:
-                every = 0
-            else:
-                tracked.append([epoch + 1, float(value)])
-                if forecaster is not None and epoch + 1 < cfg.epochs and _should_stop(forecaster, epoch + 1, value):
-                    stopped_at = epoch + 1
-                    break
+    try:
+        for epoch in range(cfg.epochs):
+            losses = []
+            t0 = time.perf_counter()
+            for _ in range(per_epoch):
+                if n == 0 and not cuda:
+                    # the first step is profiled for memory and left out of the timing
+                    tp = time.perf_counter()
+                    memory_mb, loss = measure_step_memory(trainer.step, param_bytes(*trainer.modules))
+                    t0 += time.perf_counter() - tp
+                else:
+                    loss = trainer.step()
+                n += 1
+                losses.append(loss)
+                if on_step is not None:
+                    on_step()
+            values = torch.stack(losses).float().cpu()  # one device sync per epoch
+            train_time += time.perf_counter() - t0
+            if not torch.isfinite(values).all():
+                first = int((~torch.isfinite(values)).nonzero()[0])
+                raise CellDiverged(f"{objective} (seed {seed}): loss became {float(values[first])} "
+                                   f"at step {first + 1 + epoch * per_epoch} of {total_steps}")
+            epoch_loss.append(float(values.mean()))
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
+                t1 = time.perf_counter()
+                value = task.track(cfg, data, trainer, device)
+                for m in trainer.modules:
+                    m.train()
+                track_time += time.perf_counter() - t1
+                if value is None:
+                    every = 0
+                else:
+                    tracked.append([epoch + 1, float(value)])
+                    if (forecaster is not None and epoch + 1 < cfg.epochs
+                            and _should_stop(forecaster, epoch + 1, value)):
+                        stopped_at = epoch + 1
+                        break
+    finally:  # the last step, an early stop or an error: the task records what it kept
+        if trainer.on_end is not None:
+            trainer.on_end()
     if cuda:
         memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
 

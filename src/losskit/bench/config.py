@@ -87,11 +87,14 @@ class BenchConfig:
     optimizer: str = option("adam", choices=OPTIMIZERS,
                             help="optimiser of every cell: adam, adamw, sgd (momentum 0.9) or frugal (docs/optim.md)")
     schedule: str = option("constant", choices=SCHEDULES,
-                           help="learning-rate schedule: constant, cosine, linear-decay or refined (needs "
-                                "--refine-from); non-constant schedules record each cell's gradient norms")
+                           help="learning-rate schedule: constant, cosine, linear-decay or refined (from "
+                                "--refine-from's gradient norms, else from a pilot run the bench trains first); "
+                                "non-constant schedules record each cell's gradient norms")
     refine_from: str | None = option(None, type=str, metavar="RUN_DIR",
                                      help="--schedule refined: the run folder whose cells' gradient norms "
-                                          "(same objective and seed) shape the schedule", default_text="none")
+                                          "(same objective and seed) shape the schedule",
+                                     default_text="none: a pilot run with --schedule linear-decay into OUT/pilot "
+                                                  "(twice the training time)")
     batch_size: int = option(80, low=2, help="target batch size when P is automatic")
     batch_classes: int = option(0, low=0, help="P classes per batch", default_text="0 = from the data")
     batch_samples: int = option(0, low=0, help="K samples per class", default_text="0 = from the data")

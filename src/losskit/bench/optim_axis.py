@@ -14,9 +14,15 @@ protocol (data, network, batches, seeds, budget).
   step), ``linear-decay`` (:class:`losskit.optim.LinearDecayLR`) or
   ``refined`` (:class:`losskit.optim.RefinedLR` from the gradient norms that
   a previous run, given with ``--refine-from RUN_DIR``, recorded for the same
-  objective and seed).  Every non-constant schedule records the cell's
+  objective and seed; without ``--refine-from`` the bench first trains that
+  previous run itself, a *pilot* with ``--schedule linear-decay`` and every
+  other option the same, into ``OUT/pilot/``: twice the training time).  Every non-constant schedule records the cell's
   per-step gradient norms (``grad_norms_l1``, ``grad_norms_l2`` in the cell's
-  JSON) so that its run can seed a refined one.
+  JSON) so that its run can seed a refined one.  They are copied when the
+  cell's training ends for any reason (the runner's ``on_end`` hook), so a
+  cell stopped by ``--early-stop`` records the steps it trained; a refined
+  cell stretches the previous cell's norms to its own length (as for any new
+  run length) and records how many there were (``refined_from_steps``).
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ from torch import Tensor, nn
 
 from .errors import BenchConfigError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "OptimAxis", "build_optim_axis", "validate_axis"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "PILOT_DIR", "PILOT_SCHEDULE", "OptimAxis", "build_optim_axis",
+           "validate_axis", "needs_pilot"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "frugal")
 SCHEDULES = ("constant", "cosine", "linear-decay", "refined")
+#: ``--schedule refined`` without ``--refine-from``: the pilot run's folder inside the run folder, and its schedule
+PILOT_DIR, PILOT_SCHEDULE = "pilot", "linear-decay"
 
 
 class OptimAxis:
@@ -46,20 +55,26 @@ class OptimAxis:
         self.info: dict[str, Any] = {}
 
     def after_step(self) -> None:
-        """Advance the schedule; after the last step, copy the recorded norms into ``info``."""
+        """Advance the schedule (after each optimiser step)."""
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
-        if self.recorder is not None and self.steps == self.total_steps:
+
+    def finish(self) -> None:
+        """Copy the recorded norms into ``info``: the cell's ``on_end`` hook, called by the runner when
+        training ends for any reason (the last step, ``--early-stop``, an error), so that a cell that
+        stopped early still seeds a refined run (with the steps it trained)."""
+        if self.recorder is not None:
             self.info["grad_norms_l1"] = self.recorder.norms("l1")
             self.info["grad_norms_l2"] = self.recorder.norms("l2")
 
 
+def needs_pilot(cfg) -> bool:
+    """``--schedule refined`` without ``--refine-from``: the bench trains a pilot run first."""
+    return cfg.schedule == "refined" and not cfg.refine_from
+
+
 def validate_axis(cfg) -> None:
-    if cfg.schedule == "refined" and not cfg.refine_from:
-        raise BenchConfigError("--schedule refined needs --refine-from RUN_DIR: a previous run with a non-constant "
-                               "schedule (for example --schedule linear-decay), whose cells recorded their "
-                               "gradient norms")
     if cfg.refine_from and cfg.schedule != "refined":
         raise BenchConfigError(f"--refine-from is only used with --schedule refined (got --schedule {cfg.schedule})")
     if cfg.refine_from and not (Path(cfg.refine_from) / "cells").is_dir():
@@ -115,5 +130,7 @@ def build_optim_axis(cfg, model: nn.Module, extra: list[Tensor], total_steps: in
     rec = GradNormRecorder(opt) if cfg.schedule != "constant" else None
     axis = OptimAxis(opt, sched, rec, total_steps)
     axis.info.update({"optimizer": cfg.optimizer, "schedule": cfg.schedule})
+    if cfg.schedule == "refined":
+        axis.info["refined_from_steps"] = len(norms)
     return axis
 

@@ -15,6 +15,7 @@ the batch shape; a run folder is written by one bench at a time (a lock).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from .config import BenchConfig
 from .errors import BenchConfigError
 from .labels import normalize_label
 from .objectives import resolve_hparams, resolve_objectives, unbenchable_objectives
+from .optim_axis import PILOT_DIR, PILOT_SCHEDULE, needs_pilot
 from .progress import Progress
 from .protocol import check_resume, protocol
 from .store import (BASELINES_DIR, CELLS_DIR, CONFIG_FILE, SPLITS_DIR, RunLock, atomic_write_json, cell_key, cell_path,
@@ -260,7 +262,9 @@ def _run_locked(task, cfg, out, resume, progress, plots, log, data, save_models,
     if base_todo:
         _run_baselines(task, cfg, data_for, base_todo, device, proto, run, log)
     if todo:
-        _run_cells(task, cfg, data_for, todo, hparams, device, proto, run, progress, log, save_models)
+        train_cfg = _pilot(cfg, out, progress, log, data, run) if needs_pilot(cfg) else cfg
+        if not run.interrupted:
+            _run_cells(task, train_cfg, data_for, todo, hparams, device, proto, run, progress, log, save_models)
 
     run.wall_time_s = time.perf_counter() - t_start
     report.write_results(run)
@@ -275,6 +279,23 @@ def _run_locked(task, cfg, out, resume, progress, plots, log, data, save_models,
             plotting.write_plots(run)
     run.wall_time_s = time.perf_counter() - t_start
     return run
+
+
+def _pilot(cfg: BenchConfig, out: Path, progress: bool, log, data, run: BenchRun) -> BenchConfig:
+    """``--schedule refined`` without ``--refine-from``: train (or finish) the pilot run -- the same
+    protocol with ``--schedule linear-decay``, no baselines -- in ``out/pilot``, and return the
+    configuration that trains the refined cells from it.  The run's own protocol keeps
+    ``refine_from`` empty (so ``--resume`` with the same options resumes both)."""
+    pilot_out = out / PILOT_DIR
+    pilot_cfg = dataclasses.replace(cfg, schedule=PILOT_SCHEDULE, refine_from=None, baselines=False,
+                                    objectives=list(cfg.objectives), overrides=dict(cfg.overrides))
+    again = (pilot_out / CONFIG_FILE).exists()
+    log(f"bench: --schedule refined without --refine-from: {'finishing' if again else 'training'} the pilot run "
+        f"(--schedule {PILOT_SCHEDULE}) in {pilot_out} first; the refined cells follow its gradient norms")
+    pilot = run_bench(pilot_cfg, pilot_out, resume=again, progress=progress, plots=False,
+                      log=lambda s: log(f"pilot: {s}"), data=data)
+    run.interrupted = pilot.interrupted
+    return dataclasses.replace(cfg, refine_from=str(pilot_out))
 
 
 def _run_baselines(task: Task, cfg: BenchConfig, data_for, todo, device, proto, run: BenchRun, log) -> None:

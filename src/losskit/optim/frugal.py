@@ -33,8 +33,8 @@ from losskit.core.checks import check_bool, check_choice, check_hparam, check_in
 from losskit.core.registry import Paper, register
 from losskit.optim.projections import PROJECTIONS, Subspace, make_subspace, renewal_generator, side_and_rank
 
-__all__ = ["FRUGAL", "FRUGAL_PAPER", "frugal_param_groups", "optimizer_state_bytes", "RESIDUAL_RULES",
-           "BLOCK_ORDERS"]
+__all__ = ["FRUGAL", "FRUGAL_PAPER", "frugal_param_groups", "optimizer_state_bytes", "frugal_state_bytes",
+           "adamw_state_bytes", "blockwise_active", "RESIDUAL_RULES", "BLOCK_ORDERS"]
 
 FRUGAL_PAPER = Paper("FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training", 2025,
                      "2411.07837")
@@ -92,6 +92,79 @@ def frugal_param_groups(model: nn.Module, *, exclude: Iterable[str] = (), output
             rest.append(p)
     groups = [{"params": rest, "projectable": False}, {"params": proj, "projectable": True}]
     return [g for g in groups if g["params"]]
+
+
+def blockwise_active(n: int, rho: float, renewal: int, block_order: str = "descending", seed: int = 0) -> list[int]:
+    """The indices (among a group's ``n`` projectable tensors, in order) that blockwise FRUGAL keeps
+    on Adam during renewal ``renewal`` (0 = the first ``update_gap`` steps): ``round(n * rho)``
+    tensors; ``descending`` (the paper's) starts at the last tensor and moves down by that many
+    each renewal, ``ascending`` starts at the first, ``random`` draws them from ``seed``."""
+    k = round(n * rho)
+    if k >= n:
+        return list(range(n))
+    if k == 0:
+        return []
+    if block_order == "descending":  # the paper's setting: start at the last tensor, move down by k
+        start = (n - 1 - renewal * k) % n
+        return sorted((start - i) % n for i in range(k))
+    if block_order == "ascending":
+        start = (renewal * k) % n
+        return sorted((start + i) % n for i in range(k))
+    gen = renewal_generator(seed, renewal, -1)
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+def adamw_state_bytes(params: Iterable[Tensor]) -> int:
+    """The bytes of ``torch.optim.AdamW``'s state for ``params`` once each has stepped (default
+    options, CPU or non-capturable): ``exp_avg`` and ``exp_avg_sq`` like each parameter, plus a
+    float32 0-d ``step`` tensor each; from the shapes and dtypes alone."""
+    total = 0
+    for p in _unique(params):
+        total += 2 * p.numel() * p.element_size() + 4
+    return total
+
+
+def _unique(params) -> list[Tensor]:
+    if isinstance(params, Tensor):
+        params = [params]
+    out, seen = [], set()
+    for p in params:
+        for q in (p["params"] if isinstance(p, dict) else [p]):
+            if id(q) not in seen:
+                seen.add(id(q))
+                out.append(q)
+    return out
+
+
+def frugal_state_bytes(params, *, steps: int | None = None, **frugal_kwargs) -> dict[str, Any]:
+    """FRUGAL's optimizer-state bytes for ``params``, computed from the parameter split, the shapes
+    and the dtypes alone (no training; meta tensors work): exactly what
+    :meth:`FRUGAL.state_bytes` measures after any step of each renewal when every parameter has
+    a gradient.
+
+    ``params`` and ``frugal_kwargs`` are what :class:`FRUGAL` takes (e.g.
+    ``frugal_param_groups(model)``, ``rho=0.25, projection="svd"``).  ``steps`` (default: one
+    ``update_gap`` per projectable tensor of the largest group, which covers every block set of the
+    deterministic blockwise orders) gives the renewals counted.  Returns ``per_renewal`` (one
+    ``{"moments", "projectors", "total"}`` per renewal), ``peak`` and ``mean`` (of the totals),
+    ``adamw`` (:func:`adamw_state_bytes` of the same parameters) and the parameter counts
+    ``projectable``, ``other`` and ``adam_projectable`` (projectable parameters whose full
+    moments Adam keeps in the peak renewal: the blockwise granularity).
+    """
+    opt = FRUGAL(params, **frugal_kwargs)
+    n_proj = max((len(opt._projectable(g)) for g in opt.param_groups), default=0)
+    gap = min(g["update_gap"] for g in opt.param_groups)
+    renewals = max(1, n_proj) if steps is None else max(1, -(-int(steps) // gap))
+    per = [opt.expected_state_bytes(j) for j in range(renewals)]
+    totals = [r["total"] for r in per]
+    peak = max(range(renewals), key=totals.__getitem__)
+    proj_ids = {id(p) for g in opt.param_groups for p in opt._projectable(g)}
+    every = _unique(opt.param_groups)
+    return {"per_renewal": per, "peak": totals[peak], "mean": sum(totals) / len(totals),
+            "adamw": adamw_state_bytes(every),
+            "projectable": sum(p.numel() for p in every if id(p) in proj_ids),
+            "other": sum(p.numel() for p in every if id(p) not in proj_ids),
+            "adam_projectable": opt._adam_projectable(peak)}
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -201,21 +274,7 @@ class FRUGAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ subspaces
     def _renew_blocks(self, group: dict, n: int) -> list[int]:
-        k = round(n * group["rho"])
-        j = group["renewal"]
-        if k >= n:
-            return list(range(n))
-        if k == 0:
-            return []
-        order = group["block_order"]
-        if order == "descending":  # the paper's setting: start at the last tensor, move down by k
-            start = (n - 1 - j * k) % n
-            return sorted((start - i) % n for i in range(k))
-        if order == "ascending":
-            start = (j * k) % n
-            return sorted((start + i) % n for i in range(k))
-        gen = renewal_generator(group["seed"], j, -1)
-        return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+        return blockwise_active(n, group["rho"], group["renewal"], group["block_order"], group["seed"])
 
     @staticmethod
     def _world():
@@ -350,6 +409,52 @@ class FRUGAL(torch.optim.Optimizer):
             self._residual_step(p, sub.residual(grad, low), group)
 
     # ------------------------------------------------------------------ reporting
+    def expected_state_bytes(self, renewal: int = 0) -> dict[str, int]:
+        """What :meth:`state_bytes` measures after any step of renewal ``renewal`` (0 = steps
+        0..update_gap-1 of a group) when every parameter has a gradient, from the groups, shapes
+        and dtypes alone (see :func:`frugal_state_bytes`)."""
+        check_int("renewal", renewal, low=0)
+        moments = projectors = 0
+        for group in self.param_groups:
+            projectable = self._projectable(group)
+            pid = {id(p): i for i, p in enumerate(projectable)}
+            active = set(blockwise_active(len(projectable), group["rho"], renewal, group["block_order"],
+                                          group["seed"])) if group["projection"] == "blockwise" else set()
+            for p in group["params"]:
+                size = p.element_size()
+                i = pid.get(id(p))
+                if i is None or (group["projection"] == "blockwise" and i in active):
+                    moments += 2 * p.numel() * size
+                    continue
+                if group["projection"] == "blockwise":
+                    continue
+                side, rank, full = side_and_rank(p.shape, group["rho"], group["projection"])
+                if rank >= full:
+                    moments += 2 * p.numel() * size
+                    continue
+                other = p.shape[0] if side == "right" else p.shape[1]  # the low-rank moments are [m, r] / [r, n]
+                moments += 2 * rank * other * size
+                if group["projection"] in ("svd", "random"):
+                    projectors += rank * full * size
+                else:  # randperm / randk: an int64 index
+                    projectors += rank * 8
+        return {"moments": moments, "projectors": projectors, "total": moments + projectors}
+
+    def _adam_projectable(self, renewal: int) -> int:
+        """Projectable parameters with full Adam moments in renewal ``renewal`` (blockwise only)."""
+        n = 0
+        for group in self.param_groups:
+            projectable = self._projectable(group)
+            if group["projection"] == "blockwise":
+                active = blockwise_active(len(projectable), group["rho"], renewal, group["block_order"],
+                                          group["seed"])
+                n += sum(projectable[i].numel() for i in active)
+            else:  # a subspace of full rank is the identity: full moments
+                for p in projectable:
+                    _, rank, full = side_and_rank(p.shape, group["rho"], group["projection"])
+                    n += p.numel() if rank >= full else 0
+        return n
+
     def state_bytes(self) -> dict[str, int]:
         """Measured bytes of the optimizer state: ``moments`` (Adam's exp_avg
         and exp_avg_sq everywhere), ``projectors`` (subspace bases and

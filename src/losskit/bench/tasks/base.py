@@ -55,7 +55,8 @@ class CellTrainer:
 
     The runner seeds torch's global generator, puts ``modules`` in training mode,
     calls ``step()`` ``epochs * steps_per_epoch`` times (timing it; on CPU it
-    profiles the first step for memory), then hands the trainer to
+    profiles the first step for memory) or fewer (``--early-stop``), calls
+    ``on_end()`` once training ends for any reason, then hands the trainer to
     :meth:`Task.evaluate`.
     """
 
@@ -68,6 +69,9 @@ class CellTrainer:
     model: Any = None
     #: extra JSON-plain fields of the cell record (after ``epoch_loss``)
     info: dict[str, Any] = field(default_factory=dict)
+    #: called once when training ends -- after the last step, an early stop or an error -- before
+    #: the evaluation; it may add fields to ``info`` (the optimiser axis copies its gradient norms)
+    on_end: Callable[[], None] | None = None
     #: the cell's objective label and seed (set by the runner before training; for messages)
     label: str = ""
     seed: int = 0

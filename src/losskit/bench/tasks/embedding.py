@@ -371,7 +371,8 @@ class EmbeddingTask(Task):
             steps_per_epoch=sampler.steps_per_epoch,
             modules=[model, *([loss_fn] if isinstance(loss_fn, nn.Module) else [])],
             model=model,
-            info=axis.info,  # the optimiser axis adds the recorded gradient norms after the last step
+            info=axis.info,
+            on_end=axis.finish,  # the optimiser axis adds the recorded gradient norms when training ends
         )
 
     def check_objective(self, cfg, data, label, hparams, device) -> None:
