@@ -277,7 +277,8 @@ class ClassificationTask(Task):
         return CellTrainer(
             step=step, steps_per_epoch=spe, modules=[model, *([loss_fn] if isinstance(loss_fn, nn.Module) else [])],
             model=model,
-            info=axis.info,  # the optimiser axis adds the recorded gradient norms after the last step
+            info=axis.info,
+            on_end=axis.finish,  # the optimiser axis adds the recorded gradient norms when training ends
         )
 
     def evaluate(self, cfg, data, trainer, device) -> Evaluation:
