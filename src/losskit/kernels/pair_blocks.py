@@ -637,6 +637,13 @@ class PairTotalsFunction(torch.autograd.Function):
         metric = _Metric(rule.distance)
         need_q = ctx.needs_input_grad[0]
         need_r = need_q if self_ref else ctx.needs_input_grad[1]
+        if listed_capable(rule):
+            listed = listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_q, need_r)
+            if listed is not None:
+                totals, counts, gq, gr = listed
+                ctx.grads = (gq, None if self_ref else gr)
+                ctx.mark_non_differentiable(counts)
+                return totals, counts
         nq = metric.norms(q)
         nr = nq if self_ref else metric.norms(rr)
         T = rule.terms
@@ -721,3 +728,338 @@ def pair_block_sums(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Ten
     """``(sums [terms, B], counts [terms])`` of ``rule`` over row blocks
     (``r``/``r_labels`` None: the anchors are their own reference)."""
     return PairBlocksFunction.apply(q, r, q_labels, r_labels, self_index, rule, chunk)
+
+
+# ---------------------------------------------------------------- the listed-pairs path
+#
+# The scalar reductions of contrastive, TCM and triplet (hard, semi-hard) take this path when the
+# same-label pairs are few (at most ``rows per block`` per anchor on average, so their lists stay
+# ``O(B x chunk)``): the pairs are listed once from the labels (a sort and two binary searches, no
+# ``B x M`` mask), every block is scored as if all its columns were negatives, and the listed
+# positions (positives, the anchor's own column) are overwritten in the block before it is summed
+# or mined (a scatter of a few values per row).  The element-wise work per block is then a handful
+# of in-place passes over one preallocated buffer, and the gradient's dense part goes into two
+# accumulators by matrix products whose extra column carries the row / column sums the Euclidean
+# distances need.  The positives' (and the mined triplets') gradients are built once, after the
+# blocks, from their pair lists.
+
+
+def same_label_pairs(q_labels: Tensor, r_labels: Tensor, self_index: Tensor):
+    """Every (anchor row, reference column) with the same label, rows ascending:
+    ``(rows, cols, is_self)``; and the anchors' own columns whose label differs
+    (``(xrows, xcols)``, excluded like a positive but not one)."""
+    dev = q_labels.device
+    order = torch.argsort(r_labels, stable=True)
+    sl = r_labels[order].contiguous()
+    ql = q_labels.to(sl.dtype).contiguous()
+    lo = torch.searchsorted(sl, ql)
+    k = torch.searchsorted(sl, ql, right=True) - lo
+    rows = torch.repeat_interleave(k)
+    start = torch.cumsum(k, 0) - k
+    rank = torch.arange(rows.numel(), device=dev) - start[rows]
+    cols = order[lo[rows] + rank]
+    is_self = cols == self_index[rows]
+    has = self_index >= 0
+    differ = has & (r_labels[self_index.clamp_min(0)] != q_labels)
+    xrows = torch.nonzero(differ).squeeze(1)
+    return rows, cols, is_self, xrows, self_index[xrows]
+
+
+def _rank_in_row(rows: Tensor, n_rows: int) -> Tensor:
+    """Each entry's rank among the entries of its row (``rows`` ascending)."""
+    k = torch.bincount(rows, minlength=n_rows)
+    start = torch.cumsum(k, 0) - k
+    return torch.arange(rows.numel(), device=rows.device) - start[rows]
+
+
+def _in_rows(rows: Tensor, s: int, e: int) -> Tensor:
+    return torch.nonzero((rows >= s) & (rows < e)).squeeze(1)
+
+
+class _Operands:
+    """Augmented operands: ``X = qf_b rf^T`` is the block's raw value (``S`` for the
+    dot product -- ``-S`` with ``far`` --, ``E = |q|^2 + |r|^2 - 2 S`` for the
+    Euclidean distances, in one product), and ``U R1`` / ``U^T Q1`` carry the
+    row / column sums of a block gradient ``U`` in their last column."""
+
+    def __init__(self, kind: str, q: Tensor, rr: Tensor, self_ref: bool, far: bool = False):
+        self.kind, self.q, self.rr, self.far = kind, q, rr, far
+        self.D = q.shape[1]
+        if kind == "dot":
+            self.qf, self.rf = q, (-rr if far else rr)
+            self.R1, self.Q1 = rr, q
+        else:
+            one_q = q.new_ones(q.shape[0], 1)
+            one_r = one_q if self_ref else rr.new_ones(rr.shape[0], 1)
+            nq = (q * q).sum(1, keepdim=True)
+            nr = nq if self_ref else (rr * rr).sum(1, keepdim=True)
+            self.qf = torch.cat([q, nq, one_q], 1)
+            self.rf = torch.cat([-2.0 * rr, one_r, nr], 1)
+            self.R1 = torch.cat([rr, one_r], 1)
+            self.Q1 = torch.cat([q, one_q], 1)
+
+    def block(self, s: int, e: int, out: Tensor) -> Tensor:
+        return torch.mm(self.qf[s:e], self.rf.T, out=out)
+
+    def accumulate(self, U: Tensor, s: int, e: int, coef_b: Tensor, A1: Tensor | None, A2: Tensor | None) -> None:
+        """``A1[s:e] = coef_b (U R1)`` and ``A2 += U^T (coef_b Q1_b)``."""
+        cb = coef_b.unsqueeze(1)
+        if A1 is not None:
+            torch.mm(U, self.R1, out=A1[s:e]).mul_(cb)
+        if A2 is not None:
+            A2.addmm_(U.T, self.Q1[s:e] * cb)
+
+    def finish(self, A1: Tensor | None, A2: Tensor | None, scale: float):
+        """``(dL/dq, dL/dr)`` from the accumulators for ``dL/dX = scale * coef * U``."""
+        if self.kind == "dot":
+            sgn = -scale if self.far else scale
+            return (None if A1 is None else A1.mul_(sgn)), (None if A2 is None else A2.mul_(sgn))
+        D = self.D
+        # dE/dq_i = 2 q_i - 2 r_j, dE/dr_j = 2 r_j - 2 q_i
+        gq = None if A1 is None else (self.q * A1[:, D:] - A1[:, :D]).mul_(2.0 * scale)
+        gr = None if A2 is None else (self.rr * A2[:, D:] - A2[:, :D]).mul_(2.0 * scale)
+        return gq, gr
+
+    def values(self, raw: Tensor) -> Tensor:
+        """The distance (similarity) from raw block values (``-S`` when ``far``)."""
+        if self.kind == "dot":
+            return -raw if self.far else raw
+        d = raw.clamp_min(0.0)
+        return d.sqrt() if self.kind == "euclid" else d
+
+
+def _const(x: Tensor, v: float) -> Tensor:
+    """``v`` as a 0-dim tensor of ``x``'s dtype (one rounding, shared by a clamp and a subtraction)."""
+    return torch.full((), v, dtype=x.dtype, device=x.device)
+
+
+def _contrastive_negatives(rule, kind, X, Zb, Ub, br, bc):
+    """The negative term of one block (every listed column excluded): ``(row sums, nonzero count,
+    U, scale)`` with ``d sum / dX = scale * U``.  ``X``, ``Zb``, ``Ub`` are overwritten."""
+    nm, sq = rule.nm, rule.sq
+    zero = X.new_zeros(())
+    if kind == "dot":  # z = [S - nm]_+, dz/dS = 1
+        X.sub_(nm).index_put_((br, bc), zero).relu_()
+        cnt = torch.count_nonzero(X)
+        if sq:
+            rows = torch.mul(X, X, out=Ub).sum(1).mul_(0.5)
+            return rows, cnt, X, 1.0
+        return X.sum(1), cnt, torch.sign(X, out=Ub), 1.0
+    if kind == "sq":  # z = [nm - max(E, 0)]_+ = -Zn with Zn = min(max(E, 0), nm) - nm; dz/dE = -1
+        t = _const(X, nm)
+        X.clamp_(min=zero, max=t).sub_(t).index_put_((br, bc), zero)
+        cnt = torch.count_nonzero(X)
+        if sq:
+            rows = torch.mul(X, X, out=Ub).sum(1).mul_(0.5)
+            return rows, cnt, X, 1.0
+        return X.sum(1).neg_(), cnt, torch.sign(X, out=Ub), 1.0
+    # euclid: d = sqrt(min(max(E, 0), nm^2)) (nm exactly where not selected); Zn = d - nm;
+    # dz/dE = -1 / (2 d) for 0 < d < nm, 0 at d = 0
+    hi = _const(X, nm * nm)
+    X.clamp_(min=zero, max=hi).sqrt_()
+    torch.sub(X, hi.sqrt(), out=Zb).index_put_((br, bc), zero)
+    cnt = torch.count_nonzero(Zb)
+    if sq:
+        rows = torch.mul(Zb, Zb, out=Ub).sum(1).mul_(0.5)
+        torch.div(Zb, X, out=Ub)  # Zn / d; d (z^2 / 2) / dE = Zn / (2 d)
+    else:
+        rows = Zb.sum(1).neg_()
+        torch.sign(Zb, out=Ub).div_(X)  # -1 / d
+    return rows, cnt, Ub.nan_to_num_(0.0, 0.0, 0.0), 0.5
+
+
+def _tcm_negatives(rule, X, Ub, br, bc):
+    """TCM's negative term of one block: ``sum (S - m-) 1[S >= m-]``, dS = 1 on the selected."""
+    X.sub_(rule.mm).index_put_((br, bc), X.new_full((), -1.0))
+    torch.ge(X, 0.0, out=Ub)
+    cnt = torch.count_nonzero(Ub)
+    return X.relu_().sum(1), cnt, Ub, 1.0
+
+
+def listed_capable(rule: BlockRule) -> bool:
+    """Whether :func:`listed_totals` runs ``rule`` (built-in distance; contrastive, TCM,
+    triplet hard / semi-hard with the hinge or softplus)."""
+    kind = _Metric(rule.distance).kind
+    if kind is None:
+        return False
+    if isinstance(rule, (ContrastiveRule, TCMRule)):
+        return True
+    return isinstance(rule, TripletRule) and rule.mining in ("hard", "semi-hard")
+
+
+def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_q, need_r):
+    """The listed-pairs path of :class:`PairTotalsFunction`: ``(totals, counts, gq, gr)``
+    (per-term gradient lists as there), or None when the same-label pairs are too many."""
+    self_ref = r is None
+    rr, rl = (q, q_labels) if self_ref else (r, r_labels)
+    B, M = q.shape[0], rr.shape[0]
+    step = chunk or rule.rows_per_block(B, M)
+    rows, cols, is_self, xrows, xcols = same_label_pairs(q_labels, rl, self_index)
+    if rows.numel() > step * max(B, 1):
+        return None
+    metric = _Metric(rule.distance)
+    kind = metric.kind
+    keep = ~is_self
+    pr, pc = rows[keep], cols[keep]
+    er, ec = torch.cat([rows, xrows]), torch.cat([cols, xcols])
+    T = rule.terms
+    coef = coef.to(q.dtype)
+    totals = q.new_zeros(T)
+    counts = q.new_zeros(T)
+    triplet = isinstance(rule, TripletRule)
+    far = triplet and rule.distance.is_similarity  # triplets mine on "far" values: -S
+    ops = _Operands(kind, q, rr, self_ref, far=far)
+    dense_term = not triplet and not (isinstance(rule, ContrastiveRule) and not rule.distance.is_similarity
+                                      and rule.nm <= 0)  # [nm - d]_+ with nm <= 0 is 0
+    c0 = min(step, max(B, 1))
+    X = q.new_empty(c0, M)
+    Zb = q.new_empty(c0, M) if (dense_term and kind == "euclid") else None
+    Ub = q.new_empty(c0, M) if dense_term else None
+    A1 = q.new_zeros(B, ops.R1.shape[1]) if (dense_term and need_q) else None
+    A2 = rr.new_zeros(M, ops.Q1.shape[1]) if (dense_term and need_r) else None
+    n_neg = q.new_zeros(())
+    pos_raw, trip = [], []
+    if triplet and rule.mining == "semi-hard":
+        prank = _rank_in_row(pr, B)
+    with torch.no_grad():
+        for s in range(0, B, step):
+            e = min(B, s + step)
+            c = e - s
+            Xb = ops.block(s, e, X[:c])
+            pi = _in_rows(pr, s, e)
+            bpr, bpc = pr[pi] - s, pc[pi]
+            raw_p = Xb[bpr, bpc]
+            ei = _in_rows(er, s, e)
+            br, bc = er[ei] - s, ec[ei]
+            if not triplet:
+                pos_raw.append(raw_p)
+                n_neg = n_neg + (c * M - br.numel())
+                if dense_term:
+                    if isinstance(rule, TCMRule):
+                        sums, cnt, U, _ = _tcm_negatives(rule, Xb, Ub[:c], br, bc)
+                    else:
+                        sums, cnt, U, _ = _contrastive_negatives(rule, kind, Xb, None if Zb is None else Zb[:c],
+                                                                     Ub[:c], br, bc)
+                    totals[1] += (sums * coef[s:e]).sum()
+                    counts[1] += cnt.to(q.dtype) if rule_counts_nonzero(rule) else 0.0
+                    ops.accumulate(U, s, e, coef[s:e], A1, A2)
+                continue
+            # triplets: far values (distances; -S for a similarity), clamped as the distance is
+            if kind != "dot":
+                Xb.clamp_min_(0.0)
+                raw_p = raw_p.clamp_min(0.0)
+            trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc,
+                                    None if rule.mining == "hard" else prank[pi]))
+    gq = [None] * T
+    gr = [None] * T
+    elements = step * M
+    if not triplet:
+        raw = torch.cat(pos_raw) if pos_raw else q.new_zeros(0)
+        d = ops.values(raw)
+        cp = coef[pr]
+        if isinstance(rule, TCMRule):
+            sel = d <= rule.mp
+            val = torch.where(sel, rule.mp - d, d.new_zeros(()))
+            totals[0] += (val * cp).sum()
+            counts[0] += sel.sum().to(q.dtype)
+            w = torch.where(sel, -cp, d.new_zeros(()))
+        else:
+            z = F.relu(rule.distance.margin(d, rule.pm))
+            if rule.sq:
+                totals[0] += (0.5 * z * z * cp).sum()
+                w = rule.sa * z * cp
+            else:
+                totals[0] += (z * cp).sum()
+                w = torch.where(z > 0, rule.sa * cp, d.new_zeros(()))
+            if rule.nonzero:
+                counts[0] += torch.count_nonzero(z).to(q.dtype)
+            else:
+                counts[0] += float(pr.numel())
+                counts[1] += n_neg.to(q.dtype)
+        # d sum / dX = scale * U (the Euclidean distance's U is -1/d or Zn/d: dd/dE = 1 / (2 d))
+        scale = 0.5 if (kind == "euclid" and isinstance(rule, ContrastiveRule)) else 1.0
+        gq_d, gr_d = ops.finish(A1, A2, scale) if dense_term else (None, None)
+        g0q = torch.zeros_like(q) if need_q else None
+        g0r = g0q if self_ref else (torch.zeros_like(rr) if need_r else None)
+        _pair_grads(metric, q, rr, pr, pc, w, d, g0q, g0r, elements)
+        if self_ref:
+            g1 = None
+            if need_q:
+                g1 = torch.zeros_like(q) if not dense_term else gq_d.add_(gr_d)
+            gq, gr = [g0q, g1], None
+        else:
+            if need_q and gq_d is None:
+                gq_d = torch.zeros_like(q)
+            if need_r and gr_d is None:
+                gr_d = torch.zeros_like(rr)
+            gq, gr = [g0q, gq_d], [g0r, gr_d]
+        return totals, counts, gq, gr
+    # triplets: one list for all blocks
+    if trip:
+        a, p, n, d_ap, d_an = (torch.cat(x) for x in zip(*trip))
+    else:
+        a = p = n = torch.zeros(0, dtype=torch.long, device=q.device)
+        d_ap = d_an = q.new_zeros(0)
+    d_ap, d_an = ops.values(d_ap), ops.values(d_an)  # (-S back to S for a similarity)
+    v = rule.distance.margin(d_ap, d_an)
+    lt = _hinge(v + rule.m, rule.smooth)
+    totals[0] += (lt * coef[a]).sum()
+    counts[0] += ((lt > 0).sum() if rule.nonzero else torch.full((), a.numel(), device=q.device)).to(q.dtype)
+    w = rule.triplet_weights(v, coef[a])
+    g0q = torch.zeros_like(q) if need_q else None
+    g0r = g0q if self_ref else (torch.zeros_like(rr) if need_r else None)
+    _pair_grads(metric, q, rr, a, p, rule.sa * w, d_ap, g0q, g0r, elements)
+    _pair_grads(metric, q, rr, a, n, -rule.sa * w, d_an, g0q, g0r, elements)
+    return totals, counts, [g0q], (None if self_ref else [g0r])
+
+
+def rule_counts_nonzero(rule) -> bool:
+    """TCM counts its selected pairs; contrastive its nonzero pairs (or, with
+    ``pair_average='all'``, every pair: counted from the lists instead)."""
+    return isinstance(rule, TCMRule) or rule.nonzero
+
+
+def _mine_block(rule, X, s, bpr, bpc, fp, br, bc, prank):
+    """Triplets of one block on far values ``X`` (``fp``: the positives' far values,
+    listed columns of ``X`` overwritten here): ``(anchors, positives, negatives,
+    raw positive values, raw negative values)`` with global anchor rows."""
+    c, M = X.shape
+    inf = float("inf")
+    dev = X.device
+    n_excl = torch.bincount(br, minlength=c)
+    has_neg = n_excl < M
+    if rule.mining == "hard":
+        rmax = X.new_full((c,), -inf).scatter_reduce_(0, bpr, fp, "amax")
+        cand = torch.where(fp == rmax[bpr], bpc, torch.full_like(bpc, M))
+        p = torch.full((c,), M, dtype=bpc.dtype, device=dev).scatter_reduce_(0, bpr, cand, "amin")
+        X.index_put_((br, bc), X.new_full((), inf))
+        n = X.argmin(1)
+        has = (p < M) & has_neg
+        rows = torch.nonzero(has).squeeze(1)
+        p, n = p[rows], n[rows]
+        return rows + s, p, n, rmax[rows], X[rows, n]
+    # semi-hard: per positive pair, the closest negative farther than the positive, else the
+    # farthest negative
+    X.index_put_((br, bc), X.new_full((), -inf))
+    farthest = X.argmax(1)
+    X.index_put_((br, bc), X.new_full((), inf))
+    keep = has_neg[bpr]
+    bpr, bpc, fp, prank = bpr[keep], bpc[keep], fp[keep], prank[keep]
+    n = torch.empty_like(bpc)
+    n_slots = torch.bincount(prank).numel() if prank.numel() else 0
+    Y = None
+    for k in range(n_slots):
+        sel = torch.nonzero(prank == k).squeeze(1)
+        rk = bpr[sel]
+        t = fp[sel].unsqueeze(1)
+        if rk.numel() == c:  # every row has a k-th positive (ranks ascend with rows)
+            Xk = X
+        else:
+            Xk = X[rk]
+        if Y is None:
+            Y = X.new_empty(c, M)
+        Yk = torch.sub(Xk, t, out=Y[:rk.numel()])
+        F.threshold_(Yk, 0.0, inf)  # only negatives strictly farther than the positive
+        vals, idx = Yk.min(1)
+        n[sel] = torch.where(torch.isinf(vals), farthest[rk], idx)
+    return bpr + s, bpc, n, fp, X[bpr, n]
