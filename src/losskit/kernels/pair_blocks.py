@@ -32,6 +32,7 @@ processes (torch.distributed) need nothing here.  Inputs are *prepared*
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -887,6 +888,41 @@ def listed_capable(rule: BlockRule) -> bool:
     return isinstance(rule, TripletRule) and rule.mining in ("hard", "semi-hard")
 
 
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """``[n_rows, n_cols]`` sparse CSR of a pair list (repeated pairs add up)."""
+    order = torch.argsort(rows, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, n_cols))
+
+
+def _listed_grads(ops: _Operands, rows: Tensor, cols: Tensor, wx: Tensor, need_q: bool, need_r: bool):
+    """``(dL/dq, dL/dr)`` of a pair list with ``dL/dX = wx`` per pair: two sparse-by-dense
+    products (no gather of rows, no scatter-add)."""
+    B, M = ops.q.shape[0], ops.rr.shape[0]
+    A1 = torch.mm(_csr(rows, cols, wx, B, M), ops.R1) if need_q else None
+    A2 = torch.mm(_csr(cols, rows, wx, M, B), ops.Q1) if need_r else None
+    return ops.finish(A1, A2, 1.0)
+
+
+def _d_raw(ops: _Operands, d: Tensor, w: Tensor) -> Tensor:
+    """``dL/dX`` of pairs from ``dL/dd`` (``w``) and their distances (similarities) ``d``."""
+    if ops.kind == "dot":
+        return -w if ops.far else w
+    if ops.kind == "euclid":  # dd/dE = 1 / (2 d), 0 at d = 0
+        return torch.where(d > 0, w / (2.0 * d.clamp_min(torch.finfo(d.dtype).tiny)), d.new_zeros(()))
+    return w
+
+
+def _blocks_of(rows: Tensor, step: int, B: int, *others: Tensor):
+    """Per row block, the entries of a row-ascending list (``rows`` and ``others`` split alike)."""
+    bounds = torch.searchsorted(rows, torch.arange(step, B, step, device=rows.device)).cpu()
+    return list(zip(*(torch.tensor_split(t, bounds) for t in (rows,) + others)))
+
+
 def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_q, need_r):
     """The listed-pairs path of :class:`PairTotalsFunction`: ``(totals, counts, gq, gr)``
     (per-term gradient lists as there), or None when the same-label pairs are too many."""
@@ -897,15 +933,15 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
     rows, cols, is_self, xrows, xcols = same_label_pairs(q_labels, rl, self_index)
     if rows.numel() > step * max(B, 1):
         return None
-    metric = _Metric(rule.distance)
-    kind = metric.kind
+    kind = _Metric(rule.distance).kind
     keep = ~is_self
     pr, pc = rows[keep], cols[keep]
     er, ec = torch.cat([rows, xrows]), torch.cat([cols, xcols])
+    if xrows.numel():
+        o = torch.argsort(er, stable=True)
+        er, ec = er[o], ec[o]
     T = rule.terms
     coef = coef.to(q.dtype)
-    totals = q.new_zeros(T)
-    counts = q.new_zeros(T)
     triplet = isinstance(rule, TripletRule)
     far = triplet and rule.distance.is_similarity  # triplets mine on "far" values: -S
     ops = _Operands(kind, q, rr, self_ref, far=far)
@@ -917,100 +953,90 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
     Ub = q.new_empty(c0, M) if dense_term else None
     A1 = q.new_zeros(B, ops.R1.shape[1]) if (dense_term and need_q) else None
     A2 = rr.new_zeros(M, ops.Q1.shape[1]) if (dense_term and need_r) else None
-    n_neg = q.new_zeros(())
-    pos_raw, trip = [], []
-    if triplet and rule.mining == "semi-hard":
-        prank = _rank_in_row(pr, B)
+    semi = triplet and rule.mining == "semi-hard"
+    pos_blocks = _blocks_of(pr, step, B, pc, *((_rank_in_row(pr, B),) if semi else ()))
+    ex_blocks = _blocks_of(er, step, B, ec)
+    pos_raw, trip, neg_sums, neg_counts = [], [], [], []
     with torch.no_grad():
-        for s in range(0, B, step):
+        for b, s in enumerate(range(0, B, step)):
             e = min(B, s + step)
             c = e - s
             Xb = ops.block(s, e, X[:c])
-            pi = _in_rows(pr, s, e)
-            bpr, bpc = pr[pi] - s, pc[pi]
+            bpr, bpc = pos_blocks[b][0] - s, pos_blocks[b][1]
             raw_p = Xb[bpr, bpc]
-            ei = _in_rows(er, s, e)
-            br, bc = er[ei] - s, ec[ei]
+            br, bc = ex_blocks[b][0] - s, ex_blocks[b][1]
             if not triplet:
                 pos_raw.append(raw_p)
-                n_neg = n_neg + (c * M - br.numel())
                 if dense_term:
                     if isinstance(rule, TCMRule):
                         sums, cnt, U, _ = _tcm_negatives(rule, Xb, Ub[:c], br, bc)
                     else:
                         sums, cnt, U, _ = _contrastive_negatives(rule, kind, Xb, None if Zb is None else Zb[:c],
-                                                                     Ub[:c], br, bc)
-                    totals[1] += (sums * coef[s:e]).sum()
-                    counts[1] += cnt.to(q.dtype) if rule_counts_nonzero(rule) else 0.0
+                                                                 Ub[:c], br, bc)
+                    neg_sums.append(torch.dot(sums, coef[s:e]))
+                    neg_counts.append(cnt)
                     ops.accumulate(U, s, e, coef[s:e], A1, A2)
                 continue
             # triplets: far values (distances; -S for a similarity), clamped as the distance is
             if kind != "dot":
                 Xb.clamp_min_(0.0)
-                raw_p = raw_p.clamp_min(0.0)
-            trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc,
-                                    None if rule.mining == "hard" else prank[pi]))
-    gq = [None] * T
-    gr = [None] * T
-    elements = step * M
+                raw_p = raw_p.clamp_min_(0.0)
+            trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc, pos_blocks[b][2] if semi else None))
+    totals = q.new_zeros(T)
+    counts = q.new_zeros(T)
+    zero = q.new_zeros(())
     if not triplet:
-        raw = torch.cat(pos_raw) if pos_raw else q.new_zeros(0)
-        d = ops.values(raw)
+        d = ops.values(torch.cat(pos_raw) if pos_raw else q.new_zeros(0))
         cp = coef[pr]
         if isinstance(rule, TCMRule):
             sel = d <= rule.mp
-            val = torch.where(sel, rule.mp - d, d.new_zeros(()))
-            totals[0] += (val * cp).sum()
-            counts[0] += sel.sum().to(q.dtype)
-            w = torch.where(sel, -cp, d.new_zeros(()))
+            totals[0] = torch.dot(torch.where(sel, rule.mp - d, zero), cp)
+            counts[0] = sel.sum()
+            w = torch.where(sel, -cp, zero)
         else:
             z = F.relu(rule.distance.margin(d, rule.pm))
             if rule.sq:
-                totals[0] += (0.5 * z * z * cp).sum()
+                totals[0] = torch.dot(0.5 * z * z, cp)
                 w = rule.sa * z * cp
             else:
-                totals[0] += (z * cp).sum()
-                w = torch.where(z > 0, rule.sa * cp, d.new_zeros(()))
-            if rule.nonzero:
-                counts[0] += torch.count_nonzero(z).to(q.dtype)
-            else:
-                counts[0] += float(pr.numel())
-                counts[1] += n_neg.to(q.dtype)
+                totals[0] = torch.dot(z, cp)
+                w = torch.where(z > 0, rule.sa * cp, zero)
+            counts[0] = torch.count_nonzero(z) if rule.nonzero else pr.numel()
+        if dense_term:
+            totals[1] = torch.stack(neg_sums).sum() if neg_sums else zero
+        if isinstance(rule, TCMRule) or rule.nonzero:
+            counts[1] = torch.stack(neg_counts).sum() if neg_counts else zero
+        else:  # every negative pair: all pairs but the listed ones
+            counts[1] = B * M - er.numel()
         # d sum / dX = scale * U (the Euclidean distance's U is -1/d or Zn/d: dd/dE = 1 / (2 d))
         scale = 0.5 if (kind == "euclid" and isinstance(rule, ContrastiveRule)) else 1.0
         gq_d, gr_d = ops.finish(A1, A2, scale) if dense_term else (None, None)
-        g0q = torch.zeros_like(q) if need_q else None
-        g0r = g0q if self_ref else (torch.zeros_like(rr) if need_r else None)
-        _pair_grads(metric, q, rr, pr, pc, w, d, g0q, g0r, elements)
+        g0q, g0r = _listed_grads(ops, pr, pc, _d_raw(ops, d, w), need_q, need_r)
+        if need_q and gq_d is None:
+            gq_d = torch.zeros_like(q)
+        if need_r and gr_d is None:
+            gr_d = torch.zeros_like(rr)
         if self_ref:
-            g1 = None
-            if need_q:
-                g1 = torch.zeros_like(q) if not dense_term else gq_d.add_(gr_d)
-            gq, gr = [g0q, g1], None
-        else:
-            if need_q and gq_d is None:
-                gq_d = torch.zeros_like(q)
-            if need_r and gr_d is None:
-                gr_d = torch.zeros_like(rr)
-            gq, gr = [g0q, gq_d], [g0r, gr_d]
-        return totals, counts, gq, gr
+            return totals, counts, [g0q.add_(g0r), gq_d.add_(gr_d)] if need_q else [None, None], None
+        return totals, counts, [g0q, gq_d], [g0r, gr_d]
     # triplets: one list for all blocks
     if trip:
-        a, p, n, d_ap, d_an = (torch.cat(x) for x in zip(*trip))
+        a, p, n, f_ap, f_an = (torch.cat(x) for x in zip(*trip))
     else:
         a = p = n = torch.zeros(0, dtype=torch.long, device=q.device)
-        d_ap = d_an = q.new_zeros(0)
-    d_ap, d_an = ops.values(d_ap), ops.values(d_an)  # (-S back to S for a similarity)
+        f_ap = f_an = q.new_zeros(0)
+    d_ap, d_an = ops.values(f_ap), ops.values(f_an)  # (-S back to S for a similarity)
     v = rule.distance.margin(d_ap, d_an)
     lt = _hinge(v + rule.m, rule.smooth)
-    totals[0] += (lt * coef[a]).sum()
-    counts[0] += ((lt > 0).sum() if rule.nonzero else torch.full((), a.numel(), device=q.device)).to(q.dtype)
-    w = rule.triplet_weights(v, coef[a])
-    g0q = torch.zeros_like(q) if need_q else None
-    g0r = g0q if self_ref else (torch.zeros_like(rr) if need_r else None)
-    _pair_grads(metric, q, rr, a, p, rule.sa * w, d_ap, g0q, g0r, elements)
-    _pair_grads(metric, q, rr, a, n, -rule.sa * w, d_an, g0q, g0r, elements)
-    return totals, counts, [g0q], (None if self_ref else [g0r])
+    cp = coef[a]
+    totals[0] = torch.dot(lt, cp)
+    counts[0] = (lt > 0).sum() if rule.nonzero else a.numel()
+    w = rule.triplet_weights(v, cp)
+    wx = torch.cat([_d_raw(ops, d_ap, rule.sa * w), _d_raw(ops, d_an, -rule.sa * w)])
+    g0q, g0r = _listed_grads(ops, torch.cat([a, a]), torch.cat([p, n]), wx, need_q, need_r)
+    if self_ref:
+        return totals, counts, [g0q.add_(g0r) if need_q else None], None
+    return totals, counts, [g0q], [g0r]
 
 
 def rule_counts_nonzero(rule) -> bool:
