@@ -25,7 +25,10 @@ no block is recomputed (one product in all).
 
 The pair shares (``B / N`` with the global pair count ``N``) are applied by
 the caller to the per-row sums, outside the Function, so counts summed over
-processes (torch.distributed) need nothing here.  Inputs are *prepared*
+processes (torch.distributed) need nothing here.  The scalar reductions of
+contrastive, TCM and triplet hard / semi-hard first try :func:`listed_totals`
+(the same-label pairs listed from the labels instead of masks; see the
+section at the end of this file).  Inputs are *prepared*
 (normalised when the distance says so) and in the working dtype.
 """
 
