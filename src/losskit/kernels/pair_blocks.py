@@ -984,7 +984,10 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
             if kind != "dot":
                 Xb.clamp_min_(0.0)
                 raw_p = raw_p.clamp_min_(0.0)
-            trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc, pos_blocks[b][2] if semi else None))
+            # (semi-hard: its per-rank passes and reductions with indices stall with more than one
+            # intra-op thread on a busy machine, as on the mask path -- ``single_threaded``)
+            with _one_thread() if rule.single_threaded else contextlib.nullcontext():
+                trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc, pos_blocks[b][2] if semi else None))
     totals = q.new_zeros(T)
     counts = q.new_zeros(T)
     zero = q.new_zeros(())
