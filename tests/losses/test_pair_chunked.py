@@ -205,3 +205,61 @@ def test_chunk_size_is_checked():
     for f in (contrastive_loss, triplet_loss, tcm_regularizer):
         with pytest.raises(ValueError, match="chunk_size: expected an integer >= 1, got 0"):
             f(x, y, chunk_size=0)
+
+
+LISTED = [(contrastive_loss, {}), (contrastive_loss, {"squared_hinge": True, "pair_average": "all", "pos_margin": 0.2}),
+          (contrastive_loss, {"distance": "squared-euclidean", "neg_margin": 1.5}),
+          (contrastive_loss, {"distance": "squared-euclidean", "squared_hinge": True}),
+          (contrastive_loss, {"distance": "cosine", "pos_margin": 0.8, "neg_margin": 0.2}),
+          (contrastive_loss, {"distance": "dot", "normalize": False, "squared_hinge": True, "neg_margin": 0.5}),
+          (contrastive_loss, {"neg_margin": -0.1, "pair_average": "all"}),
+          (tcm_regularizer, {}), (tcm_regularizer, {"margin_plus": 0.3, "margin_minus": -0.2}),
+          (triplet_loss, {"mining": "hard"}), (triplet_loss, {"mining": "hard", "distance": "cosine", "smooth": True}),
+          (triplet_loss, {"mining": "hard", "distance": "euclidean", "normalize": False, "margin": 1.0}),
+          (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "semi-hard", "distance": "cosine"}),
+          (triplet_loss, {"mining": "semi-hard", "distance": "euclidean", "normalize": False, "margin": 1.0,
+                          "pair_average": "all"})]
+
+
+@pytest.mark.parametrize("case", LISTED, ids=[_ids(c) for c in LISTED])
+def test_listed_pairs_path_equals_the_mask_path(case, monkeypatch):
+    """The scalar reductions list the same-label pairs when they are few (no B x M masks); the
+    result is the mask path's, with the batch or a reference set (own columns, pair counts summed
+    by count_reduce), and with exact duplicates across classes (distance 0: zero gradient)."""
+    f, kw = case
+    x, y = _data(B=40, D=6, C=10, seed=11)
+    x[7] = x[3]  # a duplicate in another class (labels differ for this seed)
+    assert y[7] != y[3]
+    r, ry = _data(B=30, D=6, C=10, seed=12)
+    self_index = torch.full((40,), -1, dtype=torch.long)
+    self_index[:5] = torch.tensor([4, 0, 9, 2, 17])
+    w = torch.rand(40, dtype=x.dtype)
+    taken = []
+    orig = pair_blocks.listed_totals
+    monkeypatch.setattr(pair_blocks, "listed_totals", lambda *a: taken.append(1) or orig(*a))
+    for ref in (None, "set"):
+        xx, rr = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        reference = None if ref is None else PairReference(rr, ry, self_index=self_index, batch_size=50,
+                                                           count_reduce=lambda n: 2 * n)
+        leaves = (xx,) if ref is None else (xx, rr)
+        n = len(taken)
+        out = f(xx, y, sample_weight=w, reference=reference, chunk_size=16, **kw)
+        g = torch.autograd.grad(out, leaves)
+        assert len(taken) == n + 1
+        with monkeypatch.context() as mp:
+            mp.setattr(pair_blocks, "listed_capable", lambda rule: False)
+            want = f(xx, y, sample_weight=w, reference=reference, chunk_size=16, **kw)
+            gw = torch.autograd.grad(want, leaves)
+        torch.testing.assert_close(out, want)
+        for a, b in zip(g, gw):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b)
+
+
+def test_listed_pairs_give_way_to_masks_when_positives_are_many(monkeypatch):
+    x, y = _data(B=30, C=2)
+    calls = []
+    orig = pair_blocks.listed_totals
+    monkeypatch.setattr(pair_blocks, "listed_totals", lambda *a: calls.append(orig(*a)) or calls[-1])
+    torch.testing.assert_close(contrastive_loss(x, y, chunk_size=4), contrastive_loss(x, y))
+    assert calls == [None]  # about 15 positives per row > 4 rows per block: the mask path

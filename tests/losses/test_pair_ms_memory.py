@@ -16,8 +16,8 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+            if isinstance(t, torch.Tensor):  # a sparse tensor holds its stored values only
+                self.largest = max(self.largest, t.numel() if t.layout == torch.strided else t._nnz())
         return out
 
 

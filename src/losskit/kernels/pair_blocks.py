@@ -25,13 +25,17 @@ no block is recomputed (one product in all).
 
 The pair shares (``B / N`` with the global pair count ``N``) are applied by
 the caller to the per-row sums, outside the Function, so counts summed over
-processes (torch.distributed) need nothing here.  Inputs are *prepared*
+processes (torch.distributed) need nothing here.  The scalar reductions of
+contrastive, TCM and triplet hard / semi-hard first try :func:`listed_totals`
+(the same-label pairs listed from the labels instead of masks; see the
+section at the end of this file).  Inputs are *prepared*
 (normalised when the distance says so) and in the working dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -637,6 +641,13 @@ class PairTotalsFunction(torch.autograd.Function):
         metric = _Metric(rule.distance)
         need_q = ctx.needs_input_grad[0]
         need_r = need_q if self_ref else ctx.needs_input_grad[1]
+        if listed_capable(rule):
+            listed = listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_q, need_r)
+            if listed is not None:
+                totals, counts, gq, gr = listed
+                ctx.grads = (gq, None if self_ref else gr)
+                ctx.mark_non_differentiable(counts)
+                return totals, counts
         nq = metric.norms(q)
         nr = nq if self_ref else metric.norms(rr)
         T = rule.terms
@@ -721,3 +732,366 @@ def pair_block_sums(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Ten
     """``(sums [terms, B], counts [terms])`` of ``rule`` over row blocks
     (``r``/``r_labels`` None: the anchors are their own reference)."""
     return PairBlocksFunction.apply(q, r, q_labels, r_labels, self_index, rule, chunk)
+
+
+# ---------------------------------------------------------------- the listed-pairs path
+#
+# The scalar reductions of contrastive, TCM and triplet (hard, semi-hard) take this path when the
+# same-label pairs are few (at most ``rows per block`` per anchor on average, so their lists stay
+# ``O(B x chunk)``): the pairs are listed once from the labels (a sort and two binary searches, no
+# ``B x M`` mask), every block is scored as if all its columns were negatives, and the listed
+# positions (positives, the anchor's own column) are overwritten in the block before it is summed
+# or mined (a scatter of a few values per row).  The element-wise work per block is then a handful
+# of in-place passes over one preallocated buffer, and the gradient's dense part goes into two
+# accumulators by matrix products whose extra column carries the row / column sums the Euclidean
+# distances need.  The positives' (and the mined triplets') gradients are built once, after the
+# blocks, from their pair lists.
+
+
+def same_label_pairs(q_labels: Tensor, r_labels: Tensor, self_index: Tensor):
+    """Every (anchor row, reference column) with the same label, rows ascending:
+    ``(rows, cols, is_self)``; and the anchors' own columns whose label differs
+    (``(xrows, xcols)``, excluded like a positive but not one)."""
+    dev = q_labels.device
+    order = torch.argsort(r_labels, stable=True)
+    sl = r_labels[order].contiguous()
+    ql = q_labels.to(sl.dtype).contiguous()
+    lo = torch.searchsorted(sl, ql)
+    k = torch.searchsorted(sl, ql, right=True) - lo
+    rows = torch.repeat_interleave(k)
+    start = torch.cumsum(k, 0) - k
+    rank = torch.arange(rows.numel(), device=dev) - start[rows]
+    cols = order[lo[rows] + rank]
+    is_self = cols == self_index[rows]
+    has = self_index >= 0
+    differ = has & (r_labels[self_index.clamp_min(0)] != q_labels)
+    xrows = torch.nonzero(differ).squeeze(1)
+    return rows, cols, is_self, xrows, self_index[xrows]
+
+
+def _rank_in_row(rows: Tensor, n_rows: int) -> Tensor:
+    """Each entry's rank among the entries of its row (``rows`` ascending)."""
+    k = torch.bincount(rows, minlength=n_rows)
+    start = torch.cumsum(k, 0) - k
+    return torch.arange(rows.numel(), device=rows.device) - start[rows]
+
+
+def _in_rows(rows: Tensor, s: int, e: int) -> Tensor:
+    return torch.nonzero((rows >= s) & (rows < e)).squeeze(1)
+
+
+class _Operands:
+    """Augmented operands: ``X = qf_b rf^T`` is the block's raw value (``S`` for the
+    dot product -- ``-S`` with ``far`` --, ``E = |q|^2 + |r|^2 - 2 S`` for the
+    Euclidean distances, in one product), and ``U R1`` / ``U^T Q1`` carry the
+    row / column sums of a block gradient ``U`` in their last column."""
+
+    def __init__(self, kind: str, q: Tensor, rr: Tensor, self_ref: bool, far: bool = False):
+        self.kind, self.q, self.rr, self.far = kind, q, rr, far
+        self.D = q.shape[1]
+        if kind == "dot":
+            self.qf, self.rf = q, (-rr if far else rr)
+            self.R1, self.Q1 = rr, q
+        else:
+            one_q = q.new_ones(q.shape[0], 1)
+            one_r = one_q if self_ref else rr.new_ones(rr.shape[0], 1)
+            nq = (q * q).sum(1, keepdim=True)
+            nr = nq if self_ref else (rr * rr).sum(1, keepdim=True)
+            self.qf = torch.cat([q, nq, one_q], 1)
+            self.rf = torch.cat([-2.0 * rr, one_r, nr], 1)
+            self.R1 = torch.cat([rr, one_r], 1)
+            self.Q1 = torch.cat([q, one_q], 1)
+
+    def block(self, s: int, e: int, out: Tensor) -> Tensor:
+        return torch.mm(self.qf[s:e], self.rf.T, out=out)
+
+    def accumulate(self, U: Tensor, s: int, e: int, coef_b: Tensor, A1: Tensor | None, A2: Tensor | None) -> None:
+        """``A1[s:e] = coef_b (U R1)`` and ``A2 += U^T (coef_b Q1_b)``."""
+        cb = coef_b.unsqueeze(1)
+        if A1 is not None:
+            torch.mm(U, self.R1, out=A1[s:e]).mul_(cb)
+        if A2 is not None:
+            A2.addmm_(U.T, self.Q1[s:e] * cb)
+
+    def finish(self, A1: Tensor | None, A2: Tensor | None, scale: float):
+        """``(dL/dq, dL/dr)`` from the accumulators for ``dL/dX = scale * coef * U``."""
+        if self.kind == "dot":
+            sgn = -scale if self.far else scale
+            return (None if A1 is None else A1.mul_(sgn)), (None if A2 is None else A2.mul_(sgn))
+        D = self.D
+        # dE/dq_i = 2 q_i - 2 r_j, dE/dr_j = 2 r_j - 2 q_i
+        gq = None if A1 is None else (self.q * A1[:, D:] - A1[:, :D]).mul_(2.0 * scale)
+        gr = None if A2 is None else (self.rr * A2[:, D:] - A2[:, :D]).mul_(2.0 * scale)
+        return gq, gr
+
+    def values(self, raw: Tensor) -> Tensor:
+        """The distance (similarity) from raw block values (``-S`` when ``far``)."""
+        if self.kind == "dot":
+            return -raw if self.far else raw
+        d = raw.clamp_min(0.0)
+        return d.sqrt() if self.kind == "euclid" else d
+
+
+def _const(x: Tensor, v: float) -> Tensor:
+    """``v`` as a 0-dim tensor of ``x``'s dtype (one rounding, shared by a clamp and a subtraction)."""
+    return torch.full((), v, dtype=x.dtype, device=x.device)
+
+
+def _contrastive_negatives(rule, kind, X, Zb, Ub, br, bc):
+    """The negative term of one block (every listed column excluded): ``(row sums, nonzero count,
+    U, scale)`` with ``d sum / dX = scale * U``.  ``X``, ``Zb``, ``Ub`` are overwritten."""
+    nm, sq = rule.nm, rule.sq
+    zero = X.new_zeros(())
+    if kind == "dot":  # z = [S - nm]_+, dz/dS = 1
+        X.sub_(nm).index_put_((br, bc), zero).relu_()
+        cnt = torch.count_nonzero(X)
+        if sq:
+            rows = torch.mul(X, X, out=Ub).sum(1).mul_(0.5)
+            return rows, cnt, X, 1.0
+        return X.sum(1), cnt, torch.sign(X, out=Ub), 1.0
+    if kind == "sq":  # z = [nm - max(E, 0)]_+ = -Zn with Zn = min(max(E, 0), nm) - nm; dz/dE = -1
+        t = _const(X, nm)
+        X.clamp_(min=zero, max=t).sub_(t).index_put_((br, bc), zero)
+        cnt = torch.count_nonzero(X)
+        if sq:
+            rows = torch.mul(X, X, out=Ub).sum(1).mul_(0.5)
+            return rows, cnt, X, 1.0
+        return X.sum(1).neg_(), cnt, torch.sign(X, out=Ub), 1.0
+    # euclid: d = sqrt(min(max(E, 0), nm^2)) (nm exactly where not selected); Zn = d - nm;
+    # dz/dE = -1 / (2 d) for 0 < d < nm, 0 at d = 0
+    hi = _const(X, nm * nm)
+    X.clamp_(min=zero, max=hi).sqrt_()
+    torch.sub(X, hi.sqrt(), out=Zb).index_put_((br, bc), zero)
+    cnt = torch.count_nonzero(Zb)
+    if sq:
+        rows = torch.mul(Zb, Zb, out=Ub).sum(1).mul_(0.5)
+        torch.div(Zb, X, out=Ub)  # Zn / d; d (z^2 / 2) / dE = Zn / (2 d)
+    else:
+        rows = Zb.sum(1).neg_()
+        torch.sign(Zb, out=Ub).div_(X)  # -1 / d
+    return rows, cnt, Ub.nan_to_num_(0.0, 0.0, 0.0), 0.5
+
+
+def _tcm_negatives(rule, X, Ub, br, bc):
+    """TCM's negative term of one block: ``sum (S - m-) 1[S >= m-]``, dS = 1 on the selected."""
+    X.sub_(rule.mm).index_put_((br, bc), X.new_full((), -1.0))
+    torch.ge(X, 0.0, out=Ub)
+    cnt = torch.count_nonzero(Ub)
+    return X.relu_().sum(1), cnt, Ub, 1.0
+
+
+def listed_capable(rule: BlockRule) -> bool:
+    """Whether :func:`listed_totals` runs ``rule`` (built-in distance; contrastive, TCM,
+    triplet hard / semi-hard with the hinge or softplus)."""
+    kind = _Metric(rule.distance).kind
+    if kind is None:
+        return False
+    if isinstance(rule, (ContrastiveRule, TCMRule)):
+        return True
+    return isinstance(rule, TripletRule) and rule.mining in ("hard", "semi-hard")
+
+
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """``[n_rows, n_cols]`` sparse CSR of a pair list (repeated pairs add up)."""
+    order = torch.argsort(rows, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, vals, size=(n_rows, n_cols))
+
+
+def _listed_grads(ops: _Operands, rows: Tensor, cols: Tensor, wx: Tensor, need_q: bool, need_r: bool):
+    """``(dL/dq, dL/dr)`` of a pair list with ``dL/dX = wx`` per pair: two sparse-by-dense
+    products (no gather of rows, no scatter-add)."""
+    B, M = ops.q.shape[0], ops.rr.shape[0]
+    A1 = torch.mm(_csr(rows, cols, wx, B, M), ops.R1) if need_q else None
+    A2 = torch.mm(_csr(cols, rows, wx, M, B), ops.Q1) if need_r else None
+    return ops.finish(A1, A2, 1.0)
+
+
+def _d_raw(ops: _Operands, d: Tensor, w: Tensor) -> Tensor:
+    """``dL/dX`` of pairs from ``dL/dd`` (``w``) and their distances (similarities) ``d``."""
+    if ops.kind == "dot":
+        return -w if ops.far else w
+    if ops.kind == "euclid":  # dd/dE = 1 / (2 d), 0 at d = 0
+        return torch.where(d > 0, w / (2.0 * d.clamp_min(torch.finfo(d.dtype).tiny)), d.new_zeros(()))
+    return w
+
+
+def _blocks_of(rows: Tensor, step: int, B: int, *others: Tensor):
+    """Per row block, the entries of a row-ascending list (``rows`` and ``others`` split alike)."""
+    bounds = torch.searchsorted(rows, torch.arange(step, B, step, device=rows.device)).cpu()
+    return list(zip(*(torch.tensor_split(t, bounds) for t in (rows,) + others)))
+
+
+def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_q, need_r):
+    """The listed-pairs path of :class:`PairTotalsFunction`: ``(totals, counts, gq, gr)``
+    (per-term gradient lists as there), or None when the same-label pairs are too many."""
+    self_ref = r is None
+    rr, rl = (q, q_labels) if self_ref else (r, r_labels)
+    B, M = q.shape[0], rr.shape[0]
+    step = chunk or rule.rows_per_block(B, M)
+    rows, cols, is_self, xrows, xcols = same_label_pairs(q_labels, rl, self_index)
+    if rows.numel() > step * max(B, 1):
+        return None
+    kind = _Metric(rule.distance).kind
+    keep = ~is_self
+    pr, pc = rows[keep], cols[keep]
+    er, ec = torch.cat([rows, xrows]), torch.cat([cols, xcols])
+    if xrows.numel():
+        o = torch.argsort(er, stable=True)
+        er, ec = er[o], ec[o]
+    T = rule.terms
+    coef = coef.to(q.dtype)
+    triplet = isinstance(rule, TripletRule)
+    far = triplet and rule.distance.is_similarity  # triplets mine on "far" values: -S
+    ops = _Operands(kind, q, rr, self_ref, far=far)
+    dense_term = not triplet and not (isinstance(rule, ContrastiveRule) and not rule.distance.is_similarity
+                                      and rule.nm <= 0)  # [nm - d]_+ with nm <= 0 is 0
+    c0 = min(step, max(B, 1))
+    X = q.new_empty(c0, M)
+    Zb = q.new_empty(c0, M) if (dense_term and kind == "euclid") else None
+    Ub = q.new_empty(c0, M) if dense_term else None
+    A1 = q.new_zeros(B, ops.R1.shape[1]) if (dense_term and need_q) else None
+    A2 = rr.new_zeros(M, ops.Q1.shape[1]) if (dense_term and need_r) else None
+    semi = triplet and rule.mining == "semi-hard"
+    pos_blocks = _blocks_of(pr, step, B, pc, *((_rank_in_row(pr, B),) if semi else ()))
+    ex_blocks = _blocks_of(er, step, B, ec)
+    pos_raw, trip, neg_sums, neg_counts = [], [], [], []
+    with torch.no_grad():
+        for b, s in enumerate(range(0, B, step)):
+            e = min(B, s + step)
+            c = e - s
+            Xb = ops.block(s, e, X[:c])
+            bpr, bpc = pos_blocks[b][0] - s, pos_blocks[b][1]
+            raw_p = Xb[bpr, bpc]
+            br, bc = ex_blocks[b][0] - s, ex_blocks[b][1]
+            if not triplet:
+                pos_raw.append(raw_p)
+                if dense_term:
+                    if isinstance(rule, TCMRule):
+                        sums, cnt, U, _ = _tcm_negatives(rule, Xb, Ub[:c], br, bc)
+                    else:
+                        sums, cnt, U, _ = _contrastive_negatives(rule, kind, Xb, None if Zb is None else Zb[:c],
+                                                                 Ub[:c], br, bc)
+                    neg_sums.append(torch.dot(sums, coef[s:e]))
+                    neg_counts.append(cnt)
+                    ops.accumulate(U, s, e, coef[s:e], A1, A2)
+                continue
+            # triplets: far values (distances; -S for a similarity), clamped as the distance is
+            if kind != "dot":
+                Xb.clamp_min_(0.0)
+                raw_p = raw_p.clamp_min_(0.0)
+            # (semi-hard: its per-rank passes and reductions with indices stall with more than one
+            # intra-op thread on a busy machine, as on the mask path -- ``single_threaded``)
+            with _one_thread() if rule.single_threaded else contextlib.nullcontext():
+                trip.append(_mine_block(rule, Xb, s, bpr, bpc, raw_p, br, bc, pos_blocks[b][2] if semi else None))
+    totals = q.new_zeros(T)
+    counts = q.new_zeros(T)
+    zero = q.new_zeros(())
+    if not triplet:
+        d = ops.values(torch.cat(pos_raw) if pos_raw else q.new_zeros(0))
+        cp = coef[pr]
+        if isinstance(rule, TCMRule):
+            sel = d <= rule.mp
+            totals[0] = torch.dot(torch.where(sel, rule.mp - d, zero), cp)
+            counts[0] = sel.sum()
+            w = torch.where(sel, -cp, zero)
+        else:
+            z = F.relu(rule.distance.margin(d, rule.pm))
+            if rule.sq:
+                totals[0] = torch.dot(0.5 * z * z, cp)
+                w = rule.sa * z * cp
+            else:
+                totals[0] = torch.dot(z, cp)
+                w = torch.where(z > 0, rule.sa * cp, zero)
+            counts[0] = torch.count_nonzero(z) if rule.nonzero else pr.numel()
+        if dense_term:
+            totals[1] = torch.stack(neg_sums).sum() if neg_sums else zero
+        if isinstance(rule, TCMRule) or rule.nonzero:
+            counts[1] = torch.stack(neg_counts).sum() if neg_counts else zero
+        else:  # every negative pair: all pairs but the listed ones
+            counts[1] = B * M - er.numel()
+        # d sum / dX = scale * U (the Euclidean distance's U is -1/d or Zn/d: dd/dE = 1 / (2 d))
+        scale = 0.5 if (kind == "euclid" and isinstance(rule, ContrastiveRule)) else 1.0
+        gq_d, gr_d = ops.finish(A1, A2, scale) if dense_term else (None, None)
+        g0q, g0r = _listed_grads(ops, pr, pc, _d_raw(ops, d, w), need_q, need_r)
+        if need_q and gq_d is None:
+            gq_d = torch.zeros_like(q)
+        if need_r and gr_d is None:
+            gr_d = torch.zeros_like(rr)
+        if self_ref:
+            return totals, counts, [g0q.add_(g0r), gq_d.add_(gr_d)] if need_q else [None, None], None
+        return totals, counts, [g0q, gq_d], [g0r, gr_d]
+    # triplets: one list for all blocks
+    if trip:
+        a, p, n, f_ap, f_an = (torch.cat(x) for x in zip(*trip))
+    else:
+        a = p = n = torch.zeros(0, dtype=torch.long, device=q.device)
+        f_ap = f_an = q.new_zeros(0)
+    d_ap, d_an = ops.values(f_ap), ops.values(f_an)  # (-S back to S for a similarity)
+    v = rule.distance.margin(d_ap, d_an)
+    lt = _hinge(v + rule.m, rule.smooth)
+    cp = coef[a]
+    totals[0] = torch.dot(lt, cp)
+    counts[0] = (lt > 0).sum() if rule.nonzero else a.numel()
+    w = rule.triplet_weights(v, cp)
+    wx = torch.cat([_d_raw(ops, d_ap, rule.sa * w), _d_raw(ops, d_an, -rule.sa * w)])
+    g0q, g0r = _listed_grads(ops, torch.cat([a, a]), torch.cat([p, n]), wx, need_q, need_r)
+    if self_ref:
+        return totals, counts, [g0q.add_(g0r) if need_q else None], None
+    return totals, counts, [g0q], [g0r]
+
+
+def rule_counts_nonzero(rule) -> bool:
+    """TCM counts its selected pairs; contrastive its nonzero pairs (or, with
+    ``pair_average='all'``, every pair: counted from the lists instead)."""
+    return isinstance(rule, TCMRule) or rule.nonzero
+
+
+def _mine_block(rule, X, s, bpr, bpc, fp, br, bc, prank):
+    """Triplets of one block on far values ``X`` (``fp``: the positives' far values,
+    listed columns of ``X`` overwritten here): ``(anchors, positives, negatives,
+    raw positive values, raw negative values)`` with global anchor rows."""
+    c, M = X.shape
+    inf = float("inf")
+    dev = X.device
+    n_excl = torch.bincount(br, minlength=c)
+    has_neg = n_excl < M
+    if rule.mining == "hard":
+        rmax = X.new_full((c,), -inf).scatter_reduce_(0, bpr, fp, "amax")
+        cand = torch.where(fp == rmax[bpr], bpc, torch.full_like(bpc, M))
+        p = torch.full((c,), M, dtype=bpc.dtype, device=dev).scatter_reduce_(0, bpr, cand, "amin")
+        X.index_put_((br, bc), X.new_full((), inf))
+        n = X.argmin(1)
+        has = (p < M) & has_neg
+        rows = torch.nonzero(has).squeeze(1)
+        p, n = p[rows], n[rows]
+        return rows + s, p, n, rmax[rows], X[rows, n]
+    # semi-hard: per positive pair, the closest negative farther than the positive, else the
+    # farthest negative
+    X.index_put_((br, bc), X.new_full((), -inf))
+    farthest = X.argmax(1)
+    X.index_put_((br, bc), X.new_full((), inf))
+    keep = has_neg[bpr]
+    bpr, bpc, fp, prank = bpr[keep], bpc[keep], fp[keep], prank[keep]
+    n = torch.empty_like(bpc)
+    n_slots = torch.bincount(prank).numel() if prank.numel() else 0
+    Y = None
+    for k in range(n_slots):
+        sel = torch.nonzero(prank == k).squeeze(1)
+        rk = bpr[sel]
+        t = fp[sel].unsqueeze(1)
+        if rk.numel() == c:  # every row has a k-th positive (ranks ascend with rows)
+            Xk = X
+        else:
+            Xk = X[rk]
+        if Y is None:
+            Y = X.new_empty(c, M)
+        Yk = torch.sub(Xk, t, out=Y[:rk.numel()])
+        F.threshold_(Yk, 0.0, inf)  # only negatives strictly farther than the positive
+        vals, idx = Yk.min(1)
+        n[sel] = torch.where(torch.isinf(vals), farthest[rk], idx)
+    return bpr + s, bpc, n, fp, X[bpr, n]
