@@ -78,11 +78,10 @@ def _compute(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool, bounded: bool = False):
+def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool, bounded: bool | None = False):
     """Row (and column) log-sum-exps of ``s q k^T`` (the kernel: even in one block it is faster
     than autograd through two dense log-sum-exps, benchmarks/info_nce.py)."""
-    st = s if isinstance(s, Tensor) else torch.tensor(s, dtype=q.dtype, device=q.device)
-    row, col = pair_lse(q, k, st, chunk_size, cols, bounded)
+    row, col = pair_lse(q, k, s, chunk_size, cols, bounded)
     return row, (col if cols else None)
 
 
@@ -141,6 +140,7 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
         a = F.normalize(a, dim=1, eps=NORM_EPS)
         b = F.normalize(b, dim=1, eps=NORM_EPS)
     pos = torch.linalg.vecdot(a, b) * s
+    bounded = True if normalize else None   # unnormalised inputs: the bound is measured from the norms
     world = 1
     if gather:
         from losskit.distributed.collectives import all_gather_with_grad, gather_sizes, world as _world
@@ -149,10 +149,10 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
         sizes = gather_sizes(a.shape[0], a.device, group)
         a_all = all_gather_with_grad(a, group, sizes)
         b_all = all_gather_with_grad(b, group, sizes)
-        row, _ = _lse(a, b_all, s, chunk_size, cols=False, bounded=normalize)
-        col = _lse(b, a_all, s, chunk_size, cols=False, bounded=normalize)[0] if symmetric else None
+        row, _ = _lse(a, b_all, s, chunk_size, cols=False, bounded=bounded)
+        col = _lse(b, a_all, s, chunk_size, cols=False, bounded=bounded)[0] if symmetric else None
     else:
-        row, col = _lse(a, b, s, chunk_size, cols=symmetric, bounded=normalize)
+        row, col = _lse(a, b, s, chunk_size, cols=symmetric, bounded=bounded)
     if h is not None:
         hn = _compute(h)
         if normalize:

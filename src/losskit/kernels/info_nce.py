@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from losskit.core.checks import tensor_checks_enabled
 from losskit.kernels.constants import LOG2E
 
-__all__ = ["pair_lse", "PairLSE", "BLOCK_ELEMENTS", "auto_chunk"]
+__all__ = ["pair_lse", "PairLSE", "BLOCK_ELEMENTS", "auto_chunk", "fixed_reference"]
 
 #: values per block of the similarity matrix when no chunk size is given (16 MiB in float32)
 BLOCK_ELEMENTS = 1 << 22
@@ -49,27 +49,24 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
 _FIXED_REF_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
 
-def _augment(q: Tensor, k: Tensor, s: Tensor, offset: Tensor | None = None):
-    """``q' [Nq, D+1]``, ``k' [Nk, D+1]`` with ``q' k'^T = log2(e) (s q k^T - ref)``: ``ref = s``, or
-    the per-row ``offset`` (the subtraction and the base change ride in the product)."""
+def _augment(q: Tensor, k: Tensor, s: Tensor, ref: Tensor):
+    """``q' [Nq, D+1]``, ``k' [Nk, D+1]`` with ``q' k'^T = log2(e) (s q k^T - ref)`` (the
+    subtraction of the fixed reference and the base change ride in the product)."""
     qa = torch.empty(q.shape[0], q.shape[1] + 1, dtype=q.dtype, device=q.device)
     torch.mul(q, s * LOG2E, out=qa[:, :-1])
-    if offset is None:
-        qa[:, -1] = -s * LOG2E
-    else:
-        torch.mul(offset, -LOG2E, out=qa[:, -1])
+    qa[:, -1] = -ref * LOG2E
     ka = torch.empty(k.shape[0], k.shape[1] + 1, dtype=k.dtype, device=k.device)
     ka[:, :-1] = k
     ka[:, -1] = 1.0
     return qa, ka
 
 
-def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, chunk: int, cols: bool):
-    """Bounded logits (``|z| <= s``: normalised inputs, ``2 s`` below the dtype's limit): one
-    ``exp2`` per similarity against the fixed reference ``s``; row and column sums as
-    matrix-vector products of the same block."""
+def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, ref: Tensor, chunk: int, cols: bool):
+    """Bounded logits (``|z| <= ref``, ``2 ref`` below the dtype's limit): one ``exp2`` per
+    similarity against the fixed reference ``ref``; row and column sums as matrix-vector
+    products of the same block."""
     nq, nk = q.shape[0], k.shape[0]
-    qa, ka = _augment(q, k, s)
+    qa, ka = _augment(q, k, s, ref)
     kat = ka.t()
     rsum = torch.empty(nq, dtype=q.dtype, device=q.device)
     csum = torch.zeros(nk, dtype=q.dtype, device=q.device)
@@ -82,19 +79,19 @@ def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, chunk: int, cols: bool):
         torch.mv(e, ones_k, out=rsum[a:b])
         if cols:
             csum.addmv_(e.t(), ones_q[: b - a])
-    row = torch.log(rsum).add_(s)
-    col = torch.log(csum).add_(s) if cols else torch.zeros(nk, dtype=q.dtype, device=q.device)
+    row = torch.log(rsum).add_(ref)
+    col = torch.log(csum).add_(ref) if cols else torch.zeros(nk, dtype=q.dtype, device=q.device)
     return row, col
 
 
-def _backward_fixed(q, k, s, row, col, gr, gc, chunk):
-    """``dL/dz_ij = e_ij (gr_i exp(s - row_i) + gc_j exp(s - col_j))`` with ``e = exp(z - s)``."""
+def _backward_fixed(q, k, s, ref, row, col, gr, gc, chunk):
+    """``dL/dz_ij = e_ij (gr_i exp(ref - row_i) + gc_j exp(ref - col_j))`` with ``e = exp(z - ref)``."""
     nq, nk = q.shape[0], k.shape[0]
-    qa, ka = _augment(q, k, s)
+    qa, ka = _augment(q, k, s, ref)
     kat = ka.t()
     ks = k * s
-    al = gr * torch.exp(s - row)
-    be = gc * torch.exp(s - col) if gc is not None else None
+    al = gr * torch.exp(ref - row)
+    be = gc * torch.exp(ref - col) if gc is not None else None
     gq = torch.empty_like(q)
     gk = torch.zeros_like(k)
     buf = torch.empty(min(chunk, nq) * nk, dtype=q.dtype, device=q.device)
@@ -114,14 +111,15 @@ def _backward_fixed(q, k, s, row, col, gr, gc, chunk):
 
 class PairLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, scale: Tensor, chunk: int, cols: bool, fixed: bool):
+    def forward(ctx, q: Tensor, k: Tensor, scale: Tensor, chunk: int, cols: bool, ref: float | None):
         dt = _compute_dtype(q, k)
-        ctx.chunk, ctx.cols, ctx.fixed = chunk, cols, fixed and q.shape[0] > 0 and k.shape[0] > 0
+        fixed = ref is not None and q.shape[0] > 0 and k.shape[0] > 0
+        ctx.chunk, ctx.cols, ctx.fixed, ctx.ref = chunk, cols, fixed, ref
         with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
             qc, kc, s = q.to(dt), k.to(dt), scale.to(dt)
             nq, nk = qc.shape[0], kc.shape[0]
             if ctx.fixed:
-                row, col = _forward_fixed(qc, kc, s, chunk, cols)
+                row, col = _forward_fixed(qc, kc, s, torch.tensor(ref, dtype=dt, device=q.device), chunk, cols)
                 ctx.save_for_backward(q, k, scale, row, col)
                 return row.to(q.dtype), col.to(q.dtype)
             row = torch.empty(nq, dtype=dt, device=q.device)
@@ -155,7 +153,8 @@ class PairLSE(torch.autograd.Function):
             gr = g_row.to(dt) if g_row is not None else torch.zeros(nq, dtype=dt, device=q.device)
             gc = g_col.to(dt) if (g_col is not None and ctx.cols) else None
             if ctx.fixed:
-                gq, gk = _backward_fixed(qc, kc, s, row, col, gr, gc, ctx.chunk)
+                ref = torch.tensor(ctx.ref, dtype=dt, device=q.device)
+                gq, gk = _backward_fixed(qc, kc, s, ref, row, col, gr, gc, ctx.chunk)
                 gs = None
                 if ctx.needs_input_grad[2]:
                     gs = (torch.linalg.vecdot(gq, qc).sum() / s).to(scale.dtype).reshape(scale.shape)
@@ -187,23 +186,46 @@ def _may_sync() -> bool:
     return tensor_checks_enabled() and not torch.compiler.is_compiling()
 
 
+def fixed_reference(q: Tensor, k: Tensor, scale: Tensor | float, bounded: bool | None = False) -> float | None:
+    """The fixed reference ``ref >= max |z_ij|`` of the one-``exp2`` path, or ``None`` for the
+    online-maximum path.  ``bounded=True``: the rows have norm <= 1 (normalised), ``ref = s``;
+    ``None``: measured, ``ref = s max_i |q_i| max_j |k_j|`` (one host read of the two largest
+    norms); ``False``: the online path.  The fixed path needs ``2 ref`` below the dtype's limit
+    (80 in float32: no ``exp(z - ref)`` underflows to 0), and reading a tensor ``scale`` or the
+    norms is a host synchronisation, skipped (online path) with ``losskit.tensor_checks(False)``."""
+    if bounded is False:
+        return None
+    if isinstance(scale, Tensor):
+        if not _may_sync():
+            return None
+        s = float(scale.detach())
+    else:
+        s = float(scale)
+    if bounded is None:
+        if not _may_sync() or q.shape[0] == 0 or k.shape[0] == 0:
+            return None
+        with torch.no_grad():
+            nq = torch.linalg.vector_norm(q.detach(), dim=1, dtype=_compute_dtype(q, k)).amax()
+            nk = torch.linalg.vector_norm(k.detach(), dim=1, dtype=_compute_dtype(q, k)).amax()
+            ref = s * float(nq * nk)
+    else:
+        ref = s
+    limit = _FIXED_REF_LIMIT.get(_compute_dtype(q, k), 0.0)
+    return ref if 0 < s and 0 <= 2 * ref <= limit else None
+
+
 def pair_lse(q: Tensor, k: Tensor, scale: Tensor | float, chunk: int | None = None, cols: bool = True,
-             bounded: bool = False):
+             bounded: bool | None = False):
     """``(row [Nq], col [Nk])`` log-sum-exps of ``scale * q k^T`` (see the module doc);
     ``col`` is zeros when ``cols=False``.  ``chunk``: query rows per block (default
-    :func:`auto_chunk`).  ``bounded``: the rows of ``q`` and ``k`` have norm <= 1 (normalised),
-    so ``|z| <= s`` and, when ``2 s`` is small enough for the dtype (s <= 40 in float32), every
-    block needs one ``exp2`` against the fixed reference ``s`` instead of an online maximum
-    (reading a tensor ``scale`` for that decision is one host read, skipped with tensor checks off)."""
-    s_host = None
-    if not isinstance(scale, Tensor):
-        s_host = float(scale)
-        scale = torch.tensor(s_host, dtype=q.dtype, device=q.device)
-    elif bounded and _may_sync():
-        s_host = float(scale.detach())
+    :func:`auto_chunk`).  ``bounded``: ``True`` when the rows of ``q`` and ``k`` have norm <= 1
+    (normalised), so ``|z| <= s``; ``None`` to measure the bound from the largest norms; when the
+    bound ``ref`` is small enough for the dtype (``ref <= 40`` in float32) every block needs one
+    ``exp2`` against the fixed reference instead of an online maximum (:func:`fixed_reference`)."""
     chunk = auto_chunk(k.shape[0]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk}")
-    limit = _FIXED_REF_LIMIT.get(_compute_dtype(q, k), 0.0)
-    fixed = bool(bounded and s_host is not None and 0 < 2 * s_host <= limit)
-    return PairLSE.apply(q, k, scale, chunk, bool(cols), fixed)
+    ref = fixed_reference(q, k, scale, bounded)
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=q.dtype, device=q.device)
+    return PairLSE.apply(q, k, scale, chunk, bool(cols), ref)
