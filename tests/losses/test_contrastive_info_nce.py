@@ -252,7 +252,7 @@ def test_cement_margins_and_gradient_share():
 
 
 @pytest.mark.parametrize("cols", [True, False])
-def test_fixed_reference_path_equals_the_online_path(cols):
+def test_logit_bound_path_equals_the_online_path(cols):
     """Normalised inputs and a small scale take one exp2 per similarity against the fixed
     reference s; the result and gradients equal the online-maximum path."""
     g = torch.Generator().manual_seed(7)
@@ -283,19 +283,19 @@ def test_fixed_reference_path_equals_the_online_path(cols):
 def test_measured_reference_for_unnormalised_inputs():
     """``bounded=None`` measures ``ref = s max|q| max|k|``: bounded unnormalised inputs take the
     one-exp2 path and agree with the online path; large norms or scales fall back to it."""
-    from losskit.kernels.info_nce import fixed_reference
+    from losskit.kernels.info_nce import logit_bound
 
     g = torch.Generator().manual_seed(11)
     q0 = torch.randn(10, 5, generator=g, dtype=torch.float64) * 0.3
     k0 = torch.randn(7, 5, generator=g, dtype=torch.float64) * 0.3
-    ref = fixed_reference(q0, k0, 5.0, None)
+    ref = logit_bound(q0, k0, 5.0, None)
     want = 5.0 * float(q0.norm(dim=1).max() * k0.norm(dim=1).max())
     assert ref is not None and math.isclose(ref, want, rel_tol=1e-12)
-    assert fixed_reference(q0, k0, 5.0, False) is None and fixed_reference(q0, k0, 5.0, True) == 5.0
-    assert fixed_reference(q0.float() * 100, k0.float(), 5.0, None) is None      # 2 ref above float32's 80
-    assert fixed_reference(q0.float(), k0.float(), 50.0, True) is None           # 2 s above 80
+    assert logit_bound(q0, k0, 5.0, False) is None and logit_bound(q0, k0, 5.0, True) == 5.0
+    assert logit_bound(q0.float() * 100, k0.float(), 5.0, None) is None      # 2 ref above float32's 80
+    assert logit_bound(q0.float(), k0.float(), 50.0, True) is None           # 2 s above 80
     with losskit.tensor_checks(False):
-        assert fixed_reference(q0, k0, torch.tensor(5.0), None) is None           # no host read
+        assert logit_bound(q0, k0, torch.tensor(5.0), None) is None           # no host read
     wr = torch.randn(10, generator=g, dtype=torch.float64)
     wc = torch.randn(7, generator=g, dtype=torch.float64)
     res = []

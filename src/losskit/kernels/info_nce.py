@@ -8,16 +8,28 @@
 
 without ever holding the ``Nq x Nk`` matrix: the query rows are visited in
 blocks of ``chunk``; a block's row log-sum-exp is complete, the column one is
-carried with an online maximum.  Only the two vectors are saved; backward
-recomputes each block, so the cost is 1 product forward and 3 backward
-(recompute, ``dq``, ``dk``) against a dense implementation's 1 + 2, and the
-extra memory is ``O(chunk x Nk)`` plus ``O((Nq + Nk) D)``.
+accumulated.  Only the two vectors are saved; backward recomputes each block,
+so the cost is 1 product forward and 3 backward (recompute, ``dq``, ``dk``)
+against a dense implementation's 1 + 2, and the extra memory is
+``O(chunk x Nk)`` plus ``O((Nq + Nk) D)``.
+
+Two paths.  When the logits are bounded, ``|z| <= ref`` with ``2 ref`` below
+the dtype's limit (normalised rows and ``s <= 40`` in float32, or a bound
+measured from the largest norms: :func:`logit_bound`), no maximum is needed:
+per block one product, one in-place ``exp2`` (the scale and ``log2 e`` ride in
+``q``) and two matrix-vector products for the row and column sums; backward
+per block one product, one ``exp2``, one in-place scaling by the outer sum
+``gr_i exp(-row_i) + gc_j exp(-col_j)`` and the two gradient products.
+Otherwise (any scale, unbounded inputs, or tensor checks off) an online
+maximum is carried for the columns and subtracted per row.
 
 The symmetric CLIP loss of one process needs both vectors of the same matrix
 (``row`` for image -> text, ``col`` for text -> image), hence one kernel for
 both.  ``scale`` is a 0-dim tensor (a learnable logit scale gets its gradient,
 ``dL/ds = sum_i q_i . dL/dq_i / s``, with no extra pass).  Half-precision
-inputs are computed in float32.  No host synchronisation.
+inputs are computed in float32.  The only host synchronisation is the read
+of a tensor scale (and, when measured, of the largest norms) that chooses the
+path; none with ``losskit.tensor_checks(False)``.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from losskit.core.checks import tensor_checks_enabled
 from losskit.kernels.constants import LOG2E
 
-__all__ = ["pair_lse", "PairLSE", "BLOCK_ELEMENTS", "auto_chunk", "fixed_reference"]
+__all__ = ["pair_lse", "PairLSE", "BLOCK_ELEMENTS", "auto_chunk", "logit_bound"]
 
 #: values per block of the similarity matrix when no chunk size is given (16 MiB in float32)
 BLOCK_ELEMENTS = 1 << 22
@@ -45,29 +57,19 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
     return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
 
 
-#: the fixed reference exp(z - s) cannot underflow when |z| <= s and 2 s is below this (per dtype)
+#: with |z| <= ref and 2 ref below this (per dtype), exp(z), its sums over a block and the gradient
+#: factors gr exp(-row) stay normal numbers: the one-exp2 path needs no maximum
 _FIXED_REF_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
 
-def _augment(q: Tensor, k: Tensor, s: Tensor, ref: Tensor):
-    """``q' [Nq, D+1]``, ``k' [Nk, D+1]`` with ``q' k'^T = log2(e) (s q k^T - ref)`` (the
-    subtraction of the fixed reference and the base change ride in the product)."""
-    qa = torch.empty(q.shape[0], q.shape[1] + 1, dtype=q.dtype, device=q.device)
-    torch.mul(q, s * LOG2E, out=qa[:, :-1])
-    qa[:, -1] = -ref * LOG2E
-    ka = torch.empty(k.shape[0], k.shape[1] + 1, dtype=k.dtype, device=k.device)
-    ka[:, :-1] = k
-    ka[:, -1] = 1.0
-    return qa, ka
-
-
-def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, ref: Tensor, chunk: int, cols: bool):
-    """Bounded logits (``|z| <= ref``, ``2 ref`` below the dtype's limit): one ``exp2`` per
-    similarity against the fixed reference ``ref``; row and column sums as matrix-vector
-    products of the same block."""
+def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, chunk: int, cols: bool):
+    """Bounded logits (``|z| <= ref`` with ``2 ref`` below the dtype's limit, so every ``exp(z)``
+    and every sum of ``N`` of them is a normal number): one ``exp2`` per similarity, no reference
+    subtracted (the scale and the change of base ride in ``q``); row and column sums as
+    matrix-vector products of the same block."""
     nq, nk = q.shape[0], k.shape[0]
-    qa, ka = _augment(q, k, s, ref)
-    kat = ka.t()
+    qs = q * (s * LOG2E)
+    kt = k.t()
     rsum = torch.empty(nq, dtype=q.dtype, device=q.device)
     csum = torch.zeros(nk, dtype=q.dtype, device=q.device)
     ones_k = torch.ones(nk, dtype=q.dtype, device=q.device)
@@ -75,23 +77,24 @@ def _forward_fixed(q: Tensor, k: Tensor, s: Tensor, ref: Tensor, chunk: int, col
     buf = torch.empty(min(chunk, nq) * nk, dtype=q.dtype, device=q.device)
     for a in range(0, nq, chunk):
         b = min(a + chunk, nq)
-        e = torch.mm(qa[a:b], kat, out=buf[: (b - a) * nk].view(b - a, nk)).exp2_()
+        e = torch.mm(qs[a:b], kt, out=buf[: (b - a) * nk].view(b - a, nk)).exp2_()
         torch.mv(e, ones_k, out=rsum[a:b])
         if cols:
             csum.addmv_(e.t(), ones_q[: b - a])
-    row = torch.log(rsum).add_(ref)
-    col = torch.log(csum).add_(ref) if cols else torch.zeros(nk, dtype=q.dtype, device=q.device)
+    row = torch.log(rsum)
+    col = torch.log(csum) if cols else torch.zeros(nk, dtype=q.dtype, device=q.device)
     return row, col
 
 
-def _backward_fixed(q, k, s, ref, row, col, gr, gc, chunk):
-    """``dL/dz_ij = e_ij (gr_i exp(ref - row_i) + gc_j exp(ref - col_j))`` with ``e = exp(z - ref)``."""
+def _backward_fixed(q, k, s, row, col, gr, gc, chunk):
+    """``dL/dz_ij = e_ij (gr_i exp(-row_i) + gc_j exp(-col_j))`` with ``e = exp(z)``: the block is
+    recomputed, scaled once by the outer sum of the two vectors, and multiplied twice."""
     nq, nk = q.shape[0], k.shape[0]
-    qa, ka = _augment(q, k, s, ref)
-    kat = ka.t()
+    qs = q * (s * LOG2E)
+    kt = k.t()
     ks = k * s
-    al = gr * torch.exp(ref - row)
-    be = gc * torch.exp(ref - col) if gc is not None else None
+    al = gr * torch.exp(-row)
+    be = gc * torch.exp(-col) if gc is not None else None
     gq = torch.empty_like(q)
     gk = torch.zeros_like(k)
     buf = torch.empty(min(chunk, nq) * nk, dtype=q.dtype, device=q.device)
@@ -99,11 +102,11 @@ def _backward_fixed(q, k, s, ref, row, col, gr, gc, chunk):
     for a in range(0, nq, chunk):
         b = min(a + chunk, nq)
         n = (b - a) * nk
-        e = torch.mm(qa[a:b], kat, out=buf[:n].view(b - a, nk)).exp2_()
+        e = torch.mm(qs[a:b], kt, out=buf[:n].view(b - a, nk)).exp2_()
         if be is None:
             g = e.mul_(al[a:b, None])
         else:
-            g = torch.mul(e, be[None, :], out=buf2[:n].view(b - a, nk)).addcmul_(e, al[a:b, None])
+            g = e.mul_(torch.add(al[a:b, None], be[None, :], out=buf2[:n].view(b - a, nk)))
         torch.mm(g, ks, out=gq[a:b])
         gk.addmm_(g.t(), q[a:b])
     return gq, gk.mul_(s)
@@ -119,7 +122,7 @@ class PairLSE(torch.autograd.Function):
             qc, kc, s = q.to(dt), k.to(dt), scale.to(dt)
             nq, nk = qc.shape[0], kc.shape[0]
             if ctx.fixed:
-                row, col = _forward_fixed(qc, kc, s, torch.tensor(ref, dtype=dt, device=q.device), chunk, cols)
+                row, col = _forward_fixed(qc, kc, s, chunk, cols)
                 ctx.save_for_backward(q, k, scale, row, col)
                 return row.to(q.dtype), col.to(q.dtype)
             row = torch.empty(nq, dtype=dt, device=q.device)
@@ -153,8 +156,7 @@ class PairLSE(torch.autograd.Function):
             gr = g_row.to(dt) if g_row is not None else torch.zeros(nq, dtype=dt, device=q.device)
             gc = g_col.to(dt) if (g_col is not None and ctx.cols) else None
             if ctx.fixed:
-                ref = torch.tensor(ctx.ref, dtype=dt, device=q.device)
-                gq, gk = _backward_fixed(qc, kc, s, ref, row, col, gr, gc, ctx.chunk)
+                gq, gk = _backward_fixed(qc, kc, s, row, col, gr, gc, ctx.chunk)
                 gs = None
                 if ctx.needs_input_grad[2]:
                     gs = (torch.linalg.vecdot(gq, qc).sum() / s).to(scale.dtype).reshape(scale.shape)
@@ -186,13 +188,14 @@ def _may_sync() -> bool:
     return tensor_checks_enabled() and not torch.compiler.is_compiling()
 
 
-def fixed_reference(q: Tensor, k: Tensor, scale: Tensor | float, bounded: bool | None = False) -> float | None:
-    """The fixed reference ``ref >= max |z_ij|`` of the one-``exp2`` path, or ``None`` for the
+def logit_bound(q: Tensor, k: Tensor, scale: Tensor | float, bounded: bool | None = False) -> float | None:
+    """A bound ``ref >= max |z_ij|`` that allows the one-``exp2`` path, or ``None`` for the
     online-maximum path.  ``bounded=True``: the rows have norm <= 1 (normalised), ``ref = s``;
     ``None``: measured, ``ref = s max_i |q_i| max_j |k_j|`` (one host read of the two largest
-    norms); ``False``: the online path.  The fixed path needs ``2 ref`` below the dtype's limit
-    (80 in float32: no ``exp(z - ref)`` underflows to 0), and reading a tensor ``scale`` or the
-    norms is a host synchronisation, skipped (online path) with ``losskit.tensor_checks(False)``."""
+    norms); ``False``: the online path.  The one-``exp2`` path needs ``2 ref`` below the dtype's
+    limit (80 in float32: every ``exp(z)`` lies in ``[e^-40, e^40]``), and reading a tensor
+    ``scale`` or the norms is a host synchronisation, skipped (online path) with
+    ``losskit.tensor_checks(False)``."""
     if bounded is False:
         return None
     if isinstance(scale, Tensor):
@@ -221,11 +224,11 @@ def pair_lse(q: Tensor, k: Tensor, scale: Tensor | float, chunk: int | None = No
     :func:`auto_chunk`).  ``bounded``: ``True`` when the rows of ``q`` and ``k`` have norm <= 1
     (normalised), so ``|z| <= s``; ``None`` to measure the bound from the largest norms; when the
     bound ``ref`` is small enough for the dtype (``ref <= 40`` in float32) every block needs one
-    ``exp2`` against the fixed reference instead of an online maximum (:func:`fixed_reference`)."""
+    ``exp2`` and no maximum (:func:`logit_bound`)."""
     chunk = auto_chunk(k.shape[0]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk}")
-    ref = fixed_reference(q, k, scale, bounded)
+    ref = logit_bound(q, k, scale, bounded)
     if not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), dtype=q.dtype, device=q.device)
     return PairLSE.apply(q, k, scale, chunk, bool(cols), ref)
