@@ -310,3 +310,34 @@ def test_measured_reference_for_unnormalised_inputs():
     a, b = q0.float(), k0[:7].float().repeat(2, 1)[:10]
     torch.testing.assert_close(info_nce_loss(a, b, 5.0, normalize=False, chunk_size=4, reduction="none"),
                                info_nce_loss(a.double(), b.double(), 5.0, normalize=False, reduction="none").float())
+
+
+def test_unit_rows_equals_f_normalize_and_non_finite_rows_are_refused():
+    from losskit.kernels.info_nce import unit_rows
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x[2] = 0.0
+    x[4] *= 1e-14                      # below eps: the clamped branch
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, n = unit_rows(x1, 1e-12)
+    want = F.normalize(x2, dim=1, eps=1e-12)
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(n, x.norm(dim=1))
+    (y * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: unit_rows(t, 1e-12)[0], (torch.randn(5, 3, generator=g, dtype=torch.float64,
+                                                                                 requires_grad=True),))
+    a, b, _ = _data()
+    for name, bad in (("a", a.clone()), ("b", b.clone())):
+        bad[3, 1] = math.nan
+        args = (bad, b) if name == "a" else (a, bad)
+        with pytest.raises(ValueError, match=f"{name}: expected finite values, got nan at index"):
+            info_nce_loss(*args)
+        bad[3, 1] = math.inf
+        with pytest.raises(ValueError, match=f"{name}: expected finite values, got inf"):
+            info_nce_loss(*args, normalize=False)
+    big = a.float() * 1e30                 # finite values whose norm overflows float32: no error
+    assert bool(torch.isfinite(info_nce_loss(big, b.float())).all())

@@ -33,7 +33,7 @@ from losskit.core.checks import check_embeddings, check_finite, shape_str, tenso
 from losskit.core.reduction import reduce_loss
 from losskit.core.checks import check_reduction, check_sample_weight
 from losskit.kernels.constants import NORM_EPS
-from losskit.kernels.info_nce import pair_lse
+from losskit.kernels.info_nce import pair_lse, unit_rows
 
 __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share", "hard_negative_logits",
            "CONCRETENESS_RANGE", "lexicon_weights", "flops_regularizer", "lexlip_loss", "knn_adjacency",
@@ -44,8 +44,9 @@ __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share
 CONCRETENESS_RANGE = (1.0, 5.0)
 
 
-def check_pair(a, b) -> tuple[Tensor, Tensor]:
-    """``a`` and ``b``: floating ``[B, D]`` tensors of the same shape, dtype and device, finite."""
+def check_pair(a, b, finite: bool = True) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b``: floating ``[B, D]`` tensors of the same shape, dtype and device, finite
+    (``finite=False``: the caller checks it)."""
     check_embeddings(a, "a", finite=False)
     check_embeddings(b, "b", finite=False)
     if b.shape[0] != a.shape[0]:
@@ -55,8 +56,9 @@ def check_pair(a, b) -> tuple[Tensor, Tensor]:
         raise ValueError(f"b: expected dimension {a.shape[1]} (a is {shape_str(a)}), got {shape_str(b)}")
     if b.device != a.device:
         raise ValueError(f"b: expected device {a.device} (a's device), got {b.device}")
-    check_finite(a, "a")
-    check_finite(b, "b")
+    if finite:
+        check_finite(a, "a")
+        check_finite(b, "b")
     return a, b
 
 
@@ -128,17 +130,23 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
     "Distributed"), so two processes give one process's loss and gradients on the concatenated batch.
     """
     check_reduction(reduction)
-    a, b = check_pair(a, b)
+    a, b = check_pair(a, b, finite=not normalize)   # normalised: the row norms tell (below)
     s = _check_scale(scale)
     h, m = _check_hard(a, hard_negatives, hard_margins)
     sample_weight = check_sample_weight(sample_weight, a.shape[0], a)
     out_dtype = a.dtype
+    a_in, b_in = a, b
     a, b = _compute(a), _compute(b)
     if isinstance(s, Tensor):
         s = s.to(a.dtype)
     if normalize:
-        a = F.normalize(a, dim=1, eps=NORM_EPS)
-        b = F.normalize(b, dim=1, eps=NORM_EPS)
+        # a row's norm is finite when its values are (or overflows: then the exact check decides)
+        a, na = unit_rows(a, NORM_EPS)
+        b, nb = unit_rows(b, NORM_EPS)
+        if (tensor_checks_enabled() and a.numel() and a.device.type != "meta"
+                and not bool(torch.isfinite(torch.cat([na, nb])).all())):
+            check_finite(a_in, "a")
+            check_finite(b_in, "b")
     pos = torch.linalg.vecdot(a, b) * s
     bounded = True if normalize else None   # unnormalised inputs: the bound is measured from the norms
     world = 1
