@@ -124,7 +124,9 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
 
     ``scale``: the logit scale ``1 / temperature`` (a float or a 0-dim tensor, which gets a gradient).
     ``chunk_size``: query rows per block of the kernel (``None``: blocks of about
-    ``kernels.info_nce.BLOCK_ELEMENTS`` similarities, so the ``B x B`` matrix is never held above 2048 rows).
+    ``kernels.info_nce.BLOCK_ELEMENTS`` similarities, twice that with more than one intra-op
+    thread: ``kernels.info_nce.auto_chunk``; the ``B x B`` matrix is held only when ``B`` is below
+    the block's row count).
     ``gather``: under ``torch.distributed``, score the local rows against every rank's rows
     (gathered with gradient); each rank's ``'mean'`` is over its own rows (docs/design.md,
     "Distributed"), so two processes give one process's loss and gradients on the concatenated batch.
