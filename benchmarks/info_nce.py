@@ -10,8 +10,12 @@ Contenders (same normalised ``a``, ``b`` ``[B, D]``, learnable logit scale):
   three ``B x B x D`` similarity products any exact implementation needs;
 * ``dense``: ``logits = s a b^T``, ``(CE(logits, arange) + CE(logits^T, arange)) / 2``
   through autograd (open_clip's ClipLoss without gathering);
-* ``losskit[chunk=C]``: ``losskit.functional.info_nce_loss(..., chunk_size=C)``; ``auto`` is
-  the default (``None``: C = 4M / B rows per block).
+* ``losskit[chunk=C]``: ``losskit.functional.info_nce_loss(..., chunk_size=C)`` with its defaults
+  (``normalize=True``: the one-``exp2`` fixed-reference path); ``auto`` is the default
+  (``None``: C = 4M / B rows per block);
+* ``losskit[online]`` (``--online``): the same call under ``losskit.tensor_checks(False)``, where the
+  kernel may not read the scale on the host and takes the online-maximum path (as it does for a
+  scale above 40 in float32).
 
 Time: the median of ``--repeats`` steps after one warm-up step, timed in rounds (each round
 runs every contender once, so that a change of machine load hits every contender alike).  Memory: the peak of the bytes
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from _measure import tensor_peak_mib
 
 
-def contenders(a, b, chunks):
+def contenders(a, b, chunks, online=False):
+    import losskit
     from losskit.functional.contrastive import info_nce_loss
 
     B = a.shape[0]
@@ -53,9 +58,15 @@ def contenders(a, b, chunks):
         def ours(c=c):
             x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
             t = torch.tensor(2.659, requires_grad=True)
-            info_nce_loss(x, y, t.exp(), normalize=False,
-                                             chunk_size=None if c == "auto" else int(c)).backward()
+            info_nce_loss(x, y, t.exp(), chunk_size=None if c == "auto" else int(c)).backward()
         out[f"losskit[chunk={c}]"] = ours
+    if online:
+        def ours_online():
+            x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            t = torch.tensor(2.659, requires_grad=True)
+            with losskit.tensor_checks(False):
+                info_nce_loss(x, y, t.exp()).backward()
+        out["losskit[online]"] = ours_online
     return out
 
 
@@ -66,6 +77,7 @@ def main(argv=None):
     p.add_argument("--chunks", default="auto,256,1024,2048")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="0: torch's default")
+    p.add_argument("--online", action="store_true", help="also time the online-maximum path")
     args = p.parse_args(argv)
     default_threads = torch.get_num_threads()
     torch.manual_seed(0)
@@ -74,7 +86,7 @@ def main(argv=None):
     chunks = [c for c in args.chunks.split(",") if c]
     for th in args.threads:
         torch.set_num_threads(th or default_threads)
-        steps = contenders(a, b, chunks)
+        steps = contenders(a, b, chunks, args.online)
         mems, times = {}, {n: [] for n in steps}
         for name, step in steps.items():
             step()  # warm-up

@@ -252,7 +252,7 @@ def test_cement_margins_and_gradient_share():
 
 
 @pytest.mark.parametrize("cols", [True, False])
-def test_fixed_reference_path_equals_the_online_path(cols):
+def test_logit_bound_path_equals_the_online_path(cols):
     """Normalised inputs and a small scale take one exp2 per similarity against the fixed
     reference s; the result and gradients equal the online-maximum path."""
     g = torch.Generator().manual_seed(7)
@@ -278,3 +278,66 @@ def test_fixed_reference_path_equals_the_online_path(cols):
     kk = k0.clone().requires_grad_()
     # gradcheck perturbs q and k off the unit sphere by 1e-6: |z| <= s still holds to first order
     assert torch.autograd.gradcheck(f, (qq, kk, torch.tensor(3.0, dtype=torch.float64, requires_grad=True)))
+
+
+def test_measured_reference_for_unnormalised_inputs():
+    """``bounded=None`` measures ``ref = s max|q| max|k|``: bounded unnormalised inputs take the
+    one-exp2 path and agree with the online path; large norms or scales fall back to it."""
+    from losskit.kernels.info_nce import logit_bound
+
+    g = torch.Generator().manual_seed(11)
+    q0 = torch.randn(10, 5, generator=g, dtype=torch.float64) * 0.3
+    k0 = torch.randn(7, 5, generator=g, dtype=torch.float64) * 0.3
+    ref = logit_bound(q0, k0, 5.0, None)
+    want = 5.0 * float(q0.norm(dim=1).max() * k0.norm(dim=1).max())
+    assert ref is not None and math.isclose(ref, want, rel_tol=1e-12)
+    assert logit_bound(q0, k0, 5.0, False) is None and logit_bound(q0, k0, 5.0, True) == 5.0
+    assert logit_bound(q0.float() * 100, k0.float(), 5.0, None) is None      # 2 ref above float32's 80
+    assert logit_bound(q0.float(), k0.float(), 50.0, True) is None           # 2 s above 80
+    with losskit.tensor_checks(False):
+        assert logit_bound(q0, k0, torch.tensor(5.0), None) is None           # no host read
+    wr = torch.randn(10, generator=g, dtype=torch.float64)
+    wc = torch.randn(7, generator=g, dtype=torch.float64)
+    res = []
+    for bounded in (None, False):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+        r, c = pair_lse(q, k, s, chunk=3, cols=True, bounded=bounded)
+        ((r * wr).sum() + (c * wc).sum()).backward()
+        res.append((r.detach(), c.detach(), q.grad, k.grad, s.grad))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    a, b = q0.float(), k0[:7].float().repeat(2, 1)[:10]
+    torch.testing.assert_close(info_nce_loss(a, b, 5.0, normalize=False, chunk_size=4, reduction="none"),
+                               info_nce_loss(a.double(), b.double(), 5.0, normalize=False, reduction="none").float())
+
+
+def test_unit_rows_equals_f_normalize_and_non_finite_rows_are_refused():
+    from losskit.kernels.info_nce import unit_rows
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x[2] = 0.0
+    x[4] *= 1e-14                      # below eps: the clamped branch
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, n = unit_rows(x1, 1e-12)
+    want = F.normalize(x2, dim=1, eps=1e-12)
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(n, x.norm(dim=1))
+    (y * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: unit_rows(t, 1e-12)[0], (torch.randn(5, 3, generator=g, dtype=torch.float64,
+                                                                                 requires_grad=True),))
+    a, b, _ = _data()
+    for name, bad in (("a", a.clone()), ("b", b.clone())):
+        bad[3, 1] = math.nan
+        args = (bad, b) if name == "a" else (a, bad)
+        with pytest.raises(ValueError, match=f"{name}: expected finite values, got nan at index"):
+            info_nce_loss(*args)
+        bad[3, 1] = math.inf
+        with pytest.raises(ValueError, match=f"{name}: expected finite values, got inf"):
+            info_nce_loss(*args, normalize=False)
+    big = a.float() * 1e30                 # finite values whose norm overflows float32: no error
+    assert bool(torch.isfinite(info_nce_loss(big, b.float())).all())

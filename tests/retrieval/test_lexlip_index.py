@@ -101,3 +101,68 @@ def test_inverted_index_bad_input():
     idx = InvertedIndex.build(d)
     assert torch.equal(idx.score(torch.zeros(2)), torch.zeros(2, dtype=torch.float64))
     assert torch.equal(idx.score(torch.tensor([0.0, 2.0])), torch.tensor([2.0, 0.0], dtype=torch.float64))
+
+
+def test_search_touches_postings_only_and_equals_the_dense_top_k():
+    docs = _sparse_docs(n=400, seed=3)
+    queries = _sparse_docs(n=15, nnz=6, seed=7)
+    for quantize in (None, 100):
+        idx = InvertedIndex.build(docs, quantize=quantize)
+        if quantize is None:
+            dense = queries.double() @ docs.double().t()
+        else:
+            dense = idx.quantized(queries) @ idx.quantized(docs).t()
+        for k in (1, 5, 40):
+            scores, ids = idx.search(queries, k=k)
+            top = torch.topk(dense, k, dim=1).values
+            if quantize is None:
+                torch.testing.assert_close(scores, top, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(dense.gather(1, ids), top, rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(scores, top) and torch.equal(dense.gather(1, ids), top)
+            assert bool(((ids[:, :, None] != ids[:, None, :]).sum((1, 2)) == k * (k - 1)).all())  # distinct ids
+    # sparse query layouts give the same answer as dense rows
+    idx = InvertedIndex.build(docs)
+    want = idx.search(queries, k=5)
+    for sq in (queries.to_sparse(), queries.to_sparse_csr()):
+        got = idx.search(sq, k=5)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_search_ranks_untouched_documents_when_too_few_are_touched():
+    d = torch.zeros(6, 5)
+    d[1, 0], d[4, 0], d[2, 3] = 1.0, 2.0, 5.0
+    idx = InvertedIndex.build(d)
+    q = torch.zeros(2, 5)
+    q[0, 0] = 1.0                      # touches documents 1 and 4 only
+    q[1, 0], q[1, 3] = 1.0, -1.0       # document 2 scores -5: below every untouched document
+    scores, ids = idx.search(q, k=4)
+    dense = q.double() @ d.double().t()
+    assert torch.equal(scores, torch.topk(dense, 4, dim=1).values)
+    assert torch.equal(dense.gather(1, ids), scores)
+    assert ids[0, :2].tolist() == [4, 1] and 2 not in ids[1].tolist()
+
+
+def test_from_coo_sorts_unordered_triples_and_checks_ids():
+    docs = _sparse_docs(n=70000 // 100, v=300, seed=4)
+    ref = InvertedIndex.build(docs)
+    doc, term = docs.nonzero(as_tuple=True)
+    perm = torch.randperm(doc.numel(), generator=torch.Generator().manual_seed(0))
+    got = InvertedIndex.from_coo(doc[perm], term[perm], docs[doc, term][perm], docs.shape[0], docs.shape[1])
+    assert torch.equal(got.ptr, ref.ptr) and torch.equal(got.docs, ref.docs) and torch.equal(got.weights, ref.weights)
+    with pytest.raises(ValueError, match=r"doc: expected ids in \[0, 1\]"):
+        InvertedIndex.from_coo(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.ones(2), 2, 3)
+    with pytest.raises(ValueError, match="quantize"):
+        InvertedIndex.build(torch.rand(3, 4), quantize=1e12)   # impact weights would overflow int32
+
+
+def test_integer_scores_stay_exact_beyond_float64_integers(monkeypatch):
+    import losskit.retrieval.inverted_index as ii
+
+    docs = _sparse_docs(seed=8)
+    queries = _sparse_docs(n=5, nnz=8, seed=9)
+    idx = InvertedIndex.build(docs, quantize=100)
+    dense = idx.quantized(queries) @ idx.quantized(docs).t()
+    monkeypatch.setattr(ii, "_EXACT_INT_IN_FLOAT64", 1)   # force the int64 accumulator
+    for q in range(5):
+        assert torch.equal(idx.score(queries[q]), dense[q])

@@ -33,7 +33,7 @@ from losskit.core.checks import check_embeddings, check_finite, shape_str, tenso
 from losskit.core.reduction import reduce_loss
 from losskit.core.checks import check_reduction, check_sample_weight
 from losskit.kernels.constants import NORM_EPS
-from losskit.kernels.info_nce import pair_lse
+from losskit.kernels.info_nce import pair_lse, unit_rows
 
 __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share", "hard_negative_logits",
            "CONCRETENESS_RANGE", "lexicon_weights", "flops_regularizer", "lexlip_loss", "knn_adjacency",
@@ -44,8 +44,9 @@ __all__ = ["info_nce_loss", "check_pair", "cement_margins", "hard_negative_share
 CONCRETENESS_RANGE = (1.0, 5.0)
 
 
-def check_pair(a, b) -> tuple[Tensor, Tensor]:
-    """``a`` and ``b``: floating ``[B, D]`` tensors of the same shape, dtype and device, finite."""
+def check_pair(a, b, finite: bool = True) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b``: floating ``[B, D]`` tensors of the same shape, dtype and device, finite
+    (``finite=False``: the caller checks it)."""
     check_embeddings(a, "a", finite=False)
     check_embeddings(b, "b", finite=False)
     if b.shape[0] != a.shape[0]:
@@ -55,8 +56,9 @@ def check_pair(a, b) -> tuple[Tensor, Tensor]:
         raise ValueError(f"b: expected dimension {a.shape[1]} (a is {shape_str(a)}), got {shape_str(b)}")
     if b.device != a.device:
         raise ValueError(f"b: expected device {a.device} (a's device), got {b.device}")
-    check_finite(a, "a")
-    check_finite(b, "b")
+    if finite:
+        check_finite(a, "a")
+        check_finite(b, "b")
     return a, b
 
 
@@ -78,11 +80,10 @@ def _compute(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool, bounded: bool = False):
+def _lse(q: Tensor, k: Tensor, s, chunk_size: int | None, cols: bool, bounded: bool | None = False):
     """Row (and column) log-sum-exps of ``s q k^T`` (the kernel: even in one block it is faster
     than autograd through two dense log-sum-exps, benchmarks/info_nce.py)."""
-    st = s if isinstance(s, Tensor) else torch.tensor(s, dtype=q.dtype, device=q.device)
-    row, col = pair_lse(q, k, st, chunk_size, cols, bounded)
+    row, col = pair_lse(q, k, s, chunk_size, cols, bounded)
     return row, (col if cols else None)
 
 
@@ -123,24 +124,33 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
 
     ``scale``: the logit scale ``1 / temperature`` (a float or a 0-dim tensor, which gets a gradient).
     ``chunk_size``: query rows per block of the kernel (``None``: blocks of about
-    ``kernels.info_nce.BLOCK_ELEMENTS`` similarities, so the ``B x B`` matrix is never held above 2048 rows).
+    ``kernels.info_nce.BLOCK_ELEMENTS`` similarities, twice that with more than one intra-op
+    thread: ``kernels.info_nce.auto_chunk``; the ``B x B`` matrix is held only when ``B`` is below
+    the block's row count).
     ``gather``: under ``torch.distributed``, score the local rows against every rank's rows
     (gathered with gradient); each rank's ``'mean'`` is over its own rows (docs/design.md,
     "Distributed"), so two processes give one process's loss and gradients on the concatenated batch.
     """
     check_reduction(reduction)
-    a, b = check_pair(a, b)
+    a, b = check_pair(a, b, finite=not normalize)   # normalised: the row norms tell (below)
     s = _check_scale(scale)
     h, m = _check_hard(a, hard_negatives, hard_margins)
     sample_weight = check_sample_weight(sample_weight, a.shape[0], a)
     out_dtype = a.dtype
+    a_in, b_in = a, b
     a, b = _compute(a), _compute(b)
     if isinstance(s, Tensor):
         s = s.to(a.dtype)
     if normalize:
-        a = F.normalize(a, dim=1, eps=NORM_EPS)
-        b = F.normalize(b, dim=1, eps=NORM_EPS)
+        # a row's norm is finite when its values are (or overflows: then the exact check decides)
+        a, na = unit_rows(a, NORM_EPS)
+        b, nb = unit_rows(b, NORM_EPS)
+        if (tensor_checks_enabled() and a.numel() and a.device.type != "meta"
+                and not bool(torch.isfinite(torch.cat([na, nb])).all())):
+            check_finite(a_in, "a")
+            check_finite(b_in, "b")
     pos = torch.linalg.vecdot(a, b) * s
+    bounded = True if normalize else None   # unnormalised inputs: the bound is measured from the norms
     world = 1
     if gather:
         from losskit.distributed.collectives import all_gather_with_grad, gather_sizes, world as _world
@@ -149,10 +159,10 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float | Tensor = 1 / 0.07, *, sym
         sizes = gather_sizes(a.shape[0], a.device, group)
         a_all = all_gather_with_grad(a, group, sizes)
         b_all = all_gather_with_grad(b, group, sizes)
-        row, _ = _lse(a, b_all, s, chunk_size, cols=False, bounded=normalize)
-        col = _lse(b, a_all, s, chunk_size, cols=False, bounded=normalize)[0] if symmetric else None
+        row, _ = _lse(a, b_all, s, chunk_size, cols=False, bounded=bounded)
+        col = _lse(b, a_all, s, chunk_size, cols=False, bounded=bounded)[0] if symmetric else None
     else:
-        row, col = _lse(a, b, s, chunk_size, cols=symmetric, bounded=normalize)
+        row, col = _lse(a, b, s, chunk_size, cols=symmetric, bounded=bounded)
     if h is not None:
         hn = _compute(h)
         if normalize:
