@@ -5,6 +5,7 @@ background class with the one-shot runs held out (``--train-on all``).  Syntheti
 from __future__ import annotations
 
 import io
+import os
 import json
 import zipfile
 
@@ -190,3 +191,27 @@ def test_oneshot_flow_with_conv4_rotations_and_every_background_class(tmp_path, 
     assert main(["eval", str(out), "--task", "oneshot"]) == 0
     got = json.loads((out / "eval_oneshot.json").read_text())["rows"][0]["cells"][0]["oneshot_error"]
     assert got == pytest.approx(cell["metrics"]["oneshot_error"], abs=1e-12)
+
+
+# ---------------------------------------------------------------- the real data (slow)
+
+OMNIGLOT = os.environ.get("LOSSKIT_OMNIGLOT", "/work/shared/datasets/omniglot")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "all_runs.zip")), reason="Omniglot zips not present")
+def test_real_omniglot_every_background_class_and_the_runs_held_out():
+    from losskit.bench.tasks import get_task
+
+    cfg = BenchConfig(dataset="omniglot", data_dir=OMNIGLOT, oneshot=True, train_on="all", rotation_classes=True,
+                      model="conv4").validate()
+    d = get_task("embedding").load_data(cfg)
+    # small1 (136) + small2 (156) share Greek and Latin (50 characters): 242 distinct characters, x 4 rotations
+    assert len(d.train_classes) == 968 and d.train_x.shape == (19360, 1, 28, 28)
+    assert len(d.test_classes) == 400 and d.test_x.shape == (800, 1, 28, 28)
+    # same polarity and scale on both sides: white background (1), dark strokes, as stored
+    for x in (d.train_x, d.test_x):
+        assert x.min() == 0 and x.max() == 1 and 0.75 < float(x.mean()) < 0.95
+    # no held-out image is a training image (the runs come from the evaluation alphabets)
+    train = {hash(x.numpy().tobytes()) for x in d.train_x[:4840]}
+    assert not any(hash(x.numpy().tobytes()) in train for x in d.test_x)

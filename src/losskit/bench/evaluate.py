@@ -128,7 +128,9 @@ def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, datase
     width = max(len(r["objective"]) for r in rows)
     lines = [f"losskit eval {run} --task {task}: {len(files)} saved networks "
              f"(trained on {proto.get('dataset')}, {proto.get('epochs')} epochs, --model {proto.get('model')}, "
-             f"--augment {proto.get('augment')}, {image_size}x{image_size})",
+             f"--augment {proto.get('augment')}, {image_size}x{image_size}"
+             + (", --train-on all" if proto.get("train_on") == "all" else "")
+             + (", --rotation-classes" if proto.get("rotation_classes") else "") + ")",
              f"{'objective'.ljust(width)}  seeds  {label}"]
     for r in rows:
         spread = f"±{100 * r['std']:.1f}" if math.isfinite(r["std"]) else ""
