@@ -215,3 +215,28 @@ def test_real_omniglot_every_background_class_and_the_runs_held_out():
     # no held-out image is a training image (the runs come from the evaluation alphabets)
     train = {hash(x.numpy().tobytes()) for x in d.train_x[:4840]}
     assert not any(hash(x.numpy().tobytes()) in train for x in d.test_x)
+
+
+def test_eval_of_several_runs_gives_one_table_and_refuses_other_protocols(tmp_path, capsys):
+    def bench(name, objective, epochs=1):
+        out = tmp_path / name
+        assert main(["bench", "--objectives", objective, "--seeds", "1", "--epochs", str(epochs), "--out", str(out),
+                     "--no-progress", "--no-plots", "--save-models", "--no-baselines", "--track-every", "0"]) == 0
+        return str(out)
+
+    a, b = bench("a", "softmax"), bench("b", "contrastive")
+    capsys.readouterr()
+    assert main(["eval", a, b, "--task", "embedding", "--dataset", "digits"]) == 0
+    res = json.loads((tmp_path / "a" / "eval_embedding.json").read_text())
+    assert sorted(r["objective"] for r in res["rows"]) == ["contrastive", "softmax"] and res["runs"] == [a, b]
+    for r in res["rows"]:  # each network scored as its own run folder scores it
+        alone = json.loads(cell_path(tmp_path / ("a" if r["objective"] == "softmax" else "b"), r["objective"],
+                                     0).read_text())
+        assert r["cells"][0]["recall@1"] == pytest.approx(alone["metrics"]["recall@1"], abs=1e-12)
+    c = bench("c", "triplet", epochs=2)
+    capsys.readouterr()
+    assert main(["eval", a, c, "--task", "embedding", "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "protocol differs from" in err and "in epochs;" in err
+    assert main(["eval", a, a, "--task", "embedding", "--dataset", "digits"]) == 2
+    assert "saved in two of the runs" in capsys.readouterr().err
