@@ -218,7 +218,7 @@ def test_every_config_field_is_one_option():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model", "resnet", "--model must be one of auto, mlp, cnn, cnn-large or MODULE:FUNCTION; got 'resnet'"),
+    ("model", "resnet", "--model must be one of auto, mlp, cnn, cnn-large, conv4 or MODULE:FUNCTION; got 'resnet'"),
     ("model", "nosuchmodule_xyz:net", "--model 'nosuchmodule_xyz:net': cannot import module 'nosuchmodule_xyz' "
                                       "(ModuleNotFoundError: No module named 'nosuchmodule_xyz')"),
     ("augment", "flip", "--augment must be one of none, shift, affine; got 'flip'"),

@@ -79,8 +79,9 @@ class BenchConfig:
                                        default_text="all")
     embedding_dim: int = option(64, low=1, help="embedding size")
     model: str = option("auto", metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
-                        help="network: auto = MLP for <=16x16 images, small CNN above; cnn-large = 4 wider blocks "
-                             "(the one-shot default); MODULE:FUNCTION = your own, called as "
+                        help="network: auto = MLP for <=16x16 images, small CNN above; cnn-large = 4 wider blocks; "
+                             "conv4 = the prototypical networks' 4 blocks of 64 filters (Snell et al. 2017; the one-shot "
+                             "choice); MODULE:FUNCTION = your own, called as "
                              "FUNCTION(input_shape, embedding_dim) and returning an nn.Module")
     lr: float = option(1e-3, low=0, low_open=True, help="Adam learning rate, all parameters")
     weight_decay: float = option(0.0, low=0, help="Adam weight decay")
@@ -101,6 +102,14 @@ class BenchConfig:
     augment: str = option("none", choices=("none", "shift", "affine"),
                           help="training augmentation, identical for all objectives (affine: rotation, shear, "
                                "scale and translation as the Siamese one-shot paper)")
+    rotation_classes: bool = option(False, help="add each training class rotated by 90, 180 and 270 degrees as "
+                                                "three new classes (x4 classes; Santoro et al. 2016, Snell et al. "
+                                                "2017 on Omniglot); the held-out images are left as they are")
+    train_on: str = option("split", choices=("split", "all"),
+                           help="omniglot with --oneshot: 'split' = the class split (held-out metrics on its test "
+                                "classes); 'all' = train on every class of both background splits and compute the "
+                                "held-out metrics on the one-shot runs' 800 images (400 evaluation-alphabet "
+                                "characters, 2 each: the curve then watches test data; look, do not select)")
     splits: int = option(1, low=1, help="repeat the protocol over N class splits (split seeds "
                                         "SPLIT_SEED..SPLIT_SEED+N-1)")
     split_seed: int = option(0, low=0, help="seed of the first class split (digits: 0 = classes 0-4 train)")

@@ -11,7 +11,9 @@ input shape and embedding size), loads its weights and evaluates it:
 * ``--task embedding``: the bench's open-set retrieval and verification metrics
   on another data set (``--dataset``, ``--data-dir``) of the same image size.
 
-The table is printed and written to ``RUN/eval_<task>.json``.
+Several RUN folders (e.g. runs of the same protocol started side by side, each with its own
+objectives) give one table: their protocols must agree except for the objectives.
+The table is printed and written to ``eval_<task>.json`` in the first RUN.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="evaluate a bench run's saved networks on another protocol (e.g. Omniglot 20-way one-shot)",
         description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("run", metavar="RUN", help="a bench run folder holding models/ (losskit bench --save-models)")
+    p.add_argument("run", metavar="RUN", nargs="+",
+                   help="bench run folders holding models/ (losskit bench --save-models); several: one table, "
+                        "their protocols equal but for the objectives")
     p.add_argument("--task", required=True, choices=EVAL_TASKS,
                    help="oneshot: Omniglot 20-way one-shot (all_runs.zip); embedding: retrieval on --dataset")
     p.add_argument("--data-dir", default=None,
@@ -66,9 +70,14 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, dataset: str | None = None,
+#: protocol keys that may differ between the run folders of one ``losskit eval`` table
+PER_RUN_KEYS = ("objectives", "hparams", "overrides")
+
+
+def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None, dataset: str | None = None,
                  device: str = "cpu") -> tuple[str, dict[str, Any]]:
-    """Evaluate every saved network of ``run`` on ``task``; return (table text, results)."""
+    """Evaluate every saved network of ``run`` (a folder, or a list of folders whose protocols agree
+    but for :data:`PER_RUN_KEYS`) on ``task``; return (table text, results)."""
     import torch
 
     from losskit.data.omniglot import PUBLISHED_ONESHOT, load_oneshot_runs, oneshot_error
@@ -77,11 +86,22 @@ def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, datase
     from .store import MODELS_DIR, atomic_write_json, read_config
     from .tasks.embedding import embed
 
-    run = Path(run)
+    folders = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
+    run = folders[0]
     proto = read_config(run)["protocol"]
-    files = sorted((run / MODELS_DIR).glob("*.pt"))
-    if not files:
-        raise BenchConfigError(f"{run}: no saved networks under {run / MODELS_DIR}; run the bench with --save-models")
+    files = []
+    for folder in folders:
+        other = read_config(folder)["protocol"] if folder != run else proto
+        diff = sorted(k for k in set(proto) | set(other)
+                      if k not in PER_RUN_KEYS and proto.get(k, "<missing>") != other.get(k, "<missing>"))
+        if diff:
+            raise BenchConfigError(f"{folder}: its protocol differs from {run}'s in {', '.join(diff)}; one table "
+                                   "needs runs that differ only in their objectives")
+        mine = sorted((folder / MODELS_DIR).glob("*.pt"))
+        if not mine:
+            raise BenchConfigError(f"{folder}: no saved networks under {folder / MODELS_DIR}; run the bench with "
+                                   "--save-models")
+        files += mine
     dev = torch.device(device)
     image_size = int(proto.get("image_size", 28))
     if task == "oneshot":
@@ -116,6 +136,10 @@ def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, datase
                 raise BenchConfigError(f"the network takes images {tuple(record['input_shape'])}; {name} gives "
                                        f"{tuple(split.test_x.shape[1:])}")
             scores = M.evaluate_embeddings(embed(net, split.test_x, dev), split.test_y, ks=(1, 4))
+        if any(c["seed"] == record["seed"] and c["split"] == record.get("split", 0)
+               for c in per.get(record["objective"], [])):
+            raise BenchConfigError(f"{f}: {record['objective']} seed {record['seed']} is saved in two of the runs; "
+                                   "one table takes each network once")
         per.setdefault(record["objective"], []).append({"seed": record["seed"], "split": record.get("split", 0),
                                                         **{k: float(v) for k, v in scores.items()}})
     rows = []
@@ -126,9 +150,11 @@ def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, datase
     rows.sort(key=lambda r: r["mean"] if task == "oneshot" else -r["mean"])
     label = "20-way 1-shot error %" if task == "oneshot" else "R@1 %"
     width = max(len(r["objective"]) for r in rows)
-    lines = [f"losskit eval {run} --task {task}: {len(files)} saved networks "
+    lines = [f"losskit eval {' '.join(map(str, folders))} --task {task}: {len(files)} saved networks "
              f"(trained on {proto.get('dataset')}, {proto.get('epochs')} epochs, --model {proto.get('model')}, "
-             f"--augment {proto.get('augment')}, {image_size}x{image_size})",
+             f"--augment {proto.get('augment')}, {image_size}x{image_size}"
+             + (", --train-on all" if proto.get("train_on") == "all" else "")
+             + (", --rotation-classes" if proto.get("rotation_classes") else "") + ")",
              f"{'objective'.ljust(width)}  seeds  {label}"]
     for r in rows:
         spread = f"±{100 * r['std']:.1f}" if math.isfinite(r["std"]) else ""
@@ -139,7 +165,7 @@ def evaluate_run(run: str | Path, task: str, data_dir: str | None = None, datase
         lines.append("published, same 20 runs: " + "; ".join(f"{k} {100 * v:.1f}%" for k, v in
                                                              PUBLISHED_ONESHOT.items()) + ".")
     text = "\n".join(lines)
-    results = {"run": str(run), "task": task, "rows": rows,
+    results = {"run": str(run), "runs": [str(f) for f in folders], "task": task, "rows": rows,
                **({"published": PUBLISHED_ONESHOT} if task == "oneshot" else {})}
     atomic_write_json(run / f"eval_{task}.json", results)
     return text, results

@@ -8,10 +8,10 @@ from torch import Tensor, nn
 import importlib
 from typing import Callable
 
-__all__ = ["MLPEmbedder", "CNNEmbedder", "build_model", "choose_model", "check_model", "user_model", "MODELS"]
+__all__ = ["MLPEmbedder", "CNNEmbedder", "Conv4Embedder", "build_model", "choose_model", "check_model", "user_model", "MODELS"]
 
 #: the networks ``--model`` chooses from (``auto``: :func:`choose_model`), besides ``MODULE:FUNCTION``
-MODELS = ("auto", "mlp", "cnn", "cnn-large")
+MODELS = ("auto", "mlp", "cnn", "cnn-large", "conv4")
 
 
 class MLPEmbedder(nn.Module):
@@ -57,6 +57,32 @@ class CNNEmbedder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Conv4Embedder(nn.Module):
+    """The prototypical networks' encoder (Snell, Swersky and Zemel, NeurIPS 2017, sec. 3.1; the
+    4-block net of Vinyals et al. 2016): four blocks of a 3x3 convolution with ``width`` (64)
+    filters, batch normalisation, ReLU and 2x2 max-pooling; the feature map flattened (at 28x28:
+    64 x 1 x 1 = 64 values, the protonets' embedding), then a linear layer to ``embedding_dim``
+    as in the bench's other networks (so every objective gets an unconstrained embedding).
+    """
+
+    def __init__(self, in_channels: int, input_hw: tuple[int, int], embedding_dim: int = 64, width: int = 64):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(in_channels, width), block(width, width), block(width, width),
+                                      block(width, width), nn.Flatten())
+        h, w = input_hw
+        for _ in range(4):
+            h, w = h // 2, w // 2
+        self.head = nn.Linear(width * h * w, embedding_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
 def user_model(spec: str) -> Callable[..., nn.Module]:
@@ -107,6 +133,11 @@ def build_model(kind: str, input_shape: tuple[int, int, int], embedding_dim: int
             if min(h, w) < 8:
                 raise ValueError(f"the CNN needs images of at least 8x8 pixels; got {h}x{w} (use --model mlp)")
             return CNNEmbedder(c, embedding_dim, large=kind == "cnn-large")
+        if kind == "conv4":
+            if min(h, w) < 16:
+                raise ValueError(f"conv4 halves the image four times and needs at least 16x16 pixels; got {h}x{w} "
+                                 "(use --model cnn or mlp)")
+            return Conv4Embedder(c, (h, w), embedding_dim)
         if ":" in kind:
             net = user_model(kind)(tuple(input_shape), embedding_dim)
             if not isinstance(net, nn.Module):

@@ -19,7 +19,8 @@ ADDED_FIELDS = {"task": "embedding", "splits": 1, "split_seed": 0, "baselines": 
                 "track_every": 1, "oneshot": False, "amp": "none", "early_stop": 0.0,
                 "test_fraction": 0.3, "label_noise": 0.0, "noise": "symmetric", "imbalance": 1.0,
                 "pgd_radius": 8 / 255, "pgd_steps": 10,
-                "optimizer": "adam", "schedule": "constant", "refine_from": None}
+                "optimizer": "adam", "schedule": "constant", "refine_from": None,
+                "rotation_classes": False, "train_on": "split"}
 
 
 def plain(v: Any) -> Any:

@@ -256,3 +256,23 @@ def oneshot_error(embed, runs: list[OneShotRun]) -> dict[str, float]:
     e = torch.tensor(errors, dtype=torch.float64)
     return {"oneshot_error": float(e.mean()),
             "oneshot_error_se": float(e.std() / len(errors) ** 0.5) if len(errors) > 1 else float("nan")}
+
+
+def train_on_background(split: OpenSetSplit, runs: list[OneShotRun]) -> OpenSetSplit:
+    """Every class of ``split`` (its train and test classes pooled) trains; the held-out set is the
+    one-shot runs' images: run ``r``'s 20 training images and 20 test images, class
+    ``"runNN/classMM"`` (``train_x[i]`` and the test images whose ``test_y`` is ``i``).  For the
+    one-shot task every background character may train (the runs are drawn from the 20
+    evaluation alphabets, none of which is in a background split)."""
+    c = len(split.train_classes)
+    train_x = torch.cat([split.train_x, split.test_x])
+    train_y = torch.cat([split.train_y, split.test_y + c])
+    xs, ys, names = [], [], []
+    for r in runs:
+        base = len(names)
+        names += [f"{r.name}/class{i + 1:02d}" for i in range(len(r.train_x))]
+        xs += [r.train_x, r.test_x]
+        ys += [torch.arange(len(r.train_x)) + base, r.test_y + base]
+    return OpenSetSplit(f"{split.name}, all background classes; held out: the {len(runs)} one-shot runs",
+                        train_x, train_y, torch.cat(xs), torch.cat(ys).to(torch.int64),
+                        list(split.train_classes) + list(split.test_classes), names, skipped=list(split.skipped))

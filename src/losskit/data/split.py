@@ -64,3 +64,20 @@ class OpenSetSplit:
         return (f"OpenSetSplit(name={self.name!r}, input_shape={self.input_shape}, "
                 f"train={tuple(self.train_x.shape)} over {self.num_train_classes} classes, "
                 f"test={tuple(self.test_x.shape)} over {self.num_test_classes} classes)")
+
+
+#: the rotations :func:`with_rotation_classes` adds as new classes, in degrees (counter-clockwise)
+ROTATIONS = (90, 180, 270)
+
+
+def with_rotation_classes(split: OpenSetSplit) -> OpenSetSplit:
+    """``split`` with every training class also rotated by 90, 180 and 270 degrees, each rotation a
+    new class (``C`` classes become ``4C``; class ``c`` rotated by ``90 k`` degrees is class
+    ``c + k C``, named ``"NAME rot90"`` ...), as Omniglot's few-shot training does (Santoro et al.
+    2016; Vinyals et al. 2016; Snell et al. 2017, sec. 3.1).  The test images are unchanged."""
+    c = len(split.train_classes)
+    xs = [split.train_x] + [torch.rot90(split.train_x, r // 90, dims=(2, 3)) for r in ROTATIONS]
+    ys = [split.train_y + i * c for i in range(len(ROTATIONS) + 1)]
+    names = list(split.train_classes) + [f"{n} rot{r}" for r in ROTATIONS for n in split.train_classes]
+    return OpenSetSplit(split.name, torch.cat(xs).contiguous(), torch.cat(ys), split.test_x, split.test_y,
+                        names, list(split.test_classes), skipped=list(split.skipped))

@@ -198,6 +198,14 @@ class EmbeddingTask(Task):
             raise BenchConfigError(str(e)) from None
         if getattr(cfg, "oneshot", False) and cfg.dataset != "omniglot":
             raise BenchConfigError(f"--oneshot is Omniglot's 20-way one-shot task; --dataset is {cfg.dataset}")
+        if getattr(cfg, "train_on", "split") == "all":
+            if cfg.dataset != "omniglot" or not getattr(cfg, "oneshot", False):
+                raise BenchConfigError("--train-on all trains on every Omniglot background class and holds out the "
+                                       "one-shot runs: it needs --dataset omniglot --oneshot; got --dataset "
+                                       f"{cfg.dataset}{' --oneshot' if getattr(cfg, 'oneshot', False) else ''}")
+            if getattr(cfg, "splits", 1) > 1 or getattr(cfg, "split_seed", 0):
+                raise BenchConfigError(f"--train-on all pools every background class, so there is no class split to "
+                                       f"repeat or seed; got --splits {cfg.splits} --split-seed {cfg.split_seed}")
         on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         if getattr(cfg, "amp", "none") == "fp16" and on_cpu:
             raise BenchConfigError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
@@ -249,6 +257,19 @@ class EmbeddingTask(Task):
                 data.oneshot = load_oneshot_runs(cfg.data_dir, cfg.image_size)
             except (FileNotFoundError, NotADirectoryError, ValueError) as e:
                 raise BenchConfigError(f"--oneshot --data-dir {cfg.data_dir}: {e}") from None
+            if getattr(cfg, "train_on", "split") == "all":
+                from losskit.data.omniglot import train_on_background
+
+                runs = data.oneshot
+                data = train_on_background(data, runs)
+                data.oneshot = runs
+        if getattr(cfg, "rotation_classes", False):
+            from losskit.data.split import with_rotation_classes
+
+            runs = getattr(data, "oneshot", None)
+            data = with_rotation_classes(data)
+            if runs is not None:
+                data.oneshot = runs
         return data
 
     def data_name(self, cfg, data) -> str:
