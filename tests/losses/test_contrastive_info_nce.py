@@ -251,6 +251,19 @@ def test_cement_margins_and_gradient_share():
     torch.testing.assert_close(zc.grad[:, 6:], share * (1 - p[torch.arange(6), torch.arange(6)])[:, None])
 
 
+def _assert_paths_agree(q0, k0, scale, wr, wc, *, chunk, cols, paths):
+    """pair_lse's row/column log-sum-exps and every gradient are equal on the given ``bounded`` paths."""
+    res = []
+    for bounded in paths:
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+        r, c = pair_lse(q, k, s, chunk=chunk, cols=cols, bounded=bounded)
+        ((r * wr).sum() + (c * wc).sum()).backward()
+        res.append((r.detach(), c.detach(), q.grad, k.grad, s.grad))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cols", [True, False])
 def test_logit_bound_path_equals_the_online_path(cols):
     """Normalised inputs and a small scale take one exp2 per similarity against the fixed
@@ -260,15 +273,7 @@ def test_logit_bound_path_equals_the_online_path(cols):
     k0 = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)
     wr = torch.randn(11, generator=g, dtype=torch.float64)
     wc = torch.randn(9, generator=g, dtype=torch.float64)
-    res = []
-    for bounded in (True, False):
-        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        s = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
-        r, c = pair_lse(q, k, s, chunk=4, cols=cols, bounded=bounded)
-        ((r * wr).sum() + (c * wc).sum()).backward()
-        res.append((r.detach(), c.detach(), q.grad, k.grad, s.grad))
-    for x, y in zip(*res):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    _assert_paths_agree(q0, k0, 30.0, wr, wc, chunk=4, cols=cols, paths=(True, False))
 
     def f(q, k, s):
         r, c = pair_lse(q, k, s, chunk=4, cols=cols, bounded=True)
@@ -298,15 +303,7 @@ def test_measured_reference_for_unnormalised_inputs():
         assert logit_bound(q0, k0, torch.tensor(5.0), None) is None           # no host read
     wr = torch.randn(10, generator=g, dtype=torch.float64)
     wc = torch.randn(7, generator=g, dtype=torch.float64)
-    res = []
-    for bounded in (None, False):
-        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-        r, c = pair_lse(q, k, s, chunk=3, cols=True, bounded=bounded)
-        ((r * wr).sum() + (c * wc).sum()).backward()
-        res.append((r.detach(), c.detach(), q.grad, k.grad, s.grad))
-    for x, y in zip(*res):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    _assert_paths_agree(q0, k0, 5.0, wr, wc, chunk=3, cols=True, paths=(None, False))
     a, b = q0.float(), k0[:7].float().repeat(2, 1)[:10]
     torch.testing.assert_close(info_nce_loss(a, b, 5.0, normalize=False, chunk_size=4, reduction="none"),
                                info_nce_loss(a.double(), b.double(), 5.0, normalize=False, reduction="none").float())
