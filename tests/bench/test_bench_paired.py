@@ -58,3 +58,38 @@ def test_paired_task_refuses_other_datasets_and_embedding_objectives():
     assert _required_inputs(losskit.get("cement")) == {"hard_negatives", "concreteness"}
     with pytest.raises(BenchConfigError, match="paired"):
         run_bench(BenchConfig(task="paired", objectives=["triplet"]), "unused", log=lambda s: None, data=object())
+
+
+def test_paired_task_trains_on_the_optimiser_axis(tmp_path):
+    """``--optimizer`` / ``--schedule`` / ``--refine-from`` reach the two towers as in the other tasks."""
+    pytest.importorskip("sklearn")
+    import json
+
+    from losskit.bench.store import cell_path
+    from losskit.data.two_digits import make_two_digit_pairs
+
+    data = {"train": make_two_digit_pairs(240, NORMS, split="train"),
+            "test": make_two_digit_pairs(120, NORMS, split="test")}
+
+    def run(name, **kw):
+        cfg = BenchConfig(task="paired", objectives=["info-nce"], seeds=1, epochs=2, batch_size=60,
+                          embedding_dim=16, lr=1e-2, **kw)
+        out = tmp_path / name
+        r = run_bench(cfg, out, progress=False, plots=False, log=lambda s: None, data=data)
+        assert r.complete and not r.failed, r.failed
+        return json.loads(cell_path(out, "info-nce", 0).read_text())
+
+    losses = {}
+    for opt in ("adam", "sgd", "frugal"):
+        c = run(opt, optimizer=opt, schedule="linear-decay")
+        assert c["optimizer"] == opt and c["schedule"] == "linear-decay"
+        assert len(c["grad_norms_l1"]) == c["steps"] == len(c["grad_norms_l2"]) == 8
+        assert c["hard_negatives"] == []                  # the task's own info survives beside the axis'
+        losses[opt] = c["epoch_loss"]
+    assert losses["adam"] != losses["sgd"] != losses["frugal"] != losses["adam"], "the optimiser changes training"
+    const = run("const")
+    assert const["optimizer"] == "adam" and const["schedule"] == "constant" and "grad_norms_l1" not in const
+    assert const["epoch_loss"] != losses["adam"], "the schedule changes training"
+    refined = run("refined", schedule="refined", refine_from=str(tmp_path / "adam"))
+    assert refined["schedule"] == "refined" and refined["refined_from_steps"] == 8
+    assert refined["epoch_loss"] != losses["adam"]

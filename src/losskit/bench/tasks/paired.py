@@ -24,6 +24,7 @@ from losskit.core import registry
 
 from ..errors import BenchConfigError, CellDiverged
 from ..labels import base_name
+from ..optim_axis import build_optim_axis
 from .base import CellTrainer, Evaluation, Metric, Task, check_scalar_loss
 
 __all__ = ["PairedTask", "CaptionEncoder"]
@@ -128,8 +129,10 @@ class PairedTask(Task):
         if isinstance(loss_fn, nn.Module):
             loss_fn = loss_fn.to(device)
             extra = [p for p in loss_fn.parameters() if p.requires_grad]
-        opt = torch.optim.Adam([*image.parameters(), *text.parameters(), *extra], lr=cfg.lr,
-                               weight_decay=cfg.weight_decay)
+        towers = nn.ModuleList([image, text])
+        spe = self.steps_per_epoch(cfg, data)
+        axis = build_optim_axis(cfg, towers, extra, cfg.epochs * spe, objective, seed)
+        opt = axis.optimizer
         tr = data["train"]
         needs = _required_inputs(loss_fn)
         gen = torch.Generator().manual_seed(seed + BATCH_SEED_OFFSET)
@@ -150,13 +153,16 @@ class PairedTask(Task):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            axis.after_step()
             return loss.detach()
 
-        return CellTrainer(step=step, steps_per_epoch=self.steps_per_epoch(cfg, data),
+        axis.info = {"towers": "image MLP 128-128-d, caption embeddings + MLP 96-128-d",
+                     "hard_negatives": sorted(needs), "objective_params": sum(p.numel() for p in extra), **axis.info}
+        return CellTrainer(step=step, steps_per_epoch=spe,
                            modules=[image, text, *([loss_fn] if isinstance(loss_fn, nn.Module) else [])],
                            model=(image, text),
-                           info={"towers": "image MLP 128-128-d, caption embeddings + MLP 96-128-d",
-                                 "hard_negatives": sorted(needs), "objective_params": sum(p.numel() for p in extra)})
+                           info=axis.info,
+                           on_end=axis.finish)  # the optimiser axis adds the recorded gradient norms at the end
 
     @torch.no_grad()
     def evaluate(self, cfg, data, trainer, device) -> Evaluation:
