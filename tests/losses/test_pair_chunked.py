@@ -218,7 +218,16 @@ LISTED = [(contrastive_loss, {}), (contrastive_loss, {"squared_hinge": True, "pa
           (triplet_loss, {"mining": "hard", "distance": "euclidean", "normalize": False, "margin": 1.0}),
           (triplet_loss, {"mining": "semi-hard"}), (triplet_loss, {"mining": "semi-hard", "distance": "cosine"}),
           (triplet_loss, {"mining": "semi-hard", "distance": "euclidean", "normalize": False, "margin": 1.0,
-                          "pair_average": "all"})]
+                          "pair_average": "all"}),
+          (triplet_loss, {"mining": "all"}), (triplet_loss, {"mining": "all", "pair_average": "all"}),
+          (triplet_loss, {"mining": "all", "distance": "cosine", "smooth": True}),
+          (triplet_loss, {"mining": "all", "distance": "cosine", "pair_average": "all", "margin": 0.3}),
+          (triplet_loss, {"mining": "all", "distance": "dot", "normalize": False, "smooth": True,
+                          "pair_average": "all"}),
+          (triplet_loss, {"mining": "all", "distance": "euclidean", "normalize": False, "margin": 1.0}),
+          (triplet_loss, {"mining": "all", "distance": "euclidean", "normalize": False, "margin": 1.0,
+                          "smooth": True, "pair_average": "all"}),
+          (triplet_loss, {"mining": "all", "reduction": "sum", "margin": 0.3})]
 
 
 @pytest.mark.parametrize("case", LISTED, ids=[_ids(c) for c in LISTED])
@@ -236,7 +245,7 @@ def test_listed_pairs_path_equals_the_mask_path(case, monkeypatch):
     w = torch.rand(40, dtype=x.dtype)
     taken = []
     orig = pair_blocks.listed_totals
-    monkeypatch.setattr(pair_blocks, "listed_totals", lambda *a: taken.append(1) or orig(*a))
+    monkeypatch.setattr(pair_blocks, "listed_totals", lambda *a: taken.append(orig(*a)) or taken[-1])
     for ref in (None, "set"):
         xx, rr = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
         reference = None if ref is None else PairReference(rr, ry, self_index=self_index, batch_size=50,
@@ -245,7 +254,7 @@ def test_listed_pairs_path_equals_the_mask_path(case, monkeypatch):
         n = len(taken)
         out = f(xx, y, sample_weight=w, reference=reference, chunk_size=16, **kw)
         g = torch.autograd.grad(out, leaves)
-        assert len(taken) == n + 1
+        assert len(taken) == n + 1 and taken[-1] is not None  # the listed path ran (no fallback)
         with monkeypatch.context() as mp:
             mp.setattr(pair_blocks, "listed_capable", lambda rule: False)
             want = f(xx, y, sample_weight=w, reference=reference, chunk_size=16, **kw)

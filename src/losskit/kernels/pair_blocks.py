@@ -888,7 +888,7 @@ def listed_capable(rule: BlockRule) -> bool:
         return False
     if isinstance(rule, (ContrastiveRule, TCMRule)):
         return True
-    return isinstance(rule, TripletRule) and rule.mining in ("hard", "semi-hard")
+    return isinstance(rule, TripletRule) and rule.mining in ("hard", "semi-hard", "all")
 
 
 def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int, n_cols: int) -> Tensor:
@@ -957,7 +957,13 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
     A1 = q.new_zeros(B, ops.R1.shape[1]) if (dense_term and need_q) else None
     A2 = rr.new_zeros(M, ops.Q1.shape[1]) if (dense_term and need_r) else None
     semi = triplet and rule.mining == "semi-hard"
-    pos_blocks = _blocks_of(pr, step, B, pc, *((_rank_in_row(pr, B),) if semi else ()))
+    every = triplet and rule.mining == "all"
+    if every:  # dense gradient of the negatives (as dense_term), U for dL/df_an / coef
+        Y = q.new_empty(c0, M)
+        Ub = q.new_empty(c0, M)
+        A1 = q.new_zeros(B, ops.R1.shape[1]) if need_q else None
+        A2 = rr.new_zeros(M, ops.Q1.shape[1]) if need_r else None
+    pos_blocks = _blocks_of(pr, step, B, pc, *((_rank_in_row(pr, B),) if (semi or every) else ()))
     ex_blocks = _blocks_of(er, step, B, ec)
     pos_raw, trip, neg_sums, neg_counts = [], [], [], []
     with torch.no_grad():
@@ -984,6 +990,20 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
             if kind != "dot":
                 Xb.clamp_min_(0.0)
                 raw_p = raw_p.clamp_min_(0.0)
+            if every:
+                if kind == "euclid":  # far values are the distances themselves here
+                    Xb.sqrt_()
+                    raw_p = raw_p.sqrt_()
+                sums, cnt, wp = _all_block(rule, Xb, Y[:c], Ub[:c], bpr, raw_p, pos_blocks[b][2], br, bc)
+                U = Ub[:c]
+                if kind == "euclid":  # df/dE = 1 / (2 d), 0 at d = 0 (the 1/2 in finish's scale)
+                    U.div_(Xb).nan_to_num_(0.0, 0.0, 0.0)
+                ops.accumulate(U, s, e, coef[s:e], A1, A2)
+                neg_sums.append(torch.dot(sums, coef[s:e]))
+                neg_counts.append(cnt)
+                pos_raw.append(raw_p)
+                trip.append(wp)
+                continue
             # (semi-hard: its per-rank passes and reductions with indices stall with more than one
             # intra-op thread on a busy machine, as on the mask path -- ``single_threaded``)
             with _one_thread() if rule.single_threaded else contextlib.nullcontext():
@@ -1025,6 +1045,9 @@ def listed_totals(q, r, q_labels, r_labels, self_index, coef, rule, chunk, need_
         if self_ref:
             return totals, counts, [g0q.add_(g0r), gq_d.add_(gr_d)] if need_q else [None, None], None
         return totals, counts, [g0q, gq_d], [g0r, gr_d]
+    if every:
+        return _all_finish(rule, ops, kind, q, rr, coef, pr, pc, er, pos_raw, trip, neg_sums, neg_counts,
+                           A1, A2, self_ref, need_q, need_r)
     # triplets: one list for all blocks
     if trip:
         a, p, n, f_ap, f_an = (torch.cat(x) for x in zip(*trip))
@@ -1095,3 +1118,68 @@ def _mine_block(rule, X, s, bpr, bpc, fp, br, bc, prank):
         vals, idx = Yk.min(1)
         n[sel] = torch.where(torch.isinf(vals), farthest[rk], idx)
     return bpr + s, bpc, n, fp, X[bpr, n]
+
+
+def _all_block(rule, X, Y, U, bpr, fp, prank, br, bc):
+    """Triplet ``all`` on one block of far values ``X`` (``fp``: the positives' far values; the
+    listed columns of ``X`` are set to +inf here, so no triplet uses them): per positive rank, over
+    the rows with such a positive, ``v = f_ap + m - X`` and its hinge, summed per row, and the
+    hinge's derivative, summed per row (``wp``: ``dL/df_ap / coef`` per positive) and subtracted
+    into ``U`` (``dL/df_an / coef``, dense).  ``(row sums [c], nonzero count, wp)``."""
+    c, M = X.shape
+    X.index_put_((br, bc), X.new_full((), float("inf")))
+    U.zero_()
+    sums = X.new_zeros(c)
+    cnt = torch.zeros((), dtype=torch.long, device=X.device)
+    wp = torch.zeros_like(fp)
+    n_slots = torch.bincount(prank).numel() if prank.numel() else 0
+    for k in range(n_slots):
+        sel = torch.nonzero(prank == k).squeeze(1)
+        rk = bpr[sel]
+        full = rk.numel() == c  # every row has a k-th positive (ranks ascend with rows)
+        Yk = torch.sub((fp[sel] + rule.m).unsqueeze(1), X if full else X[rk], out=Y[:rk.numel()])
+        if rule.smooth:
+            lt = F.softplus(Yk)
+            hg = Yk.sigmoid_()
+        else:
+            lt = hg = Yk.relu_()
+        rs = lt.sum(1)
+        if rule.nonzero:
+            cnt += torch.count_nonzero(lt)
+        if not rule.smooth:
+            hg = Yk.sign_()
+        wp[sel] = hg.sum(1)
+        if full:
+            sums.add_(rs)
+            U.sub_(hg)
+        else:
+            with _one_thread():
+                sums.index_add_(0, rk, rs)
+                U.index_add_(0, rk, hg, alpha=-1.0)
+    return sums, cnt, wp
+
+
+def _all_finish(rule, ops, kind, q, rr, coef, pr, pc, er, pos_raw, wps, neg_sums, neg_counts, A1, A2,
+                self_ref, need_q, need_r):
+    """Totals, counts and gradients of triplet ``all`` from :func:`_all_block`'s per-block parts."""
+    B, M = q.shape[0], rr.shape[0]
+    zero = q.new_zeros(())
+    totals = q.new_zeros(1)
+    counts = q.new_zeros(1)
+    totals[0] = torch.stack(neg_sums).sum() if neg_sums else zero
+    if rule.nonzero:
+        counts[0] = torch.stack(neg_counts).sum() if neg_counts else zero
+    else:  # every (positive pair, negative of its anchor)
+        n_neg = M - torch.bincount(er, minlength=B)
+        counts[0] = n_neg[pr].sum()
+    fp = torch.cat(pos_raw) if pos_raw else q.new_zeros(0)
+    wp = torch.cat(wps) if wps else q.new_zeros(0)
+    d_ap = -fp if ops.far else fp  # far values back to the distance (similarity)
+    # dL/dd_ap = sa * dL/df_ap (f = -S for a similarity)
+    w = rule.sa * coef[pr] * wp
+    scale = 0.5 if kind == "euclid" else 1.0
+    gq_d, gr_d = ops.finish(A1, A2, scale)
+    g0q, g0r = _listed_grads(ops, pr, pc, _d_raw(ops, d_ap, w), need_q, need_r)
+    if self_ref:
+        return totals, counts, [g0q.add_(g0r).add_(gq_d).add_(gr_d) if need_q else None], None
+    return totals, counts, [g0q.add_(gq_d) if need_q else None], [g0r.add_(gr_d) if need_r else None]
