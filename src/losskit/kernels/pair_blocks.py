@@ -26,7 +26,7 @@ no block is recomputed (one product in all).
 The pair shares (``B / N`` with the global pair count ``N``) are applied by
 the caller to the per-row sums, outside the Function, so counts summed over
 processes (torch.distributed) need nothing here.  The scalar reductions of
-contrastive, TCM and triplet hard / semi-hard first try :func:`listed_totals`
+contrastive, TCM and triplet (every mining) first try :func:`listed_totals`
 (the same-label pairs listed from the labels instead of masks; see the
 section at the end of this file).  Inputs are *prepared*
 (normalised when the distance says so) and in the working dtype.
@@ -736,7 +736,7 @@ def pair_block_sums(q: Tensor, r: Tensor | None, q_labels: Tensor, r_labels: Ten
 
 # ---------------------------------------------------------------- the listed-pairs path
 #
-# The scalar reductions of contrastive, TCM and triplet (hard, semi-hard) take this path when the
+# The scalar reductions of contrastive, TCM and triplet (hard, semi-hard, all) take this path when the
 # same-label pairs are few (at most ``rows per block`` per anchor on average, so their lists stay
 # ``O(B x chunk)``): the pairs are listed once from the labels (a sort and two binary searches, no
 # ``B x M`` mask), every block is scored as if all its columns were negatives, and the listed
@@ -882,7 +882,7 @@ def _tcm_negatives(rule, X, Ub, br, bc):
 
 def listed_capable(rule: BlockRule) -> bool:
     """Whether :func:`listed_totals` runs ``rule`` (built-in distance; contrastive, TCM,
-    triplet hard / semi-hard with the hinge or softplus)."""
+    triplet with every mining, hinge or softplus)."""
     kind = _Metric(rule.distance).kind
     if kind is None:
         return False
