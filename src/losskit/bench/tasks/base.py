@@ -204,6 +204,16 @@ class Task(ABC):
             torch.manual_seed(seed + OBJECTIVE_SEED_OFFSET)
             return registry.get(name, **kwargs)
 
+    def build_trainable_objective(self, name: str, kwargs: dict[str, Any], seed: int,
+                                  device: Any) -> tuple[Any, list[Tensor]]:
+        """:meth:`build_objective` moved to ``device``, with the objective's own trainable
+        parameters (a margin head's weights; empty for a plain function) for the optimiser."""
+        loss_fn = self.build_objective(name, kwargs, seed)
+        if not isinstance(loss_fn, nn.Module):
+            return loss_fn, []
+        loss_fn = loss_fn.to(device)
+        return loss_fn, [p for p in loss_fn.parameters() if p.requires_grad]
+
     # ------------------------------------------------------------------ report
 
     def title(self, cfg: "BenchConfig", n_objectives: int) -> str:

@@ -225,12 +225,7 @@ class ClassificationTask(Task):
             kwargs["burn_in"] = int(BURN_IN_SHARE * cfg.epochs * spe)
             if kwargs.get("weighter") == "glow":
                 kwargs.pop("burn_in")   # GLOW warms up for one epoch instead
-        loss_fn = self.build_objective(name, kwargs, seed)
-        if isinstance(loss_fn, nn.Module):
-            loss_fn = loss_fn.to(device)
-            extra = [p for p in loss_fn.parameters() if p.requires_grad]
-        else:
-            extra = []
+        loss_fn, extra = self.build_trainable_objective(name, kwargs, seed, device)
         axis = build_optim_axis(cfg, model, extra, cfg.epochs * spe, objective, seed)
         opt = axis.optimizer
         shuffle = torch.Generator().manual_seed(seed + SHUFFLE_SEED_OFFSET)

@@ -355,12 +355,7 @@ class EmbeddingTask(Task):
             kwargs["num_classes"] = int(data.train_y.max()) + 1
         if "embedding_dim" in spec.required or "embedding_dim" in spec.hparams:
             kwargs["embedding_dim"] = cfg.embedding_dim
-        loss_fn = self.build_objective(name, kwargs, seed)
-        if isinstance(loss_fn, nn.Module):
-            loss_fn = loss_fn.to(device)
-            extra = [p for p in loss_fn.parameters() if p.requires_grad]
-        else:
-            extra = []
+        loss_fn, extra = self.build_trainable_objective(name, kwargs, seed, device)
         p, k = batch_shape(cfg, data.train_y)
         sampler = self._sampler(data.train_y, p, k, seed)
         axis = build_optim_axis(cfg, model, extra, cfg.epochs * sampler.steps_per_epoch, objective, seed)

@@ -124,11 +124,7 @@ class PairedTask(Task):
         registry.spec(name, kind="objective")
         image, text = _towers(cfg.embedding_dim, seed)
         image, text = image.to(device), text.to(device)
-        loss_fn = self.build_objective(name, dict(hparams), seed)
-        extra = []
-        if isinstance(loss_fn, nn.Module):
-            loss_fn = loss_fn.to(device)
-            extra = [p for p in loss_fn.parameters() if p.requires_grad]
+        loss_fn, extra = self.build_trainable_objective(name, dict(hparams), seed, device)
         towers = nn.ModuleList([image, text])
         spe = self.steps_per_epoch(cfg, data)
         axis = build_optim_axis(cfg, towers, extra, cfg.epochs * spe, objective, seed)
