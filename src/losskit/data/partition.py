@@ -50,6 +50,17 @@ def _check_clients(num_clients: Any, n: int, min_size: int) -> int:
                          f"samples, got {n}")
     return k
 
+def _dirichlet_args(labels: Any, num_clients: int, alpha: float, min_size: int,
+                    max_tries: int) -> tuple[np.ndarray, float, int, int]:
+    """The checked arguments shared by the Dirichlet partitions: labels, alpha, min_size, clients."""
+    y = _labels(labels)
+    alpha = check_hparam("alpha", alpha, low=0, low_open=True)
+    min_size = check_int("min_size", min_size, low=0)
+    n_clients = _check_clients(num_clients, y.size, min_size)
+    check_int("max_tries", max_tries, low=1)
+    return y, alpha, min_size, n_clients
+
+
 
 def dirichlet_partition(labels: Any, num_clients: int, alpha: float, *, seed: int = 0, min_size: int = 1,
                         max_tries: int = 1000) -> list[np.ndarray]:
@@ -61,11 +72,7 @@ def dirichlet_partition(labels: Any, num_clients: int, alpha: float, *, seed: in
     until every client holds at least ``min_size`` samples; after ``max_tries``
     a ValueError says so (lower ``min_size`` or raise ``alpha``).
     """
-    y = _labels(labels)
-    alpha = check_hparam("alpha", alpha, low=0, low_open=True)
-    min_size = check_int("min_size", min_size, low=0)
-    n_clients = _check_clients(num_clients, y.size, min_size)
-    check_int("max_tries", max_tries, low=1)
+    y, alpha, min_size, n_clients = _dirichlet_args(labels, num_clients, alpha, min_size, max_tries)
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
     for _ in range(max_tries):
@@ -119,11 +126,7 @@ def quantity_skew_partition(labels: Any, num_clients: int, alpha: float, *, seed
                             min_size: int = 1, max_tries: int = 1000) -> list[np.ndarray]:
     """IID labels, skewed sizes: client ``i`` gets a share ``q_i`` of a shuffled
     index list, ``q ~ Dir(alpha 1_N)``, redrawn until every client has ``min_size``."""
-    y = _labels(labels)
-    alpha = check_hparam("alpha", alpha, low=0, low_open=True)
-    min_size = check_int("min_size", min_size, low=0)
-    n_clients = _check_clients(num_clients, y.size, min_size)
-    check_int("max_tries", max_tries, low=1)
+    y, alpha, min_size, n_clients = _dirichlet_args(labels, num_clients, alpha, min_size, max_tries)
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         idx = rng.permutation(y.size)

@@ -412,24 +412,17 @@ def _kill_group(p: subprocess.Popen, grace: float) -> None:
         pgid = os.getpgid(p.pid)
     except ProcessLookupError:
         pgid = None
-    if pgid is not None:
+    # SIGTERM first, then SIGKILL for the group's other members (ServerApp, SuperExec, ClientApp) too
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if pgid is not None:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
         try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        p.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    if pgid is not None:  # the group's other members (ServerApp, SuperExec, ClientApp) too
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        p.wait(timeout=grace)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
