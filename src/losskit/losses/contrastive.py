@@ -38,6 +38,16 @@ class _Temperature(nn.Module):
         if self.learnable:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)))
 
+    def _init_paired(self, temperature: float, learnable: bool, max_scale: float, symmetric: bool,
+                     normalize: bool, chunk_size: int | None, gather: bool, reduction: str) -> None:
+        """The temperature plus the options every InfoNCE-style objective here shares."""
+        self._init_temperature(temperature, learnable, max_scale)
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.normalize = check_bool("normalize", normalize)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
+        self.gather = check_bool("gather", gather)
+        self.reduction = check_reduction(reduction)
+
     def scale(self) -> float | Tensor:
         if not self.learnable:
             return 1.0 / self.temperature
@@ -60,12 +70,7 @@ class InfoNCELoss(_Temperature):
                  symmetric: bool = True, normalize: bool = True, chunk_size: int | None = None,
                  gather: bool = False, reduction: str = "mean"):
         super().__init__()
-        self._init_temperature(temperature, learnable, max_scale)
-        self.symmetric = check_bool("symmetric", symmetric)
-        self.normalize = check_bool("normalize", normalize)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
-        self.gather = check_bool("gather", gather)
-        self.reduction = check_reduction(reduction)
+        self._init_paired(temperature, learnable, max_scale, symmetric, normalize, chunk_size, gather, reduction)
 
     def forward(self, a: Tensor, b: Tensor, sample_weight: Tensor | None = None,
                 hard_negatives: Tensor | None = None) -> Tensor:
@@ -91,12 +96,7 @@ class CementLoss(_Temperature):
                  chunk_size: int | None = None, gather: bool = False, reduction: str = "mean"):
         super().__init__()
         self.gamma = check_hparam("gamma", gamma, low=0)
-        self._init_temperature(temperature, learnable, max_scale)
-        self.symmetric = check_bool("symmetric", symmetric)
-        self.normalize = check_bool("normalize", normalize)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
-        self.gather = check_bool("gather", gather)
-        self.reduction = check_reduction(reduction)
+        self._init_paired(temperature, learnable, max_scale, symmetric, normalize, chunk_size, gather, reduction)
 
     def margins(self, concreteness: Tensor) -> Tensor:
         return cement_margins(concreteness, self.gamma)
