@@ -24,25 +24,18 @@ flattened 64 values before its linear layer).
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 
 import torch
 from torch import nn
 
+from losskit.bench.labels import parse_literal
 from losskit.bench.model import build_model
 from losskit.bench.tasks.embedding import affine, embed
 from losskit.core import registry
 from losskit.data.omniglot import load_omniglot, load_oneshot_runs, oneshot_error, train_on_background
 from losskit.data.samplers import PKSampler
 from losskit.data.split import with_rotation_classes
-
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def proto_episode(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,7 +84,7 @@ def main() -> None:
         loss_fn = proto_episode
     else:
         spec = registry.spec(args.objective, kind="objective")
-        kw = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+        kw = {k: parse_literal(v) for k, v in (s.split("=", 1) for s in args.set)}
         if spec.needs_classes:
             kw["num_classes"] = c
         if "embedding_dim" in spec.required or "embedding_dim" in spec.hparams:

@@ -35,7 +35,7 @@ def _traced(rank, worker, world, port, outdir):
     faulthandler.enable(f, all_threads=True)
     worker(rank, world, port, outdir)
     f.write(_RETURNED + "\n")
-    if dist.is_available() and dist.is_initialized():  # a worker that left its group up
+    if dist.is_available() and dist.is_initialized():  # the harness, not each worker, ends the group
         dist.barrier()
         dist.destroy_process_group()
     import sys
@@ -84,7 +84,8 @@ def _spawn_once(worker, world, timeout, d):
 
 def _run_gloo(worker, world: int = 2, timeout: float = 180.0) -> list:
     """Start ``world`` processes running ``worker(rank, world, port, outdir)`` (each saves its
-    result with ``torch.save(obj, outdir/f"r{rank}.pt")``), wait for them with a deadline, kill
+    result with ``torch.save(obj, outdir/f"r{rank}.pt")`` and leaves its process group up: the
+    harness ends it), wait for them with a deadline, kill
     any still running, and return the results in rank order.
 
     Spawn, not fork: a forked child inherits the test process's OpenMP/gloo locks (a forked

@@ -50,28 +50,24 @@ def test_single_process_is_the_identity():
 def _worker(rank, world, port, outdir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        out = {"world": col.world(), "require": col.require_world()}
-        out["sizes"] = col.gather_sizes(SIZES[rank], torch.device("cpu"))
-        t = _rows(rank).requires_grad_(True)
-        ng = col.all_gather_no_grad(t)
-        out["no_grad"] = (ng.detach().clone(), ng.requires_grad)
-        g = col.all_gather_with_grad(t)
-        (g * _coef(rank)).sum().backward()
-        out["gather"] = (g.detach().clone(), t.grad.clone())
-        # explicit sizes are used as given (no extra all-gather)
-        t2 = _rows(rank).requires_grad_(True)
-        g2 = col.all_gather_with_grad(t2, sizes=SIZES)
-        out["gather_sizes_given"] = g2.detach().clone()
-        x = torch.tensor([float(rank + 1), 10.0 * (rank + 1)], dtype=torch.float64, requires_grad=True)
-        y = col.all_reduce_sum(x)
-        (y * (rank + 1)).sum().backward()
-        out["reduce"] = (y.detach().clone(), x.grad.clone(), x.detach().clone())
-        torch.save(out, os.path.join(outdir, f"r{rank}.pt"))
-        dist.barrier()  # nobody tears the group down while a peer still talks (conftest._traced)
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    out = {"world": col.world(), "require": col.require_world()}
+    out["sizes"] = col.gather_sizes(SIZES[rank], torch.device("cpu"))
+    t = _rows(rank).requires_grad_(True)
+    ng = col.all_gather_no_grad(t)
+    out["no_grad"] = (ng.detach().clone(), ng.requires_grad)
+    g = col.all_gather_with_grad(t)
+    (g * _coef(rank)).sum().backward()
+    out["gather"] = (g.detach().clone(), t.grad.clone())
+    # explicit sizes are used as given (no extra all-gather)
+    t2 = _rows(rank).requires_grad_(True)
+    g2 = col.all_gather_with_grad(t2, sizes=SIZES)
+    out["gather_sizes_given"] = g2.detach().clone()
+    x = torch.tensor([float(rank + 1), 10.0 * (rank + 1)], dtype=torch.float64, requires_grad=True)
+    y = col.all_reduce_sum(x)
+    (y * (rank + 1)).sum().backward()
+    out["reduce"] = (y.detach().clone(), x.grad.clone(), x.detach().clone())
+    torch.save(out, os.path.join(outdir, f"r{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
