@@ -336,6 +336,8 @@ def test_saved_models_are_rebuilt_by_losskit_eval(tmp_path, capsys):
     assert "run the bench with --save-models" in capsys.readouterr().err
     assert main(["eval", str(out), "--task", "oneshot"]) == 2
     assert "--task oneshot needs --data-dir" in capsys.readouterr().err
+    assert main(["eval", str(out), "--task", "embedding", "--tta", "shift"]) == 2
+    assert "--tta shift is for --task oneshot; got --task embedding" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "all_runs.zip")), reason="Omniglot zips not present")
@@ -364,3 +366,10 @@ def test_omniglot_one_shot_in_the_bench_and_in_eval(tmp_path, capsys):
     assert got == pytest.approx(cell["metrics"]["oneshot_error"], abs=1e-12)
     assert f"Siamese convnet (Koch et al. 2015) {100 * PUBLISHED_ONESHOT['Siamese convnet (Koch et al. 2015)']:.1f}%" \
         in text
+    # --tta shift: a second column, each network's error with the 9 shifted views, as oneshot_error computes it
+    assert main(["eval", str(out), "--task", "oneshot", "--tta", "shift"]) == 0
+    text = capsys.readouterr().out
+    assert "shift-TTA error %" in text and "the published figures are without it" in text
+    row = json.loads((out / "eval_oneshot.json").read_text())["rows"][0]
+    assert row["cells"][0]["oneshot_error"] == pytest.approx(got, abs=1e-12)
+    assert 0 <= row["cells"][0]["oneshot_error_shift"] <= 1 and row["mean_shift"] == row["cells"][0]["oneshot_error_shift"]

@@ -43,6 +43,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "data set's folder")
     p.add_argument("--dataset", default=None, help="embedding: digits, folder or omniglot (default: the run's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--tta", default="none", choices=("none", "shift"),
+                   help="oneshot: also the error with test-time augmentation, a second column (shift: each "
+                        "image's embedding the mean over its 9 one-pixel shifts; the published figures use none)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -75,9 +78,10 @@ PER_RUN_KEYS = ("objectives", "hparams", "overrides")
 
 
 def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None, dataset: str | None = None,
-                 device: str = "cpu") -> tuple[str, dict[str, Any]]:
+                 device: str = "cpu", tta: str = "none") -> tuple[str, dict[str, Any]]:
     """Evaluate every saved network of ``run`` (a folder, or a list of folders whose protocols agree
-    but for :data:`PER_RUN_KEYS`) on ``task``; return (table text, results)."""
+    but for :data:`PER_RUN_KEYS`) on ``task``; return (table text, results).  ``tta="shift"``
+    (oneshot only) adds the error with shift test-time augmentation (``oneshot_error_shift``)."""
     import torch
 
     from losskit.data.omniglot import PUBLISHED_ONESHOT, load_oneshot_runs, oneshot_error
@@ -86,6 +90,10 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
     from .store import MODELS_DIR, atomic_write_json, read_config
     from .tasks.embedding import embed
 
+    if tta not in ("none", "shift"):
+        raise BenchConfigError(f"--tta: expected none or shift; got {tta!r}")
+    if tta != "none" and task != "oneshot":
+        raise BenchConfigError(f"--tta {tta} is for --task oneshot; got --task {task}")
     folders = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     run = folders[0]
     proto = read_config(run)["protocol"]
@@ -129,6 +137,9 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
             raise BenchConfigError(f"{f}: cannot rebuild the saved network ({type(e).__name__}: {e})") from None
         if task == "oneshot":
             scores = oneshot_error(lambda x: embed(net, x, dev), runs)
+            if tta != "none":
+                shifted = oneshot_error(lambda x: embed(net, x, dev), runs, tta=tta)
+                scores.update({f"{k}_{tta}": v for k, v in shifted.items()})
         else:
             from losskit import metrics as M
 
@@ -146,7 +157,10 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
     key = "oneshot_error" if task == "oneshot" else "recall@1"
     for objective, cells in per.items():
         mean, std = _stats([c[key] for c in cells])
-        rows.append({"objective": objective, "n": len(cells), "mean": mean, "std": std, "cells": cells})
+        row = {"objective": objective, "n": len(cells), "mean": mean, "std": std, "cells": cells}
+        if tta != "none":
+            row[f"mean_{tta}"], row[f"std_{tta}"] = _stats([c[f"{key}_{tta}"] for c in cells])
+        rows.append(row)
     rows.sort(key=lambda r: r["mean"] if task == "oneshot" else -r["mean"])
     label = "20-way 1-shot error %" if task == "oneshot" else "R@1 %"
     width = max(len(r["objective"]) for r in rows)
@@ -155,17 +169,26 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
              f"--augment {proto.get('augment')}, {image_size}x{image_size}"
              + (", --train-on all" if proto.get("train_on") == "all" else "")
              + (", --rotation-classes" if proto.get("rotation_classes") else "") + ")",
-             f"{'objective'.ljust(width)}  seeds  {label}"]
+             f"{'objective'.ljust(width)}  seeds  {label}" + (f"  {tta}-TTA error %" if tta != "none" else "")]
+
+    def cell(mean: float, std: float) -> str:
+        return f"{100 * mean:.1f}" + (f"±{100 * std:.1f}" if math.isfinite(std) else "")
+
     for r in rows:
-        spread = f"±{100 * r['std']:.1f}" if math.isfinite(r["std"]) else ""
-        lines.append(f"{r['objective'].ljust(width)}  {r['n']:>5}  {100 * r['mean']:.1f}{spread}")
+        line = f"{r['objective'].ljust(width)}  {r['n']:>5}  " + cell(r["mean"], r["std"])
+        if tta != "none":
+            line = line.ljust(width + 9 + len(label)) + "  " + cell(r[f"mean_{tta}"], r[f"std_{tta}"])
+        lines.append(line)
     if task == "oneshot":
         lines.append("mean±std over seeds of the error over the 20 runs (400 test images; one run's error is "
                      "1/20 per mistake).")
         lines.append("published, same 20 runs: " + "; ".join(f"{k} {100 * v:.1f}%" for k, v in
                                                              PUBLISHED_ONESHOT.items()) + ".")
+        if tta == "shift":
+            lines.append("shift-TTA: each image's embedding is the mean of the L2-normalised embeddings of its 9 "
+                         "one-pixel shifts (no label used); the published figures are without it.")
     text = "\n".join(lines)
-    results = {"run": str(run), "runs": [str(f) for f in folders], "task": task, "rows": rows,
+    results = {"run": str(run), "runs": [str(f) for f in folders], "task": task, "tta": tta, "rows": rows,
                **({"published": PUBLISHED_ONESHOT} if task == "oneshot" else {})}
     atomic_write_json(run / f"eval_{task}.json", results)
     return text, results
@@ -175,7 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .errors import BenchConfigError
 
     try:
-        text, _ = evaluate_run(args.run, args.task, args.data_dir, args.dataset, args.device)
+        text, _ = evaluate_run(args.run, args.task, args.data_dir, args.dataset, args.device,
+                               getattr(args, "tta", "none"))
     except BenchConfigError as e:
         print(f"losskit eval: error: {e}", file=sys.stderr)
         return 2

@@ -242,17 +242,53 @@ def load_oneshot_runs(path: str | os.PathLike, image_size: int | Sequence[int] =
     return runs
 
 
+#: test-time views ``oneshot_error`` can average: ``"none"`` (the image alone) or ``"shift"``
+#: (the image moved by every offset in {-1, 0, 1} pixels in each direction: 9 views)
+ONESHOT_TTA = ("none", "shift")
+
+
+def shifted_views(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """``x`` (``[N, C, H, W]``) moved by every offset ``(dy, dx)`` in ``{-radius..radius}^2``:
+    ``[(2 radius + 1)^2, N, C, H, W]``, view ``v`` = ``(dy, dx)`` in row-major order; the pixels that
+    come in from outside repeat the nearest edge pixel (Omniglot's white background)."""
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [N, C, H, W] images; got shape {tuple(x.shape)}")
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
+        raise ValueError(f"radius: expected an int >= 0; got {radius!r}")
+    h, w = x.shape[-2:]
+    r = radius
+    pad = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate") if r else x
+    # view (dy, dx) shows at (i, j) the pixel (i - dy, j - dx) of x: the content moves by (dy, dx)
+    return torch.stack([pad[..., r - dy:r - dy + h, r - dx:r - dx + w]
+                        for dy in range(-r, r + 1) for dx in range(-r, r + 1)])
+
+
+def tta_embed(embed, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """``embed(x)`` L2-normalised; with ``tta="shift"`` the mean of the normalised embeddings of the
+    9 one-pixel shifts of :func:`shifted_views` (test-time augmentation: no label is used)."""
+    if tta not in ONESHOT_TTA:
+        raise ValueError(f"tta: expected one of {', '.join(ONESHOT_TTA)}; got {tta!r}")
+    if tta == "none":
+        return torch.nn.functional.normalize(embed(x).float(), dim=1)
+    views = shifted_views(x, 1)
+    z = embed(views.flatten(0, 1)).float()
+    return torch.nn.functional.normalize(z, dim=1).view(len(views), len(x), -1).mean(0)
+
+
 @torch.no_grad()
-def oneshot_error(embed, runs: list[OneShotRun]) -> dict[str, float]:
+def oneshot_error(embed, runs: list[OneShotRun], tta: str = "none") -> dict[str, float]:
     """20-way one-shot error: each test image takes the class of its nearest training image by
     cosine similarity of ``embed(images)`` (a function of a ``[N, 1, H, W]`` batch); returns
-    the mean error over the runs and its standard error."""
+    the mean error over the runs and its standard error.  ``tta="shift"`` compares the mean
+    normalised embedding of each image's 9 one-pixel shifts instead (:func:`tta_embed`)."""
+    if tta not in ONESHOT_TTA:
+        raise ValueError(f"tta: expected one of {', '.join(ONESHOT_TTA)}; got {tta!r}")
     errors = []
     for r in runs:
-        a = torch.nn.functional.normalize(embed(r.train_x).float(), dim=1)
-        b = torch.nn.functional.normalize(embed(r.test_x).float(), dim=1)
+        a = torch.nn.functional.normalize(tta_embed(embed, r.train_x, tta), dim=1)
+        b = torch.nn.functional.normalize(tta_embed(embed, r.test_x, tta), dim=1)
         pred = (b @ a.T).argmax(1).cpu()
-        errors.append(float((pred != r.test_y).float().mean()))
+        errors.append(float((pred != r.test_y.cpu()).float().mean()))
     e = torch.tensor(errors, dtype=torch.float64)
     return {"oneshot_error": float(e.mean()),
             "oneshot_error_se": float(e.std() / len(errors) ** 0.5) if len(errors) > 1 else float("nan")}
