@@ -12,13 +12,19 @@ at a time, one seed: exploration); it is not used to pick a published number.
 Options, one factor each: ``--invert`` (strokes = 1, background = 0, as the protonets' loader; the
 runs inverted the same way), ``--schedule step`` (the rate halved every ``--halve-every`` steps, as
 protonets halve it every 2,000 episodes) or ``constant``, ``--lr``, ``--set NAME=VALUE`` (an
-objective hyperparameter), ``--no-affine``, ``--embedding-dim``.  OBJECTIVE ``proto-episode`` (not a
+objective hyperparameter), ``--no-affine``, ``--embedding-dim``, ``--image-size`` (28; the
+images and the runs resized alike), ``--affine KEY=VALUE`` (a value of the bench's affine
+augmentation, e.g. ``p=1.0`` or ``translate_px_at_105=7.5``).  OBJECTIVE ``proto-episode`` (not a
 registered objective; defined here) is the prototypical networks' episode loss (Snell et al. 2017,
 eq. 2): each P x K batch is a P-way episode, the first K/2 images of a class its support (their mean
 embedding the prototype), the other K/2 its queries, cross-entropy over minus the squared
 euclidean distances from each query to the P prototypes.  Every evaluation prints the error
 of the embedding (``oneshot_err``) and of the pre-projection features (``feat_err``: conv4's
-flattened 64 values before its linear layer).
+flattened 64 values before its linear layer).  The last line gives the final network's error
+three ways: ``plain`` (as above), ``shift`` (test-time augmentation: the mean normalised
+embedding of the 9 one-pixel shifts, ``oneshot_error(tta="shift")``) and ``affine16`` (the mean
+over the image and 15 random affine views of the bench's augmentation, drawn from a fixed seed).
+``--save PATH`` keeps the network's state_dict.
 """
 
 from __future__ import annotations
@@ -69,17 +75,23 @@ def main() -> None:
     ap.add_argument("--embedding-dim", type=int, default=64)
     ap.add_argument("--evals", type=int, default=8, help="evaluations over the run")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--affine", action="append", default=[], metavar="KEY=VALUE",
+                    help="a value of the affine augmentation (keys of bench.tasks.embedding.AFFINE)")
+    ap.add_argument("--save", default="", help="write the final network's state_dict here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    runs = load_oneshot_runs(args.data_dir, 28)
-    data = with_rotation_classes(train_on_background(load_omniglot(args.data_dir, 28), runs))
+    size = args.image_size
+    aff = {k: parse_literal(v) for k, v in (s.split("=", 1) for s in args.affine)}
+    runs = load_oneshot_runs(args.data_dir, size)
+    data = with_rotation_classes(train_on_background(load_omniglot(args.data_dir, size), runs))
     x, y, c = data.train_x, data.train_y, len(data.train_classes)
     if args.invert:
         x = 1.0 - x
         for r in runs:
             r.train_x, r.test_x = 1.0 - r.train_x, 1.0 - r.test_x
     print(f"{c} classes, {len(y)} images, mean pixel {float(x.mean()):.3f}; {vars(args)}", flush=True)
-    net = build_model("conv4", (1, 28, 28), args.embedding_dim, args.seed)
+    net = build_model("conv4", (1, size, size), args.embedding_dim, args.seed)
     if args.objective == "proto-episode":
         loss_fn = proto_episode
     else:
@@ -105,7 +117,7 @@ def main() -> None:
     for i in range(1, args.steps + 1):
         net.train()
         idx = torch.from_numpy(sampler.batch())
-        xb = x[idx] if args.no_affine else affine(x[idx], gen)
+        xb = x[idx] if args.no_affine else affine(x[idx], gen, aff)
         loss = loss_fn(net(xb), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -116,6 +128,19 @@ def main() -> None:
             f = oneshot_error(lambda z: embed(net.features, z, cpu), runs)
             print(f"step {i} loss {loss.item():.3f} oneshot_err {100 * e['oneshot_error']:.1f} "
                   f"feat_err {100 * f['oneshot_error']:.1f} cpu {time.process_time() - t0:.0f}s", flush=True)
+    if args.save:
+        torch.save(net.state_dict(), args.save)
+    views = torch.Generator().manual_seed(123)
+
+    def affine16(z: torch.Tensor) -> torch.Tensor:
+        zs = [nn.functional.normalize(embed(net, z, cpu), dim=1)]
+        zs += [nn.functional.normalize(embed(net, affine(z, views, aff), cpu), dim=1) for _ in range(15)]
+        return torch.stack(zs).mean(0)
+
+    final = {"plain": oneshot_error(lambda z: embed(net, z, cpu), runs),
+             "shift": oneshot_error(lambda z: embed(net, z, cpu), runs, tta="shift"),
+             "affine16": oneshot_error(affine16, runs)}
+    print("final " + " ".join(f"{k} {100 * v['oneshot_error']:.1f}" for k, v in final.items()), flush=True)
 
 
 if __name__ == "__main__":

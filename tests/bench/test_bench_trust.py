@@ -282,6 +282,13 @@ def test_affine_augmentation_is_seeded_and_keeps_the_images():
     # mass is roughly kept (scale 0.8-1.2 and shear change it a little, nothing is lost at the border)
     ratio = a.flatten(1).sum(1) / x.flatten(1).sum(1)
     assert float(ratio.min()) > 0.5 and float(ratio.max()) < 1.7
+    # params override some of the paper's values: p = 0 leaves every image as it is (the identity grid
+    # resamples exactly), p = 1 distorts every one; an unknown key is an error that lists the known ones
+    torch.testing.assert_close(affine(x, torch.Generator().manual_seed(0), {"p": 0.0}), x, rtol=0, atol=1e-6)
+    every = affine(x, torch.Generator().manual_seed(0), {"p": 1.0})
+    assert int(((every - x).abs().flatten(1).sum(1) > 1e-6).sum()) == 16
+    with pytest.raises(ValueError, match=r"params: unknown keys \['rotate'\]; expected some of \['p', 'rotate_deg'"):
+        affine(x, torch.Generator(), {"rotate": 5.0})
 
 
 def test_a_users_model_and_bf16_train_in_the_bench(tmp_path, tiny, fakes, monkeypatch):

@@ -66,12 +66,16 @@ def shift(x: Tensor, gen: torch.Generator) -> Tensor:
 AFFINE = {"rotate_deg": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "translate_px_at_105": 2.0, "p": 0.5}
 
 
-def affine(x: Tensor, gen: torch.Generator) -> Tensor:
+def affine(x: Tensor, gen: torch.Generator, params: dict | None = None) -> Tensor:
     """Random affine distortion per image, as the Siamese one-shot paper (Koch et al. 2015,
-    sec. 4.4, :data:`AFFINE`); the translation is the same fraction of the image at any size;
-    bilinear resampling, edge pixels repeated outside the image."""
+    sec. 4.4, :data:`AFFINE`; ``params`` overrides some of its keys, e.g. ``{"p": 1.0}``); the
+    translation is the same fraction of the image at any size; bilinear resampling, edge pixels
+    repeated outside the image."""
     b = x.shape[0]
-    a = AFFINE
+    unknown = sorted(set(params or {}) - set(AFFINE))
+    if unknown:
+        raise ValueError(f"params: unknown keys {unknown}; expected some of {sorted(AFFINE)}")
+    a = {**AFFINE, **(params or {})}
 
     def draw(low, high):
         return low + (high - low) * torch.rand(b, generator=gen)
