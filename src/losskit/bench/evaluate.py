@@ -43,6 +43,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "data set's folder")
     p.add_argument("--dataset", default=None, help="embedding: digits, folder or omniglot (default: the run's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    # the choices are losskit.data.omniglot.ONESHOT_TTA, written out so that --help does not import torch
     p.add_argument("--tta", default="none", choices=("none", "shift"),
                    help="oneshot: also the error with test-time augmentation, a second column (shift: each "
                         "image's embedding the mean over its 9 one-pixel shifts; the published figures use none)")
@@ -84,14 +85,14 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
     (oneshot only) adds the error with shift test-time augmentation (``oneshot_error_shift``)."""
     import torch
 
-    from losskit.data.omniglot import PUBLISHED_ONESHOT, load_oneshot_runs, oneshot_error
+    from losskit.data.omniglot import ONESHOT_TTA, PUBLISHED_ONESHOT, load_oneshot_runs, oneshot_error
 
     from .errors import BenchConfigError
     from .store import MODELS_DIR, atomic_write_json, read_config
     from .tasks.embedding import embed
 
-    if tta not in ("none", "shift"):
-        raise BenchConfigError(f"--tta: expected none or shift; got {tta!r}")
+    if tta not in ONESHOT_TTA:
+        raise BenchConfigError(f"--tta: expected one of {', '.join(ONESHOT_TTA)}; got {tta!r}")
     if tta != "none" and task != "oneshot":
         raise BenchConfigError(f"--tta {tta} is for --task oneshot; got --task {task}")
     folders = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
@@ -169,7 +170,10 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
              f"--augment {proto.get('augment')}, {image_size}x{image_size}"
              + (", --train-on all" if proto.get("train_on") == "all" else "")
              + (", --rotation-classes" if proto.get("rotation_classes") else "") + ")",
-             f"{'objective'.ljust(width)}  seeds  {label}" + (f"  {tta}-TTA error %" if tta != "none" else "")]
+             f"{'objective'.ljust(width)}  seeds  {label}"]
+    first_columns = len(lines[-1])
+    if tta != "none":
+        lines[-1] += f"  {tta}-TTA error %"
 
     def cell(mean: float, std: float) -> str:
         return f"{100 * mean:.1f}" + (f"±{100 * std:.1f}" if math.isfinite(std) else "")
@@ -177,7 +181,7 @@ def evaluate_run(run: str | Path | list, task: str, data_dir: str | None = None,
     for r in rows:
         line = f"{r['objective'].ljust(width)}  {r['n']:>5}  " + cell(r["mean"], r["std"])
         if tta != "none":
-            line = line.ljust(width + 9 + len(label)) + "  " + cell(r[f"mean_{tta}"], r[f"std_{tta}"])
+            line = line.ljust(first_columns) + "  " + cell(r[f"mean_{tta}"], r[f"std_{tta}"])
         lines.append(line)
     if task == "oneshot":
         lines.append("mean±std over seeds of the error over the 20 runs (400 test images; one run's error is "
